@@ -1,0 +1,73 @@
+"""Host-side validation of what the guest sends (the guest is untrusted).
+
+Every guest payload is parsed into one of these strict models before the host uses it: unknown
+fields, wrong types, out-of-range numbers and oversized strings are rejected, and the caller
+drops the link.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from schemas import agent as proto
+
+
+def _b64(limit: int) -> BeforeValidator:
+    def decode(value: object) -> bytes:
+        if not isinstance(value, str):
+            raise ValueError("expected base64 text")
+        if len(value) > (limit * 4) // 3 + 4:
+            raise ValueError(f"more than {limit} bytes")
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as e:
+            raise ValueError(f"invalid base64: {e}") from None
+
+    return BeforeValidator(decode)
+
+
+class GuestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+Text = Annotated[str, Field(max_length=4096)]
+
+
+class ErrorBody(GuestModel):
+    code: Annotated[str, Field(max_length=64)]
+    message: Annotated[str, Field(max_length=proto.MAX_ERROR_MESSAGE)]
+
+
+class HelloResult(GuestModel):
+    version: Annotated[int, Field(ge=1, le=1000)]
+    capabilities: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
+    agent: Text
+    kernel: Text
+    uptime: Annotated[float, Field(ge=0, le=1e9)]
+
+
+class PingResult(GuestModel):
+    seq: Annotated[int, Field(ge=0, le=2**63)]
+
+
+class Empty(GuestModel):
+    pass
+
+
+class RunResult(GuestModel):
+    exit_status: Annotated[int, Field(ge=0, le=255)] | None
+    signal: Annotated[int, Field(ge=1, le=64)] | None
+    stdout: Annotated[bytes, _b64(proto.MAX_RUN_OUTPUT)]
+    stderr: Annotated[bytes, _b64(proto.MAX_RUN_OUTPUT)]
+    truncated: bool
+    timed_out: bool
+
+
+class LogEvent(GuestModel):
+    event: Annotated[str, Field(pattern=f"^{proto.EVENT_LOG}$")]
+    level: Annotated[str, Field(pattern="^(debug|info|warning|error)$")]
+    message: Text

@@ -1,0 +1,118 @@
+"""Framing of the agent link: bytes <-> frames. Stdlib only (the guest imports it).
+
+Every frame is a fixed 12-byte big-endian header followed by a payload::
+
+    u16 magic (0x5556, "UV")  u8 type  u8 flags  u32 id  u32 payload length
+
+``id`` is the request id for requests/responses and the stream id for stream frames. A frame
+whose magic, type, flags or length is wrong is rejected: the decoder raises ``FramingError`` and
+the link must be dropped (there is no way to resynchronise a byte stream safely).
+"""
+
+from __future__ import annotations
+
+import struct
+
+MAGIC = 0x5556
+HEADER = struct.Struct(">HBBII")
+HEADER_SIZE = HEADER.size
+#: Hard cap on one frame's payload. Control messages are small; stream data is chunked below it.
+MAX_PAYLOAD = 1 << 20
+
+# Frame types.
+REQUEST = 1
+RESPONSE = 2
+NOTIFY = 3
+DATA = 4
+CREDIT = 5
+CLOSE = 6
+TYPE_NAMES = {REQUEST: "request", RESPONSE: "response", NOTIFY: "notify", DATA: "data",
+              CREDIT: "credit", CLOSE: "close"}
+
+# Flags.
+FLAG_ERROR = 0x01  # on RESPONSE: the payload is an error body
+KNOWN_FLAGS = FLAG_ERROR
+
+
+class FramingError(Exception):
+    """The byte stream is not a valid sequence of frames (garbage, truncated or oversized)."""
+
+
+class Frame:
+    __slots__ = ("type", "flags", "id", "payload")
+
+    def __init__(self, type: int, id: int, payload: bytes = b"", flags: int = 0) -> None:
+        self.type = type
+        self.flags = flags
+        self.id = id
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        name = TYPE_NAMES.get(self.type, str(self.type))
+        return f"Frame({name}, id={self.id}, flags={self.flags:#x}, {len(self.payload)} bytes)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Frame) and (self.type, self.flags, self.id, self.payload) == (
+            other.type, other.flags, other.id, other.payload)
+
+
+def encode(type: int, id: int, payload: bytes = b"", flags: int = 0, max_payload: int = MAX_PAYLOAD) -> bytes:
+    """One frame as bytes. Raises FramingError for an invalid type, id or an oversized payload."""
+    if type not in TYPE_NAMES:
+        raise FramingError(f"unknown frame type {type}")
+    if not 0 <= id <= 0xFFFFFFFF:
+        raise FramingError(f"frame id {id} out of range")
+    if len(payload) > max_payload:
+        raise FramingError(f"payload of {len(payload)} bytes exceeds the cap of {max_payload}")
+    return HEADER.pack(MAGIC, type, flags, id, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder: feed() bytes as they arrive, get whole frames back.
+
+    Memory is bounded: at most one header plus one capped payload is buffered.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._need: tuple[int, int, int, int] | None = None  # parsed header awaiting payload
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Frames completed by data. Raises FramingError on the first invalid header."""
+        self._buf += data
+        frames: list[Frame] = []
+        buf = self._buf
+        pos = 0
+        while True:
+            if self._need is None:
+                if len(buf) - pos < HEADER_SIZE:
+                    break
+                magic, ftype, flags, fid, length = HEADER.unpack_from(buf, pos)
+                if magic != MAGIC:
+                    raise FramingError(f"bad magic {magic:#06x} (not an agent frame)")
+                if ftype not in TYPE_NAMES:
+                    raise FramingError(f"unknown frame type {ftype}")
+                if flags & ~KNOWN_FLAGS:
+                    raise FramingError(f"unknown frame flags {flags:#x}")
+                if length > self.max_payload:
+                    raise FramingError(f"{TYPE_NAMES[ftype]} frame of {length} bytes exceeds the cap of {self.max_payload}")
+                pos += HEADER_SIZE
+                self._need = (ftype, flags, fid, length)
+            ftype, flags, fid, length = self._need
+            if len(buf) - pos < length:
+                break
+            frames.append(Frame(ftype, fid, bytes(buf[pos:pos + length]), flags))
+            pos += length
+            self._need = None
+        if pos:
+            del buf[:pos]
+        return frames
+
+    def at_boundary(self) -> bool:
+        """True when no partial frame is buffered (an EOF here is clean; elsewhere it truncates)."""
+        return self._need is None and not self._buf

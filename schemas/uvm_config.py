@@ -1,0 +1,83 @@
+"""The UVM configuration: what VM to build (desired state). Strict: unknown fields are rejected.
+
+Host-independent checks live here (ranges, names); checks against this host (files exist, memory
+fits) are the builder's, in ``uvm.builder``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_image_dir() -> Path:
+    """$UVMSHIM_IMAGE_DIR, else the checkout's images/out (what `make image` writes)."""
+    env = os.environ.get("UVMSHIM_IMAGE_DIR")
+    if env:
+        return Path(env)
+    return REPO_ROOT / "images" / "out"
+
+
+def default_run_dir() -> Path:
+    """Where each VM's sockets and logs live while it runs: short paths (unix sockets: 108 bytes)."""
+    env = os.environ.get("UVMSHIM_RUN_DIR")
+    if env:
+        return Path(env)
+    return Path("/run/uvmshim") if os.geteuid() == 0 else Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / "uvmshim"
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("UVMSHIM_STATE_DIR")
+    if env:
+        return Path(env)
+    return Path("/var/lib/uvmshim") if os.geteuid() == 0 else Path.home() / ".local/state/uvmshim"
+
+
+def new_vm_id() -> str:
+    return "uvm-" + secrets.token_hex(4)
+
+
+class UvmConfig(BaseModel):
+    """One utility VM. Every field has a default except what only the caller can know."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(default_factory=new_vm_id, description="VM id: letters, digits, '_', '.', '-'")
+    cpus: Annotated[int, Field(ge=1, le=64)] = 1
+    memory_mib: Annotated[int, Field(ge=64, le=1 << 20)] = 256
+    image: Path = Field(default_factory=default_image_dir, description="directory with manifest.json")
+    kernel: Path | None = None
+    initrd: Path | None = None
+    rootfs: Path | None = None
+    kernel_args: Annotated[str, Field(max_length=2048)] = ""
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    boot_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    backend: Literal["qemu"] = "qemu"
+    qemu_binary: str = "qemu-system-x86_64"
+    tb_size_mib: Annotated[int, Field(ge=16, le=4096)] | None = None
+    run_dir: Path = Field(default_factory=default_run_dir)
+    state_dir: Path = Field(default_factory=default_state_dir)
+    console_log: Path | None = None
+    kill_with_parent: bool = True
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not ID_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid VM id (1-64 of [A-Za-z0-9_.-], not starting with '.', '-' or '_')")
+        return v
+
+    @field_validator("kernel_args")
+    @classmethod
+    def _check_args(cls, v: str) -> str:
+        if "\n" in v or "\0" in v:
+            raise ValueError("kernel_args must be one line")
+        return v

@@ -1,0 +1,1 @@
+"""Hypervisor backends behind one narrow Protocol (``base.Backend``)."""

@@ -1,0 +1,62 @@
+"""The backend Protocol: what the UtilityVM needs from a hypervisor, and nothing more.
+
+Slot allocation, the agent protocol and the lifecycle contract live above this, once; a backend
+only starts and stops a hypervisor, opens the agent channel and reports how the hypervisor ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+from uvm.builder import LaunchSpec
+
+
+@dataclass(frozen=True)
+class HypervisorExit:
+    """How the hypervisor ended: process status and the shutdown reason it reported, if any."""
+
+    exit_status: int | None  # process exit code
+    signal: int | None  # terminating signal of the hypervisor process
+    shutdown_reason: str | None  # QMP SHUTDOWN reason: guest-shutdown, guest-reset, host-qmp-quit, ...
+    detail: str = ""  # the hypervisor's own last words (stderr tail)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            how = f"killed by signal {self.signal}"
+        else:
+            how = f"exited with status {self.exit_status}"
+        if self.shutdown_reason:
+            how += f" after {self.shutdown_reason}"
+        if self.detail:
+            how += f": {self.detail}"
+        return how
+
+
+class Backend(Protocol):
+    name: str
+
+    @property
+    def pid(self) -> int | None: ...
+
+    async def launch(self, spec: LaunchSpec) -> None:
+        """Start the hypervisor. Raises StartError (nothing left running) if it does not come up."""
+
+    async def connect_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open the host end of the agent channel."""
+
+    async def request_powerdown(self) -> None:
+        """Ask the guest to power off through the platform (ACPI); returns at once."""
+
+    async def terminate(self) -> None:
+        """Force the hypervisor to stop; returns at once (exit is observed by wait_exit)."""
+
+    async def wait_exit(self) -> HypervisorExit:
+        """Wait until the hypervisor has exited."""
+
+    def console_tail(self, lines: int = 30) -> str:
+        """The last lines the guest printed on its console."""
+
+    async def aclose(self) -> None:
+        """Stop the hypervisor if needed and release every host resource. Idempotent."""

@@ -1,0 +1,211 @@
+"""The embedded backend: spawns qemu-system-x86_64 (microvm) and drives it over QMP (qemu.qmp).
+
+Per VM, a private run directory holds the QMP and agent sockets, the console log and QEMU's own
+log; it is removed on close whatever happened. QEMU runs under ``setpriv --pdeathsig KILL`` so it
+cannot outlive the process that started it (configurable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from uvm.backends.base import HypervisorExit
+from uvm.builder import LaunchSpec
+from uvm.errors import AlreadyExistsError, StartError
+
+QMP_QUIT_TIMEOUT_S = 1.0
+EXIT_AFTER_KILL_S = 10.0
+
+
+def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
+    """The qemu-system command line for spec (microvm, virtio-mmio devices)."""
+    console = spec.console_log or run_dir / "console.log"
+    argv = [
+        spec.qemu_binary,
+        "-name", f"uvmshim-{spec.vm_id}",
+        "-machine", "microvm",
+        "-accel", f"tcg,tb-size={spec.tb_size_mib}" if spec.accel == "tcg" and spec.tb_size_mib else spec.accel,
+        "-cpu", spec.cpu_model,
+        "-smp", str(spec.cpus),
+        "-m", str(spec.memory_mib),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.cmdline,
+        "-chardev", f"file,id=console,path={console}",
+        "-serial", "chardev:console",
+        "-drive", f"if=none,id=rootfs,file={spec.rootfs},format=raw,readonly=on",
+        "-device", "virtio-blk-device,drive=rootfs",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={run_dir / 'agent.sock'},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={spec.agent_port_name}",
+        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+    ]
+    return argv
+
+
+def tail_lines(path: Path, lines: int, max_bytes: int = 16384) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode(errors="replace").replace("\r", "")
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+class QemuBackend:
+    name = "qemu"
+
+    def __init__(self, spec: LaunchSpec) -> None:
+        self.spec = spec
+        self.run_dir = spec.run_dir
+        self.log = logging.getLogger(f"uvm.{spec.vm_id}.qemu")
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp: QMPClient | None = None
+        self._events_task: asyncio.Task[None] | None = None
+        self._exit_task: asyncio.Task[HypervisorExit] | None = None
+        self._shutdown_reason: str | None = None
+        self._created_run_dir = False
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def console_path(self) -> Path:
+        return self.spec.console_log or self.run_dir / "console.log"
+
+    async def launch(self, spec: LaunchSpec) -> None:
+        try:
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise AlreadyExistsError(f"VM {spec.vm_id}: run directory {self.run_dir} exists (id in use?)",
+                                     vm_id=spec.vm_id) from None
+        except OSError as e:
+            raise StartError(f"VM {spec.vm_id}: cannot create {self.run_dir}: {e.strerror}", vm_id=spec.vm_id) from None
+        self._created_run_dir = True
+        argv = qemu_argv(spec, self.run_dir)
+        if spec.kill_with_parent and shutil.which("setpriv"):
+            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+        self.log.debug("spawn %s", " ".join(argv))
+        qemu_log = (self.run_dir / "qemu.log").open("wb")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log, start_new_session=True)
+        except OSError as e:
+            raise StartError(f"VM {spec.vm_id}: cannot run {spec.qemu_binary}: {e.strerror}", vm_id=spec.vm_id) from None
+        finally:
+            qemu_log.close()
+        self._exit_task = asyncio.get_running_loop().create_task(self._watch_exit(), name=f"{spec.vm_id}-qemu-exit")
+        await self._connect_qmp()
+
+    async def _connect_qmp(self) -> None:
+        sock = self.run_dir / "qmp.sock"
+        assert self._exit_task is not None
+        while not sock.exists():
+            if self._exit_task.done():
+                raise StartError(f"VM {self.spec.vm_id}: QEMU {self._exit_task.result().describe()} before its QMP "
+                                 f"socket appeared", vm_id=self.spec.vm_id)
+            await asyncio.sleep(0.005)
+        qmp = QMPClient(f"uvm.{self.spec.vm_id}.qmp")
+        try:
+            await qmp.connect(str(sock))
+        except QMPError as e:
+            raise StartError(f"VM {self.spec.vm_id}: QMP connection to {sock} failed: {e}", vm_id=self.spec.vm_id) from None
+        self._qmp = qmp
+        self._events_task = asyncio.get_running_loop().create_task(self._watch_events(qmp), name=f"{self.spec.vm_id}-qmp-events")
+
+    async def _watch_events(self, qmp: QMPClient) -> None:
+        async for event in qmp.events:
+            if event["event"] == "SHUTDOWN":
+                data = event.get("data") or {}
+                self._shutdown_reason = str(data.get("reason", "unknown"))
+                self.log.debug("QMP SHUTDOWN reason=%s", self._shutdown_reason)
+
+    async def _watch_exit(self) -> HypervisorExit:
+        assert self._proc is not None
+        rc = await self._proc.wait()
+        # Let the QMP event reader see a SHUTDOWN event sent just before the exit.
+        await asyncio.sleep(0)
+        detail = tail_lines(self.run_dir / "qemu.log", 3).replace("\n", " | ")
+        if rc < 0:
+            return HypervisorExit(None, -rc, self._shutdown_reason, detail)
+        return HypervisorExit(rc, None, self._shutdown_reason, detail)
+
+    async def connect_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_unix_connection(str(self.run_dir / "agent.sock"))
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None and not (
+            self._exit_task is not None and self._exit_task.done())
+
+    async def request_powerdown(self) -> None:
+        if self._qmp is not None and self._alive():
+            with contextlib.suppress(QMPError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._qmp.execute("system_powerdown"), QMP_QUIT_TIMEOUT_S)
+
+    async def terminate(self) -> None:
+        if not self._alive():
+            return
+        if self._qmp is not None:
+            try:
+                await asyncio.wait_for(self._qmp.execute("quit"), QMP_QUIT_TIMEOUT_S)
+                return
+            except (QMPError, OSError, asyncio.TimeoutError, EOFError) as e:
+                self.log.debug("QMP quit failed (%r): killing QEMU", e)
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+
+    async def wait_exit(self) -> HypervisorExit:
+        if self._exit_task is None:
+            raise StartError(f"VM {self.spec.vm_id}: QEMU was never started", vm_id=self.spec.vm_id)
+        return await asyncio.shield(self._exit_task)
+
+    def console_tail(self, lines: int = 30) -> str:
+        return tail_lines(self.console_path, lines)
+
+    def qemu_log_tail(self, lines: int = 10) -> str:
+        return tail_lines(self.run_dir / "qemu.log", lines)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._exit_task is not None and not self._exit_task.done():
+                await self.terminate()
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._exit_task), EXIT_AFTER_KILL_S)
+                except asyncio.TimeoutError:
+                    self._kill()
+                    await asyncio.wait_for(asyncio.shield(self._exit_task), EXIT_AFTER_KILL_S)
+        finally:
+            if self._qmp is not None:
+                with contextlib.suppress(Exception):
+                    await self._qmp.disconnect()
+            for task in (self._events_task,):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            if self._created_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -1,0 +1,220 @@
+"""Host side of the agent link: framing -> connection -> typed client.
+
+``AgentConnection`` owns the byte stream: one reader task decodes frames, matches responses to
+pending requests by id, hands notifications to a callback, and on EOF, a malformed frame or any
+out-of-protocol message fails every pending call with the same ``LinkError`` and closes the
+transport. ``AgentClient`` is the thin typed layer: one method per request, each result validated
+against ``schemas.agent_models`` (the guest is untrusted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from schemas import agent as proto
+from schemas import agent_models as models
+from schemas import framing
+from uvm import errors
+
+M = TypeVar("M", bound=BaseModel)
+
+_ERROR_TYPES: dict[str, type[errors.AgentError]] = {
+    proto.E_NOT_FOUND: errors.AgentNotFoundError,
+    proto.E_INVALID: errors.AgentInvalidArgumentError,
+    proto.E_UNSUPPORTED: errors.AgentUnsupportedError,
+}
+
+
+class AgentConnection:
+    """Request/response multiplexing over one agent byte stream."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        name: str,
+        on_notify: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.name = name
+        self.log = logging.getLogger(f"uvm.{name}.agent")
+        self._on_notify = on_notify
+        self._decoder = framing.FrameDecoder()
+        self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._next_id = 1
+        self._closed: errors.UvmError | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"{self.name}-agent-reader")
+
+    @property
+    def closed(self) -> errors.UvmError | None:
+        """The error that closed the link, or None while it is up."""
+        return self._closed
+
+    async def call(self, method: str, params: Mapping[str, Any]) -> tuple[int, bytes]:
+        """Send a request; return (flags, payload) of its response. Raises LinkError if the link drops."""
+        if self._closed is not None:
+            raise self._closed
+        req_id = self._next_id
+        self._next_id = self._next_id + 1 if self._next_id < 0xFFFFFFFF else 1
+        payload = json.dumps({"method": method, "params": params}, separators=(",", ":")).encode()
+        if len(payload) > proto.MAX_CONTROL_PAYLOAD:
+            raise errors.UvmError(f"{method} request of {len(payload)} bytes exceeds the cap", method=method)
+        fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = fut
+        try:
+            self.log.debug("--> %s #%d %s", method, req_id, payload[:200])
+            self._writer.write(framing.encode(framing.REQUEST, req_id, payload))
+            await self._writer.drain()
+        except (OSError, RuntimeError) as e:
+            self._pending.pop(req_id, None)
+            self.fail(errors.LinkError(f"agent link {self.name}: write failed: {e}", vm_id=self.name))
+            raise self._closed from None  # type: ignore[misc]
+        try:
+            return await fut
+        finally:
+            self._pending.pop(req_id, None)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(1 << 16)
+                if not data:
+                    clean = self._decoder.at_boundary()
+                    self.fail(errors.LinkError(
+                        f"agent link {self.name}: closed by the guest" + ("" if clean else " in the middle of a frame"),
+                        vm_id=self.name))
+                    return
+                try:
+                    frames = self._decoder.feed(data)
+                except framing.FramingError as e:
+                    self.fail(errors.GuestProtocolError(f"agent link {self.name}: malformed frame from the guest: {e}",
+                                                        vm_id=self.name))
+                    return
+                for frame in frames:
+                    problem = self._dispatch(frame)
+                    if problem:
+                        self.fail(errors.GuestProtocolError(f"agent link {self.name}: {problem}", vm_id=self.name))
+                        return
+        except (OSError, asyncio.IncompleteReadError) as e:
+            self.fail(errors.LinkError(f"agent link {self.name}: read failed: {e}", vm_id=self.name))
+
+    def _dispatch(self, frame: framing.Frame) -> str | None:
+        """Route one frame; return a description of the protocol violation, if any."""
+        if frame.type == framing.RESPONSE:
+            fut = self._pending.get(frame.id)
+            if fut is None:
+                return f"response to unknown request id {frame.id}"
+            if len(frame.payload) > proto.MAX_CONTROL_PAYLOAD:
+                return f"response of {len(frame.payload)} bytes exceeds the control cap"
+            self.log.debug("<-- #%d %s", frame.id, frame.payload[:200])
+            if not fut.done():
+                fut.set_result((frame.flags, frame.payload))
+            return None
+        if frame.type == framing.NOTIFY:
+            if len(frame.payload) > proto.MAX_CONTROL_PAYLOAD:
+                return f"notification of {len(frame.payload)} bytes exceeds the control cap"
+            try:
+                msg = json.loads(frame.payload)
+            except ValueError:
+                return "notification is not JSON"
+            if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
+                return "notification without an event name"
+            if self._on_notify is not None:
+                self._on_notify(msg)
+            return None
+        return f"unexpected {framing.TYPE_NAMES[frame.type]} frame from the guest"
+
+    def fail(self, error: errors.UvmError) -> None:
+        """Close the link: every pending and future call raises error. Idempotent (first error wins)."""
+        if self._closed is not None:
+            return
+        self._closed = error
+        if isinstance(error, errors.GuestProtocolError):
+            self.log.error("%s", error)
+        else:
+            self.log.debug("%s", error)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._pending.clear()
+        with contextlib.suppress(Exception):
+            self._writer.close()
+
+    async def aclose(self, error: errors.LinkError | None = None) -> None:
+        self.fail(error or errors.LinkError(f"agent link {self.name}: closed", vm_id=self.name))
+        task, self._reader_task = self._reader_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+
+class AgentClient:
+    """Typed requests over an AgentConnection; every guest answer is validated."""
+
+    def __init__(self, conn: AgentConnection) -> None:
+        self.conn = conn
+
+    async def request(self, method: str, params: Mapping[str, Any], model: type[M]) -> M:
+        flags, payload = await self.conn.call(method, params)
+        try:
+            if flags & framing.FLAG_ERROR:
+                body = models.ErrorBody.model_validate_json(payload)
+                cls = _ERROR_TYPES.get(body.code, errors.AgentError)
+                raise cls(body.code, f"{method}: {body.message}", method=method, vm_id=self.conn.name)
+            return model.model_validate_json(payload)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            err = errors.GuestProtocolError(
+                f"agent link {self.conn.name}: invalid {method} response from the guest: {where}: {first['msg']}",
+                vm_id=self.conn.name, method=method)
+            self.conn.fail(err)
+            raise err from None
+
+    async def hello(self) -> models.HelloResult:
+        return await self.request(proto.HELLO, {"version": proto.PROTOCOL_VERSION}, models.HelloResult)
+
+    async def ping(self, seq: int = 0) -> models.PingResult:
+        res = await self.request(proto.PING, {"seq": seq}, models.PingResult)
+        if res.seq != seq:
+            err = errors.GuestProtocolError(f"agent link {self.conn.name}: ping answered seq {res.seq}, sent {seq}")
+            self.conn.fail(err)
+            raise err
+        return res
+
+    async def shutdown(self) -> None:
+        await self.request(proto.SHUTDOWN, {}, models.Empty)
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes = b"",
+        timeout: float | None = None,
+    ) -> models.RunResult:
+        params: dict[str, Any] = {"argv": list(argv)}
+        if env is not None:
+            params["env"] = dict(env)
+        if cwd is not None:
+            params["cwd"] = cwd
+        if stdin:
+            params["stdin"] = base64.b64encode(stdin).decode()
+        if timeout is not None:
+            params["timeout"] = timeout
+        return await self.request(proto.RUN, params, models.RunResult)

@@ -1,0 +1,299 @@
+"""UtilityVM: the lifecycle contract of shared/DESIGN.md on one VM.
+
+* ``start()`` returns when the agent answered hello; it has a deadline, and on any failure the
+  VM is torn down (no process, socket or directory left) before the error is raised.
+* ``shutdown()`` asks gracefully (agent first, ACPI fallback) and returns at once;
+  ``terminate()`` forces and returns at once; neither is an error on a stopped VM.
+* ``wait()`` returns once the VM has exited and its host resources are released; every waiter
+  sees the same result. An exit nobody asked for (QEMU killed or crashed, guest panic) raises
+  ``VmDiedError`` with QEMU's status and the console tail: never reported as success.
+* ``wait_timeout(t)`` raises ``WaitTimeoutError`` after t seconds and leaves the VM running.
+* ``close()`` terminates if needed and releases everything; idempotent, shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from schemas import agent_models as models
+from schemas.uvm_config import UvmConfig
+from uvm import builder, errors
+from uvm.backends.base import Backend, HypervisorExit
+from uvm.link import AgentClient, AgentConnection
+
+SHUTDOWN_REQUEST_TIMEOUT_S = 2.0
+CONSOLE_TAIL_LINES = 30
+
+BackendFactory = Callable[[builder.LaunchSpec], Backend]
+
+
+class VmState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"  # shutdown/terminate requested, not exited yet
+    STOPPED = "stopped"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class VmExit:
+    """How a VM ended. ``reason``: shutdown, terminated, poweroff (guest-initiated) or died."""
+
+    reason: str
+    hypervisor: HypervisorExit
+    at: float  # time.time() of the exit
+
+    @property
+    def success(self) -> bool:
+        return self.reason != "died"
+
+
+def classify_exit(hv: HypervisorExit, requested: str | None) -> str:
+    """shutdown | terminated | poweroff | died, from how QEMU ended and what we asked for."""
+    if requested == "terminate":
+        return "terminated"
+    if hv.shutdown_reason == "guest-shutdown" and hv.exit_status == 0:
+        return "shutdown" if requested == "shutdown" else "poweroff"
+    return "died"
+
+
+def default_backend(spec: builder.LaunchSpec) -> Backend:
+    from uvm.backends.qemu import QemuBackend
+
+    return QemuBackend(spec)
+
+
+class UtilityVM:
+    def __init__(self, config: UvmConfig, backend_factory: BackendFactory | None = None) -> None:
+        self.config = config
+        self.id = config.id
+        self.log = logging.getLogger(f"uvm.{self.id}")
+        self._backend_factory = backend_factory or default_backend
+        self.state = VmState.CREATED
+        self.spec: builder.LaunchSpec | None = None
+        self.backend: Backend | None = None
+        self.agent: AgentClient | None = None
+        self._conn: AgentConnection | None = None
+        self.hello: models.HelloResult | None = None
+        self.boot_seconds: float | None = None
+        self._stop_requested: str | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._exit: asyncio.Future[tuple[VmExit, errors.VmDiedError | None]] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self._console_at_exit = ""
+        self._console_at_failure = ""
+
+    def __repr__(self) -> str:
+        pid = self.backend.pid if self.backend else None
+        return f"<UtilityVM {self.id} {self.state.value} pid={pid}>"
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Boot the VM; return when the agent answered hello.
+
+        Raises ConfigError (bad config for this host, nothing started), StartError or
+        BootTimeoutError (carrying the console tail; everything torn down), StateError.
+        """
+        self._check_not_closed("start")
+        if self.state is not VmState.CREATED:
+            raise errors.StateError(f"VM {self.id}: start: already {self.state.value}", vm_id=self.id)
+        t0 = time.monotonic()
+        spec = await asyncio.to_thread(builder.build, self.config)
+        self.spec = spec
+        self.state = VmState.STARTING
+        backend = self._backend_factory(spec)
+        self.backend = backend
+        self._exit = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self.config.boot_timeout):
+                await backend.launch(spec)
+                self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.id}-watch")
+                reader, writer = await backend.connect_agent()
+                self._conn = AgentConnection(reader, writer, self.id)
+                self._conn.start()
+                self.agent = AgentClient(self._conn)
+                self.hello = await self.agent.hello()
+        except BaseException as e:
+            await self._abort_start(e, t0)
+            raise self._start_error(e) from (None if isinstance(e, asyncio.CancelledError) else e)
+        self.boot_seconds = time.monotonic() - t0
+        self.state = VmState.RUNNING
+        self.log.info("started in %.2fs (agent v%d, kernel %s, accel %s)", self.boot_seconds,
+                      self.hello.version, self.hello.kernel, spec.accel)
+
+    async def _abort_start(self, cause: BaseException, t0: float) -> None:
+        self._stop_requested = "terminate"
+        backend = self.backend
+        tail = backend.console_tail(CONSOLE_TAIL_LINES) if backend else ""
+        self._console_at_failure = tail or self._console_at_exit
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._release())
+        self.state = VmState.STOPPED
+
+    def _start_error(self, e: BaseException) -> BaseException:
+        if isinstance(e, (asyncio.CancelledError, errors.ConfigError, errors.AlreadyExistsError)):
+            return e
+        tail = self._console_at_failure
+        if isinstance(e, TimeoutError) and not isinstance(e, errors.UvmError):
+            return errors.BootTimeoutError(
+                f"VM {self.id}: the agent did not answer within the boot timeout of {self.config.boot_timeout:g}s",
+                console_tail=tail, vm_id=self.id)
+        exit_info = self._exit.result()[0] if self._exit is not None and self._exit.done() else None
+        if exit_info is not None:
+            return errors.StartError(f"VM {self.id}: QEMU {exit_info.hypervisor.describe()} during boot",
+                                     console_tail=tail, vm_id=self.id)
+        if isinstance(e, errors.StartError):
+            return errors.StartError(e.message, console_tail=tail, vm_id=self.id)
+        return errors.StartError(f"VM {self.id}: start failed: {e}", console_tail=tail, vm_id=self.id)
+
+    # -- exit watching -------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Owned by the VM: waits for the hypervisor to end, then fails the link and releases."""
+        assert self.backend is not None and self._exit is not None
+        hv = await self.backend.wait_exit()
+        reason = classify_exit(hv, self._stop_requested)
+        self._console_at_exit = tail = self.backend.console_tail(CONSOLE_TAIL_LINES)
+        died: errors.VmDiedError | None = None
+        if reason == "died":
+            died = errors.VmDiedError(f"VM {self.id} died: QEMU {hv.describe()}", console_tail=tail, vm_id=self.id)
+            self.log.error("VM died: QEMU %s", hv.describe())
+        if self._conn is not None:
+            self._conn.fail(died or errors.LinkError(f"VM {self.id}: stopped ({reason})", vm_id=self.id))
+        exit_info = VmExit(reason, hv, time.time())
+        await self._release_resources()
+        if self.state is not VmState.CLOSED:
+            self.state = VmState.STOPPED
+        if not self._exit.done():
+            self._exit.set_result((exit_info, died))
+
+    async def _release_resources(self) -> None:
+        if self._conn is not None:
+            await self._conn.aclose()
+        if self.backend is not None:
+            await self.backend.aclose()
+
+    async def _release(self) -> None:
+        """Stop the hypervisor if needed and release everything (start failure and close)."""
+        if self.backend is not None:
+            await self.backend.terminate()
+        if self._watcher is not None:
+            await self._watcher
+        else:
+            await self._release_resources()
+
+    # -- contract verbs ------------------------------------------------------------------------
+
+    def _check_not_closed(self, op: str) -> None:
+        if self.state is VmState.CLOSED:
+            raise errors.ClosedError(f"VM {self.id}: {op}: closed", vm_id=self.id)
+
+    def _check_started(self, op: str) -> None:
+        self._check_not_closed(op)
+        if self.state in (VmState.CREATED, VmState.STARTING):
+            raise errors.NotRunningError(f"VM {self.id}: {op}: not started", vm_id=self.id)
+
+    async def shutdown(self) -> None:
+        """Ask the guest to stop gracefully; return at once. No error if already stopped."""
+        self._check_started("shutdown")
+        if self.state is VmState.STOPPED:
+            return
+        if self._stop_requested is None:
+            self._stop_requested = "shutdown"
+        self.state = VmState.STOPPING
+        assert self.backend is not None
+        if self.agent is not None and self._conn is not None and self._conn.closed is None:
+            try:
+                await asyncio.wait_for(self.agent.shutdown(), SHUTDOWN_REQUEST_TIMEOUT_S)
+                return
+            except (errors.UvmError, asyncio.TimeoutError) as e:
+                self.log.warning("agent shutdown failed (%s): falling back to ACPI power-down", e)
+        await self.backend.request_powerdown()
+
+    async def terminate(self) -> None:
+        """Force the VM to stop; return at once. No error if already stopped."""
+        self._check_started("terminate")
+        if self.state is VmState.STOPPED:
+            return
+        self._stop_requested = "terminate"
+        self.state = VmState.STOPPING
+        assert self.backend is not None
+        await self.backend.terminate()
+
+    async def wait(self) -> VmExit:
+        """Block until the VM exited and its resources are released.
+
+        Raises VmDiedError if it stopped without being asked to; NotRunningError if never started.
+        """
+        self._check_started("wait")
+        assert self._exit is not None
+        exit_info, died = await asyncio.shield(self._exit)
+        if died is not None:
+            raise died
+        return exit_info
+
+    async def wait_timeout(self, timeout: float) -> VmExit:
+        """wait(), but raise WaitTimeoutError after timeout seconds (the VM keeps running)."""
+        try:
+            return await asyncio.wait_for(self.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise errors.WaitTimeoutError(f"VM {self.id}: still running after {timeout:g}s", vm_id=self.id) from None
+
+    async def close(self) -> None:
+        """Terminate if running and release every host resource. Idempotent; shielded."""
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close(), name=f"{self.id}-close")
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        try:
+            if self.state in (VmState.RUNNING, VmState.STOPPING):
+                self._stop_requested = self._stop_requested or "terminate"
+                if self._stop_requested == "shutdown":
+                    self._stop_requested = "terminate"
+                await self._release()
+            elif self.state is VmState.STOPPED and self._watcher is not None:
+                await self._watcher
+        finally:
+            self.state = VmState.CLOSED
+
+    # -- operations in the UVM -----------------------------------------------------------------
+
+    def _client(self, op: str) -> AgentClient:
+        self._check_started(op)
+        if self.state is not VmState.RUNNING or self.agent is None:
+            raise errors.NotRunningError(f"VM {self.id}: {op}: VM is {self.state.value}", vm_id=self.id)
+        return self.agent
+
+    async def ping(self, seq: int = 0) -> None:
+        await self._client("ping").ping(seq)
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes = b"",
+        timeout: float | None = None,
+    ) -> models.RunResult:
+        """Run a command in the UVM itself to completion: exit status and captured output.
+
+        Raises AgentNotFoundError (no such program), AgentInvalidArgumentError, LinkError/VmDiedError.
+        """
+        return await self._client("run").run(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+
+    async def __aenter__(self) -> UtilityVM:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
