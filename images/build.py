@@ -63,6 +63,7 @@ AGENT_FILES = [
     "schemas/__init__.py",
     "schemas/framing.py",
     "schemas/agent.py",
+    "schemas/wirejson.py",
 ]
 XZ_MAGIC = b"\xfd7zXZ\x00"
 

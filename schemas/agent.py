@@ -37,7 +37,7 @@ E_INTERNAL = "internal"
 ERROR_CODES = (E_INVALID, E_NOT_FOUND, E_ALREADY_EXISTS, E_UNSUPPORTED, E_INTERNAL)
 
 # Limits.
-MAX_CONTROL_PAYLOAD = 256 * 1024  # a control message (request/response/notify) larger than this is refused
+MAX_CONTROL_PAYLOAD = 768 * 1024  # a control message larger than this is refused (two full RUN outputs fit)
 MAX_RUN_OUTPUT = 256 * 1024       # per stream captured by RUN; more is counted and dropped
 MAX_ARGV = 4096
 MAX_ERROR_MESSAGE = 4096

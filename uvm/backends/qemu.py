@@ -119,13 +119,18 @@ class QemuBackend:
         assert self._exit_task is not None
         while not sock.exists():
             if self._exit_task.done():
-                raise StartError(f"VM {self.spec.vm_id}: QEMU {self._exit_task.result().describe()} before its QMP "
-                                 f"socket appeared", vm_id=self.spec.vm_id)
+                raise StartError(f"VM {self.spec.vm_id}: QEMU {self._exit_task.result().describe()}",
+                                 vm_id=self.spec.vm_id)
             await asyncio.sleep(0.005)
         qmp = QMPClient(f"uvm.{self.spec.vm_id}.qmp")
         try:
             await qmp.connect(str(sock))
         except QMPError as e:
+            # Usually QEMU failing right after creating its sockets (e.g. a kernel it cannot load):
+            # report its own words rather than the connection error.
+            with contextlib.suppress(asyncio.TimeoutError):
+                hv = await asyncio.wait_for(asyncio.shield(self._exit_task), 2.0)
+                raise StartError(f"VM {self.spec.vm_id}: QEMU {hv.describe()}", vm_id=self.spec.vm_id) from None
             raise StartError(f"VM {self.spec.vm_id}: QMP connection to {sock} failed: {e}", vm_id=self.spec.vm_id) from None
         self._qmp = qmp
         self._events_task = asyncio.get_running_loop().create_task(self._watch_events(qmp), name=f"{self.spec.vm_id}-qmp-events")

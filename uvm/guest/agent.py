@@ -1,23 +1,32 @@
 """The uvmshim guest agent: PID 1 of the UVM, serving the agent protocol on a virtio-serial port.
 
-One thread, one ``selectors`` loop: the port, the pipes of running commands and a SIGCHLD wakeup
-pipe are all non-blocking file descriptors in it. Start-up is kept lean on purpose (under
-emulation every newly executed code page costs): only what the hello exchange needs is imported
-before the first answer, everything else lazily.
+One thread, one epoll loop: the port, the pipes of running commands and a SIGCHLD wakeup pipe
+are all non-blocking file descriptors in it. Start-up is kept lean on purpose (under emulation
+every newly executed code page costs): no ``json``, ``signal``, ``selectors`` or ``subprocess``
+(each drags in ``re``/``enum``/``collections``); what only some requests need is imported lazily.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import selectors
-import signal
-import sys
+import select
 import time
 
 from schemas import agent as proto
-from schemas import framing
+from schemas import framing, wirejson
 from uvm.guest import procs
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs start-up time in the guest
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Callback = Callable[[int, int], None]
+    import signal
+else:
+    import _signal as signal  # the C module: `signal` imports enum
+
+EV_READ = select.EPOLLIN
+EV_WRITE = select.EPOLLOUT
 
 SYSFS_PORTS = "/sys/class/virtio-ports"
 PORT_WAIT_S = 10.0
@@ -73,14 +82,37 @@ class RunningCommand:
         self.timed_out = False
 
 
+class Poller:
+    """epoll with a callback per fd (what selectors gives, without importing collections)."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.callbacks: dict[int, Callback] = {}
+
+    def register(self, fd: int, events: int, callback: Callback) -> None:
+        self.epoll.register(fd, events)
+        self.callbacks[fd] = callback
+
+    def modify(self, fd: int, events: int, callback: Callback) -> None:
+        self.epoll.modify(fd, events)
+        self.callbacks[fd] = callback
+
+    def unregister(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+        del self.callbacks[fd]
+
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        return self.epoll.poll(-1 if timeout is None else timeout)
+
+
 class Agent:
     def __init__(self, port_path: str) -> None:
         self.port_path = port_path
         self.port = os.open(port_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sel = selectors.DefaultSelector()
+        self.sel = Poller()
         self.decoder = framing.FrameDecoder()
         self.wbuf = bytearray()
-        self.port_events = selectors.EVENT_READ
+        self.port_events = EV_READ
         self.sel.register(self.port, self.port_events, self.on_port)
         self.connected = True
         self.commands: dict[int, RunningCommand] = {}  # pid -> command
@@ -89,7 +121,7 @@ class Agent:
         sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.sel.register(sig_r, selectors.EVENT_READ, self.on_signal)
+        self.sel.register(sig_r, EV_READ, self.on_signal)
         self.handlers = {
             proto.HELLO: self.do_hello,
             proto.PING: self.do_ping,
@@ -100,7 +132,7 @@ class Agent:
     # -- port I/O ------------------------------------------------------------------------------
 
     def send(self, ftype: int, fid: int, obj: object, flags: int = 0) -> None:
-        payload = json.dumps(obj, separators=(",", ":")).encode()
+        payload = wirejson.dumps(obj)
         self.wbuf += framing.encode(ftype, fid, payload, flags)
         self.flush()
 
@@ -114,15 +146,15 @@ class Agent:
                 log(f"write to port: {e}")
                 break
             del self.wbuf[:n]
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.wbuf else 0)
+        want = EV_READ | (EV_WRITE if self.wbuf else 0)
         if want != self.port_events and self.connected:
             self.port_events = want
             self.sel.modify(self.port, want, self.on_port)
 
     def on_port(self, fd: int, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
+        if mask & EV_WRITE:
             self.flush()
-        if not mask & selectors.EVENT_READ:
+        if not mask & (EV_READ | select.EPOLLHUP | select.EPOLLERR):
             return
         try:
             data = os.read(self.port, 1 << 20)
@@ -151,14 +183,12 @@ class Agent:
                 log(f"ignoring unexpected {framing.TYPE_NAMES[frame.type]} frame from host")
 
     def check_reconnect(self) -> None:
-        import select
-
         p = select.poll()
         p.register(self.port, select.POLLIN | select.POLLOUT)
         for _, ev in p.poll(0):
             if not ev & select.POLLHUP:
                 self.connected = True
-                self.port_events = selectors.EVENT_READ
+                self.port_events = EV_READ
                 self.sel.register(self.port, self.port_events, self.on_port)
                 self.flush()
 
@@ -168,7 +198,7 @@ class Agent:
         try:
             if len(frame.payload) > proto.MAX_CONTROL_PAYLOAD:
                 raise RequestError(proto.E_INVALID, "request too large")
-            msg = json.loads(frame.payload)
+            msg = wirejson.loads(frame.payload)
             if not isinstance(msg, dict) or not isinstance(msg.get("method"), str):
                 raise RequestError(proto.E_INVALID, "request is not {method, params}")
             params = msg.get("params") or {}
@@ -254,12 +284,12 @@ class Agent:
             os.set_blocking(fd, False)
             cmd.open_fds[fd] = which
             self.fd_owner[fd] = cmd
-            self.sel.register(fd, selectors.EVENT_READ, self.on_output)
+            self.sel.register(fd, EV_READ, self.on_output)
         if stdin_data:
             os.set_blocking(in_w, False)
             cmd.stdin_fd, cmd.stdin_data = in_w, stdin_data
             self.fd_owner[in_w] = cmd
-            self.sel.register(in_w, selectors.EVENT_WRITE, self.on_stdin)
+            self.sel.register(in_w, EV_WRITE, self.on_stdin)
         else:
             os.close(in_w)
         return None
@@ -345,8 +375,10 @@ class Agent:
             timeout = None if self.connected else 0.02
             if any(c.deadline for c in self.commands.values()):
                 timeout = 0.05 if timeout is None else min(timeout, 0.05)
-            for key, mask in self.sel.select(timeout):
-                key.data(key.fd, mask)
+            for fd, mask in self.sel.poll(timeout):
+                callback = self.sel.callbacks.get(fd)
+                if callback is not None:
+                    callback(fd, mask)
             if not self.connected:
                 self.check_reconnect()
             self.check_timeouts()
@@ -403,6 +435,9 @@ def unmount_all() -> None:
 
 
 def main() -> None:
+    if "uvm.trace" in open("/proc/cmdline").read().split():
+        with open("/proc/uptime") as f:
+            log(f"{f.read().split()[0]} agent imported")
     if os.getpid() == 1:
         os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     try:
@@ -415,4 +450,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

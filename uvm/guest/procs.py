@@ -8,7 +8,12 @@ may call ``waitpid`` (that is why the agent does not use ``subprocess``).
 from __future__ import annotations
 
 import os
-import signal
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+else:
+    import _signal as signal  # the C module: `signal` imports enum (slow to start under emulation)
 
 
 class SpawnError(Exception):

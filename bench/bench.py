@@ -1,0 +1,185 @@
+"""`make bench`: the foundation's figures, as ratios against floors measured in the same run.
+
+* F0: raw qemu-system, same kernel and machine options, a busybox-only initramfs whose /init
+  prints READY (time from spawn to READY on the serial console).
+* F1: the same, but /init loads the boot modules, mounts the guest image's erofs root and starts
+  ``python3 -S`` from it, which prints READY: the cost of Python's own cold start under emulation.
+* UVM: ``UtilityVM.start()`` through the project's API, to the agent's hello answer.
+Runs are interleaved (F0, F1, UVM, F0, ...) so drift hits all three alike. Then the boot loop:
+N more UVM boots, counting hangs (a boot that misses its deadline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from schemas.uvm_config import UvmConfig  # noqa: E402
+from uvm import builder  # noqa: E402
+from uvm.backends.qemu import qemu_argv  # noqa: E402
+from uvm.vm import UtilityVM  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("image_build", REPO / "images" / "build.py")
+assert _spec and _spec.loader
+image_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(image_build)
+
+F0_INIT = b"#!/bin/busybox sh\n/bin/busybox echo READY\n/bin/busybox poweroff -f\n"
+
+
+def floor_initramfs(tmp: Path, spec: builder.LaunchSpec) -> tuple[Path, Path]:
+    """(F0 initramfs, F1 initramfs) built next to the real one."""
+    cache = REPO / "images" / "cache"
+    base = next(p for p in cache.iterdir() if p.name.startswith("base-") and (p / ".done").exists())
+    busybox = (base / "usr/bin/busybox").read_bytes()
+    c = image_build.Cpio()
+    for d in ("bin", "dev"):
+        c.dir(d)
+    c.chardev("dev/console", 5, 1)
+    c.file("bin/busybox", busybox, 0o755)
+    c.file("init", F0_INIT, 0o755)
+    f0 = tmp / "f0.cpio"
+    f0.write_bytes(c.finish())
+    # F1: the real initramfs with /init's last step replaced by `python3 -S` printing READY.
+    init = (REPO / "images" / "init").read_text()
+    start = init.index("exec switch_root")
+    end = init.index("\n", start)
+    init = init[:start] + "exec switch_root /newroot /usr/bin/python3 -S -c \"print('READY')\"" + init[end:]
+    f1 = tmp / "f1.cpio"
+    real = spec.initrd.read_bytes()
+    # A second cpio appended to the first overrides /init (the kernel unpacks both in order).
+    c = image_build.Cpio()
+    c.file("init", init.encode(), 0o755)
+    f1.write_bytes(real + c.finish())
+    return f0, f1
+
+
+def raw_argv(spec: builder.LaunchSpec, initrd: Path, tmp: Path, with_root: bool) -> list[str]:
+    argv = qemu_argv(spec, tmp)
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if a in ("-chardev", "-device", "-qmp", "-serial", "-drive") and (
+            "agent" in nxt or "virtio-serial" in nxt or a == "-qmp" or "console" in nxt
+            or (not with_root and ("rootfs" in nxt))
+        ):
+            skip = True
+            continue
+        out.append(a)
+    out[out.index("-initrd") + 1] = str(initrd)
+    return [*out, "-serial", "stdio"]
+
+
+def time_to_ready(argv: list[str], timeout: float = 120.0) -> float:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    buf = b""
+    try:
+        while b"READY" not in buf:
+            chunk = proc.stdout.read1(4096)  # type: ignore[attr-defined]
+            if not chunk:
+                raise RuntimeError(f"QEMU exited before READY: {buf[-300:]!r}")
+            buf += chunk
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError("floor run timed out")
+        return time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def uvm_start(run_dir: Path, state_dir: Path, timeout: float = 120.0) -> float:
+    vm = UtilityVM(UvmConfig(run_dir=run_dir, state_dir=state_dir, boot_timeout=timeout))
+    try:
+        t0 = time.monotonic()
+        await vm.start()
+        return time.monotonic() - t0
+    finally:
+        await vm.close()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+async def boot_loop(n: int, run_dir: Path, state_dir: Path, timeout: float) -> tuple[int, int, list[float]]:
+    hangs = failures = 0
+    times: list[float] = []
+    for i in range(n):
+        try:
+            times.append(await uvm_start(run_dir, state_dir, timeout))
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            if "boot timeout" in str(e):
+                hangs += 1
+            else:
+                failures += 1
+            print(f"  boot {i + 1}: FAILED: {str(e).splitlines()[0]}", flush=True)
+        if (i + 1) % 10 == 0:
+            print(f"  boot loop: {i + 1}/{n} (hangs {hangs}, failures {failures})", flush=True)
+    return hangs, failures, times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=int(os.environ.get("BENCH_N", "5")), help="runs of each kind")
+    ap.add_argument("--boot-loop", type=int, default=int(os.environ.get("BENCH_BOOT_LOOP", "50")))
+    ap.add_argument("--boot-timeout", type=float, default=30.0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
+        tmp = Path(t)
+        run_dir, state_dir = tmp / "run", tmp / "state"
+        spec = builder.build(UvmConfig(run_dir=run_dir, state_dir=state_dir))
+        f0_initrd, f1_initrd = floor_initramfs(tmp, spec)
+        f0_argv = raw_argv(spec, f0_initrd, tmp, with_root=False)
+        f1_argv = raw_argv(spec, f1_initrd, tmp, with_root=True)
+        print(f"bench: accel {spec.accel}, image {spec.image_id}, n={args.n} interleaved", flush=True)
+        res: dict[str, list[float]] = {"F0": [], "F1": [], "UVM": []}
+        for i in range(args.n):
+            res["F0"].append(time_to_ready(f0_argv))
+            res["F1"].append(time_to_ready(f1_argv))
+            res["UVM"].append(asyncio.run(uvm_start(run_dir, state_dir)))
+            print(f"  run {i + 1}: F0 {res['F0'][-1]:.2f}s  F1 {res['F1'][-1]:.2f}s  UVM {res['UVM'][-1]:.2f}s",
+                  flush=True)
+        f0, f1, uvm = (median(res[k]) for k in ("F0", "F1", "UVM"))
+        print(f"medians: F0 {f0:.2f}s  F1 {f1:.2f}s  UVM cold start to agent ready {uvm:.2f}s")
+        print(f"ratios:  UVM/F0 {uvm / f0:.2f}x (target <= 2.0x)   UVM/F1 {uvm / f1:.2f}x (target <= 1.3x)")
+        summary: dict[str, object] = {"medians": {"F0": f0, "F1": f1, "UVM": uvm}, "runs": res,
+                                      "ratios": {"UVM/F0": uvm / f0, "UVM/F1": uvm / f1}}
+        if args.boot_loop:
+            print(f"boot loop: {args.boot_loop} UVM boots, deadline {args.boot_timeout:g}s each", flush=True)
+            hangs, failures, times = asyncio.run(boot_loop(args.boot_loop, run_dir, state_dir, args.boot_timeout))
+            print(f"boot loop: {args.boot_loop} boots, {hangs} hangs, {failures} other failures, "
+                  f"median {median(times):.2f}s, max {max(times, default=float('nan')):.2f}s")
+            summary["boot_loop"] = {"boots": args.boot_loop, "hangs": hangs, "failures": failures,
+                                    "median": median(times), "max": max(times, default=None)}
+        out = REPO / "bench" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"foundation-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"results: {path}")
+        leftovers = list(run_dir.iterdir()) if run_dir.exists() else []
+        if leftovers:
+            print(f"LEAK: {leftovers}")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

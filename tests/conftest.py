@@ -1,0 +1,69 @@
+"""Shared fixtures: a private run/state directory for the whole session, and a leak check at the end
+(no QEMU process, socket or directory of the suite may be left)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.uvm_config import UvmConfig, default_image_dir
+
+
+def _qemu_processes_under(path: Path) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmd and ("qemu" in cmd or "fake-qemu" in cmd):
+            found.append(f"{pid}: {cmd[:200]}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def suite_dir() -> Iterator[Path]:
+    """Short-pathed private directory (unix sockets live below it); checked for leaks at the end."""
+    d = Path(tempfile.mkdtemp(prefix="uvmt-", dir="/tmp"))
+    (d / "run").mkdir()
+    (d / "state").mkdir()
+    yield d
+    leaked_files = sorted(str(p) for p in (d / "run").rglob("*"))
+    leaked_procs = _qemu_processes_under(d)
+    shutil.rmtree(d, ignore_errors=True)
+    assert not leaked_procs, f"QEMU processes left behind: {leaked_procs}"
+    assert not leaked_files, f"files left in the run directory: {leaked_files}"
+
+
+@pytest.fixture(scope="session")
+def image_dir() -> Path:
+    d = default_image_dir()
+    if not (d / "manifest.json").exists():
+        pytest.fail(f"no guest image in {d}: run `make image` (make test does)")
+    return d
+
+
+@pytest.fixture
+def make_config(suite_dir: Path, image_dir: Path) -> Callable[..., UvmConfig]:
+    def make(**kw: Any) -> UvmConfig:
+        kw.setdefault("run_dir", suite_dir / "run")
+        kw.setdefault("state_dir", suite_dir / "state")
+        kw.setdefault("image", image_dir)
+        kw.setdefault("boot_timeout", 60.0)
+        return UvmConfig(**kw)
+
+    return make
+
+
+def assert_no_leftovers(suite_dir: Path) -> None:
+    run = suite_dir / "run"
+    assert not list(run.iterdir()), f"left in the run directory: {list(run.iterdir())}"
+    assert not _qemu_processes_under(suite_dir), _qemu_processes_under(suite_dir)
