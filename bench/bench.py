@@ -125,7 +125,7 @@ async def boot_loop(n: int, run_dir: Path, state_dir: Path, timeout: float) -> t
     for i in range(n):
         try:
             times.append(await uvm_start(run_dir, state_dir, timeout))
-        except Exception as e:  # noqa: BLE001 - counted and reported
+        except Exception as e:
             if "boot timeout" in str(e):
                 hangs += 1
             else:

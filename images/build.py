@@ -59,7 +59,10 @@ AGENT_FILES = [
     "uvm/__init__.py",
     "uvm/guest/__init__.py",
     "uvm/guest/agent.py",
+    "uvm/guest/errors.py",
     "uvm/guest/procs.py",
+    "uvm/guest/runtime.py",
+    "uvm/guest/streams.py",
     "schemas/__init__.py",
     "schemas/framing.py",
     "schemas/agent.py",
@@ -330,7 +333,7 @@ def build_initramfs(ktree: Path, kver: str, busybox: Path, out: Path, kkey: str)
         c.dir(d)
     c.chardev("dev/console", 5, 1)
     c.file("bin/busybox", busybox.read_bytes(), 0o755)
-    for applet in ("sh", "mount", "insmod", "switch_root", "mkdir", "sleep", "cat", "echo", "poweroff"):
+    for applet in ("sh", "mount", "insmod", "switch_root", "mkdir", "sleep", "cat", "echo", "poweroff", "ln"):
         c.symlink(f"bin/{applet}", "busybox")
     moddir = ktree / "lib" / "modules" / kver
     lines = []

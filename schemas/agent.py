@@ -22,11 +22,31 @@ PING = "ping"
 SHUTDOWN = "shutdown"
 RUN = "run"  # run a command in the UVM itself to completion, returning status and output
 
-METHODS = (HELLO, PING, SHUTDOWN, RUN)
-CAPABILITIES = ("ping", "shutdown", "run")
+# Processes with streamed stdio, in the UVM itself (container null) or in a container.
+EXEC = "exec_process"            # {container, process: OCI Process, terminal, stdin, stdout, stderr} -> {pid}
+SIGNAL = "signal_process"        # {container, pid, signal} -> {delivered}
+RESIZE = "resize_console"        # {container, pid, width, height} -> {}
+# Containers (the guest runtime over crun).
+CREATE = "create_container"      # {id, spec: OCI spec, rootfs: {share, path}, terminal, stdin, stdout, stderr} -> {pid}
+START = "start_container"        # {id} -> {pid}
+KILL = "kill_container"          # {id, signal, all} -> {}
+PAUSE = "pause_container"        # {id} -> {}
+RESUME = "resume_container"      # {id} -> {}
+STATE = "container_state"        # {id} -> ContainerState
+LIST = "list_containers"         # {} -> {containers: [ContainerState]}
+PROCESSES = "container_processes"  # {id} -> {pids: [int]}
+UPDATE = "update_container"      # {id, resources: OCI LinuxResources} -> {}
+STATS = "container_stats"        # {id} -> ContainerStats
+DELETE = "delete_container"      # {id} -> {}
+
+METHODS = (HELLO, PING, SHUTDOWN, RUN, EXEC, SIGNAL, RESIZE, CREATE, START, KILL, PAUSE, RESUME, STATE, LIST,
+           PROCESSES, UPDATE, STATS, DELETE)
+CAPABILITIES = ("ping", "shutdown", "run", "exec", "containers", "streams")
 
 # Notifications (guest -> host).
 EVENT_LOG = "log"
+EVENT_EXIT = "exit"  # {container, pid, exit_status, signal, at}: sent after the process's output streams ended
+EVENT_OOM = "oom"    # {container, oom_kills, at}
 
 # Error codes carried in error responses, mapped to typed errors on the host.
 E_INVALID = "invalid_argument"
@@ -34,10 +54,29 @@ E_NOT_FOUND = "not_found"
 E_ALREADY_EXISTS = "already_exists"
 E_UNSUPPORTED = "unsupported"
 E_INTERNAL = "internal"
-ERROR_CODES = (E_INVALID, E_NOT_FOUND, E_ALREADY_EXISTS, E_UNSUPPORTED, E_INTERNAL)
+# The guest runtime's six (hcsshim's guest runtime errors).
+E_STILL_RUNNING = "still_running"
+E_NOT_RUNNING = "not_running"
+E_NOT_STOPPED = "not_stopped"
+E_INVALID_ID = "invalid_container_id"
+ERROR_CODES = (E_INVALID, E_NOT_FOUND, E_ALREADY_EXISTS, E_UNSUPPORTED, E_INTERNAL, E_STILL_RUNNING,
+               E_NOT_RUNNING, E_NOT_STOPPED, E_INVALID_ID)
+
+# Container states.
+CREATED = "created"
+RUNNING = "running"
+PAUSED = "paused"
+STOPPED = "stopped"
+
+# Streams: DATA frames carry bytes, CREDIT frames a u32 count of bytes the receiver may take more,
+# CLOSE ends the direction (stdin: EOF to the process; stdout/stderr: EOF to the host, or from the
+# host, "stop reading"). Each side starts with STREAM_WINDOW of credit per stream.
+STREAM_WINDOW = 256 * 1024
+STREAM_CHUNK = 64 * 1024
 
 # Limits.
 MAX_CONTROL_PAYLOAD = 768 * 1024  # a control message larger than this is refused (two full RUN outputs fit)
 MAX_RUN_OUTPUT = 256 * 1024       # per stream captured by RUN; more is counted and dropped
 MAX_ARGV = 4096
+MAX_SPEC = 512 * 1024
 MAX_ERROR_MESSAGE = 4096

@@ -39,7 +39,7 @@ class FramingError(Exception):
 
 
 class Frame:
-    __slots__ = ("type", "flags", "id", "payload")
+    __slots__ = ("flags", "id", "payload", "type")
 
     def __init__(self, type: int, id: int, payload: bytes = b"", flags: int = 0) -> None:
         self.type = type
@@ -62,6 +62,8 @@ def encode(type: int, id: int, payload: bytes = b"", flags: int = 0, max_payload
         raise FramingError(f"unknown frame type {type}")
     if not 0 <= id <= 0xFFFFFFFF:
         raise FramingError(f"frame id {id} out of range")
+    if flags & ~KNOWN_FLAGS:
+        raise FramingError(f"unknown frame flags {flags:#x}")
     if len(payload) > max_payload:
         raise FramingError(f"payload of {len(payload)} bytes exceeds the cap of {max_payload}")
     return HEADER.pack(MAGIC, type, flags, id, len(payload)) + payload

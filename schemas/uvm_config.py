@@ -71,7 +71,7 @@ class UvmConfig(BaseModel):
     @field_validator("id")
     @classmethod
     def _check_id(cls, v: str) -> str:
-        if not ID_RE.match(v):
+        if not ID_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a valid VM id (1-64 of [A-Za-z0-9_.-], not starting with '.', '-' or '_')")
         return v
 

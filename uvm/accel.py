@@ -8,10 +8,12 @@ TCG. The answer is cached per host boot and QEMU binary, so it is paid once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -46,8 +48,9 @@ def _cache_key(qemu: str) -> str:
     return f"{boot_id}|{ident}"
 
 
-def probe_kvm(qemu: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
-    """(usable, why): boot the probe firmware under KVM with a deadline."""
+def probe_kvm(qemu: str, timeout: float | None = None) -> tuple[bool, str]:
+    """(usable, why): boot the probe firmware under KVM with a deadline (PROBE_TIMEOUT_S)."""
+    timeout = PROBE_TIMEOUT_S if timeout is None else timeout
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
     with tempfile.TemporaryDirectory(prefix="uvm-kvm-probe-") as tmp:
@@ -57,15 +60,21 @@ def probe_kvm(qemu: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
                 "-no-user-config", "-display", "none", "-bios", str(fw),
                 "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
         try:
-            res = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return False, f"KVM guest did not run within {timeout:.0f}s (vCPU hangs)"
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
             return False, f"cannot run {qemu}: {e}"
-    if res.returncode == PROBE_EXIT:
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: a wrapper's children too
+            proc.communicate()
+            return False, f"KVM guest did not run within {timeout:g}s (vCPU hangs)"
+    if proc.returncode == PROBE_EXIT:
         return True, "KVM probe guest ran"
-    err = res.stderr.decode(errors="replace").strip().splitlines()
-    return False, f"KVM probe exited {res.returncode}: {err[-1] if err else 'no message'}"
+    err = stderr.decode(errors="replace").strip().splitlines()
+    return False, f"KVM probe exited {proc.returncode}: {err[-1] if err else 'no message'}"
 
 
 def resolve_accel(requested: str, qemu: str, cache_dir: Path | None) -> Accel:
@@ -77,7 +86,7 @@ def resolve_accel(requested: str, qemu: str, cache_dir: Path | None) -> Accel:
     if cache is not None:
         try:
             data = json.loads(cache.read_text())
-            if data.get("key") == key and data.get("accel") in ("kvm", "tcg"):
+            if isinstance(data, dict) and data.get("key") == key and data.get("accel") in ("kvm", "tcg"):
                 return data["accel"]  # type: ignore[no-any-return]
         except (OSError, ValueError):
             pass

@@ -121,7 +121,10 @@ def build(config: UvmConfig) -> LaunchSpec:
             cmdline += f" tsc_early_khz={khz}"
     cmdline += f" uvm.id={config.id}"
     if config.kernel_args:
-        shlex.split(config.kernel_args)  # reject unbalanced quotes early
+        try:
+            shlex.split(config.kernel_args)  # reject unbalanced quotes early
+        except ValueError as e:
+            raise ConfigError(f"kernel_args {config.kernel_args!r}: {e}") from None
         cmdline += " " + config.kernel_args
     run_dir = config.run_dir.absolute() / config.id
     if len(str(run_dir / "agent.sock")) > 100:

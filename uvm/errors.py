@@ -107,3 +107,23 @@ class AgentInvalidArgumentError(AgentError):
 
 class AgentUnsupportedError(AgentError):
     pass
+
+
+class AgentAlreadyExistsError(AgentError, AlreadyExistsError):
+    pass
+
+
+class AgentStillRunningError(AgentError, StillRunningError):
+    pass
+
+
+class AgentNotRunningError(AgentError, NotRunningError):
+    pass
+
+
+class NotStoppedError(AgentError, StateError):
+    """hcsshim's "not stopped": the container must be stopped (or created) first."""
+
+
+class InvalidIdError(AgentError):
+    """The container id is not acceptable (path characters, length)."""

@@ -23,6 +23,7 @@ from schemas import agent as proto
 from schemas import agent_models as models
 from schemas import framing
 from uvm import errors
+from uvm.streams import CREDIT, InboundStream, OutboundStream
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -30,6 +31,11 @@ _ERROR_TYPES: dict[str, type[errors.AgentError]] = {
     proto.E_NOT_FOUND: errors.AgentNotFoundError,
     proto.E_INVALID: errors.AgentInvalidArgumentError,
     proto.E_UNSUPPORTED: errors.AgentUnsupportedError,
+    proto.E_ALREADY_EXISTS: errors.AgentAlreadyExistsError,
+    proto.E_STILL_RUNNING: errors.AgentStillRunningError,
+    proto.E_NOT_RUNNING: errors.AgentNotRunningError,
+    proto.E_NOT_STOPPED: errors.NotStoppedError,
+    proto.E_INVALID_ID: errors.InvalidIdError,
 }
 
 
@@ -53,6 +59,8 @@ class AgentConnection:
         self._next_id = 1
         self._closed: errors.UvmError | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._streams: dict[int, InboundStream | OutboundStream] = {}
+        self._next_sid = 1
 
     def start(self) -> None:
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"{self.name}-agent-reader")
@@ -65,7 +73,7 @@ class AgentConnection:
     async def call(self, method: str, params: Mapping[str, Any]) -> tuple[int, bytes]:
         """Send a request; return (flags, payload) of its response. Raises LinkError if the link drops."""
         if self._closed is not None:
-            raise self._closed
+            raise self._closed.with_traceback(None)  # the same error object is raised again and again
         req_id = self._next_id
         self._next_id = self._next_id + 1 if self._next_id < 0xFFFFFFFF else 1
         payload = json.dumps({"method": method, "params": params}, separators=(",", ":")).encode()
@@ -80,7 +88,9 @@ class AgentConnection:
         except (OSError, RuntimeError) as e:
             self._pending.pop(req_id, None)
             self.fail(errors.LinkError(f"agent link {self.name}: write failed: {e}", vm_id=self.name))
-            raise self._closed from None  # type: ignore[misc]
+            closed = self._closed
+            assert closed is not None
+            raise closed.with_traceback(None) from None
         try:
             return await fut
         finally:
@@ -109,15 +119,67 @@ class AgentConnection:
                         return
         except (OSError, asyncio.IncompleteReadError) as e:
             self.fail(errors.LinkError(f"agent link {self.name}: read failed: {e}", vm_id=self.name))
+        except Exception as e:  # whatever went wrong, pending calls must not hang
+            self.log.debug("agent reader failed", exc_info=True)
+            self.fail(errors.GuestProtocolError(f"agent link {self.name}: cannot process guest data: {e!r}",
+                                                vm_id=self.name))
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    def send_frame(self, ftype: int, fid: int, payload: bytes) -> None:
+        """Queue a frame (stream data, credit, close); a dead link drops it silently."""
+        if self._closed is not None:
+            return
+        try:
+            self._writer.write(framing.encode(ftype, fid, payload))
+        except (OSError, RuntimeError) as e:
+            self.fail(errors.LinkError(f"agent link {self.name}: write failed: {e}", vm_id=self.name))
+
+    def open_inbound(self, name: str) -> InboundStream:
+        stream = InboundStream(self._allocate_sid(), name, self.send_frame)
+        self._streams[stream.sid] = stream
+        return stream
+
+    def open_outbound(self, name: str) -> OutboundStream:
+        stream = OutboundStream(self._allocate_sid(), name, self.send_frame)
+        self._streams[stream.sid] = stream
+        return stream
+
+    def forget_stream(self, sid: int) -> None:
+        self._streams.pop(sid, None)
+
+    def _allocate_sid(self) -> int:
+        while self._next_sid in self._streams or self._next_sid == 0:
+            self._next_sid = (self._next_sid + 1) & 0xFFFFFFFF
+        sid = self._next_sid
+        self._next_sid = (self._next_sid + 1) & 0xFFFFFFFF
+        return sid
+
+    def _stream_frame(self, frame: framing.Frame) -> str | None:
+        stream = self._streams.get(frame.id)
+        if stream is None:
+            return f"{framing.TYPE_NAMES[frame.type]} frame for unknown stream {frame.id}"
+        if isinstance(stream, InboundStream):
+            if frame.type == framing.DATA:
+                return stream.feed(frame.payload)
+            if frame.type == framing.CLOSE and not frame.payload:
+                stream.feed_eof()
+                return None
+            return f"unexpected {framing.TYPE_NAMES[frame.type]} frame on {stream.name}"
+        if frame.type == framing.CREDIT and len(frame.payload) == CREDIT.size:
+            return stream.add_credit(CREDIT.unpack(frame.payload)[0])
+        return f"unexpected {framing.TYPE_NAMES[frame.type]} frame on {stream.name}"
 
     def _dispatch(self, frame: framing.Frame) -> str | None:
         """Route one frame; return a description of the protocol violation, if any."""
+        if frame.type in (framing.DATA, framing.CREDIT, framing.CLOSE):
+            return self._stream_frame(frame)
         if frame.type == framing.RESPONSE:
-            fut = self._pending.get(frame.id)
-            if fut is None:
+            if frame.id not in self._pending:
                 return f"response to unknown request id {frame.id}"
             if len(frame.payload) > proto.MAX_CONTROL_PAYLOAD:
                 return f"response of {len(frame.payload)} bytes exceeds the control cap"
+            fut = self._pending.pop(frame.id)
             self.log.debug("<-- #%d %s", frame.id, frame.payload[:200])
             if not fut.done():
                 fut.set_result((frame.flags, frame.payload))
@@ -127,12 +189,18 @@ class AgentConnection:
                 return f"notification of {len(frame.payload)} bytes exceeds the control cap"
             try:
                 msg = json.loads(frame.payload)
-            except ValueError:
-                return "notification is not JSON"
+            except (ValueError, RecursionError):
+                return "notification is not JSON (or nested too deeply)"
             if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
                 return "notification without an event name"
             if self._on_notify is not None:
-                self._on_notify(msg)
+                try:
+                    self._on_notify(msg)
+                except errors.GuestProtocolError as e:
+                    return e.message
+                except Exception as e:
+                    self.log.error("notification handler failed on %.200r: %r", msg, e)
+                    return f"notification could not be handled: {e!r}"
             return None
         return f"unexpected {framing.TYPE_NAMES[frame.type]} frame from the guest"
 
@@ -149,6 +217,8 @@ class AgentConnection:
             if not fut.done():
                 fut.set_exception(error)
         self._pending.clear()
+        for stream in self._streams.values():
+            stream.fail(error)
         with contextlib.suppress(Exception):
             self._writer.close()
 

@@ -90,6 +90,9 @@ class UtilityVM:
         self._close_task: asyncio.Task[None] | None = None
         self._console_at_exit = ""
         self._console_at_failure = ""
+        self._start_failed = False
+        self._closing = False
+        self._start_done = asyncio.Event()
 
     def __repr__(self) -> str:
         pid = self.backend.pid if self.backend else None
@@ -107,13 +110,25 @@ class UtilityVM:
         if self.state is not VmState.CREATED:
             raise errors.StateError(f"VM {self.id}: start: already {self.state.value}", vm_id=self.id)
         t0 = time.monotonic()
-        spec = await asyncio.to_thread(builder.build, self.config)
-        self.spec = spec
         self.state = VmState.STARTING
+        try:
+            await self._start(t0)
+        finally:
+            self._start_done.set()
+
+    async def _start(self, t0: float) -> None:
+        try:
+            spec = await asyncio.to_thread(builder.build, self.config)
+        except BaseException:
+            self.state = VmState.CREATED  # nothing was started
+            raise
+        self.spec = spec
         backend = self._backend_factory(spec)
         self.backend = backend
         self._exit = asyncio.get_running_loop().create_future()
         try:
+            if self._closing:
+                raise errors.ClosedError(f"VM {self.id}: closed while starting", vm_id=self.id)
             async with asyncio.timeout(self.config.boot_timeout):
                 await backend.launch(spec)
                 self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.id}-watch")
@@ -122,8 +137,12 @@ class UtilityVM:
                 self._conn.start()
                 self.agent = AgentClient(self._conn)
                 self.hello = await self.agent.hello()
+            if self._closing:
+                raise errors.ClosedError(f"VM {self.id}: closed while starting", vm_id=self.id)
         except BaseException as e:
             await self._abort_start(e, t0)
+            if self._closing and not isinstance(e, asyncio.CancelledError):
+                raise errors.ClosedError(f"VM {self.id}: closed while starting", vm_id=self.id) from None
             raise self._start_error(e) from (None if isinstance(e, asyncio.CancelledError) else e)
         self.boot_seconds = time.monotonic() - t0
         self.state = VmState.RUNNING
@@ -131,13 +150,15 @@ class UtilityVM:
                       self.hello.version, self.hello.kernel, spec.accel)
 
     async def _abort_start(self, cause: BaseException, t0: float) -> None:
+        self._start_failed = True
         self._stop_requested = "terminate"
         backend = self.backend
         tail = backend.console_tail(CONSOLE_TAIL_LINES) if backend else ""
         self._console_at_failure = tail or self._console_at_exit
         with contextlib.suppress(Exception):
             await asyncio.shield(self._release())
-        self.state = VmState.STOPPED
+        if self.state is not VmState.CLOSED:
+            self.state = VmState.STOPPED
 
     def _start_error(self, e: BaseException) -> BaseException:
         if isinstance(e, (asyncio.CancelledError, errors.ConfigError, errors.AlreadyExistsError)):
@@ -148,7 +169,7 @@ class UtilityVM:
                 f"VM {self.id}: the agent did not answer within the boot timeout of {self.config.boot_timeout:g}s",
                 console_tail=tail, vm_id=self.id)
         exit_info = self._exit.result()[0] if self._exit is not None and self._exit.done() else None
-        if exit_info is not None:
+        if exit_info is not None and exit_info.reason == "died":
             return errors.StartError(f"VM {self.id}: QEMU {exit_info.hypervisor.describe()} during boot",
                                      console_tail=tail, vm_id=self.id)
         if isinstance(e, errors.StartError):
@@ -215,7 +236,7 @@ class UtilityVM:
             try:
                 await asyncio.wait_for(self.agent.shutdown(), SHUTDOWN_REQUEST_TIMEOUT_S)
                 return
-            except (errors.UvmError, asyncio.TimeoutError) as e:
+            except (TimeoutError, errors.UvmError) as e:
                 self.log.warning("agent shutdown failed (%s): falling back to ACPI power-down", e)
         await self.backend.request_powerdown()
 
@@ -235,17 +256,18 @@ class UtilityVM:
         Raises VmDiedError if it stopped without being asked to; NotRunningError if never started.
         """
         self._check_started("wait")
-        assert self._exit is not None
+        if self._start_failed or self._exit is None:
+            raise errors.NotRunningError(f"VM {self.id}: wait: the VM did not start", vm_id=self.id)
         exit_info, died = await asyncio.shield(self._exit)
         if died is not None:
-            raise died
+            raise died.with_traceback(None)  # one error object, raised for every waiter
         return exit_info
 
     async def wait_timeout(self, timeout: float) -> VmExit:
         """wait(), but raise WaitTimeoutError after timeout seconds (the VM keeps running)."""
         try:
             return await asyncio.wait_for(self.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise errors.WaitTimeoutError(f"VM {self.id}: still running after {timeout:g}s", vm_id=self.id) from None
 
     async def close(self) -> None:
@@ -256,6 +278,12 @@ class UtilityVM:
 
     async def _close(self) -> None:
         try:
+            if self.state is VmState.STARTING:
+                # start() is running in another task: make it fail and tear down, then wait for it.
+                self._closing = True
+                if self.backend is not None:
+                    await self.backend.terminate()
+                await self._start_done.wait()
             if self.state in (VmState.RUNNING, VmState.STOPPING):
                 self._stop_requested = self._stop_requested or "terminate"
                 if self._stop_requested == "shutdown":

@@ -38,6 +38,7 @@ async def test_boot_hello_and_commands(vm: UtilityVM) -> None:
 
     res = await vm.run(["uname", "-r"])
     assert res.exit_status == 0 and res.stdout.decode().strip() == vm.hello.kernel
+    assert (await vm.run(["hostname"])).stdout.decode().strip() == vm.id
 
     res = await vm.run(["sh", "-c", "echo out; echo err >&2; exit 7"])
     assert (res.exit_status, res.signal, res.stdout, res.stderr) == (7, None, b"out\n", b"err\n")

@@ -91,7 +91,7 @@ async def test_run_sends_only_the_given_params_and_reports_a_signal(agent: Agent
 
 async def test_shutdown_gets_an_empty_result(agent: Agent) -> None:
     guest, conn, client = agent
-    assert await client.shutdown() is None
+    await client.shutdown()
     assert guest.shutdown_acknowledged
     assert conn.closed is None
 
@@ -113,7 +113,7 @@ async def test_notifications_reach_the_callback_between_responses() -> None:
     (proto.E_INVALID, errors.AgentInvalidArgumentError),
     (proto.E_UNSUPPORTED, errors.AgentUnsupportedError),
     (proto.E_INTERNAL, errors.AgentError),
-    (proto.E_ALREADY_EXISTS, errors.AgentError),
+    (proto.E_ALREADY_EXISTS, errors.AgentAlreadyExistsError),
     ("some_future_code", errors.AgentError),
 ])
 async def test_error_response_maps_to_typed_error(agent: Agent, code: str, error_type: type[errors.AgentError]) -> None:
@@ -269,9 +269,6 @@ async def test_late_duplicate_answer_drops_the_link(agent: Agent) -> None:
     assert isinstance(conn.closed, errors.GuestProtocolError)
 
 
-@pytest.mark.xfail(reason="BUG: AgentConnection._dispatch leaves an answered request in _pending until the caller "
-                          "task resumes, so a second response to it in the same read is silently dropped instead of "
-                          "being reported as a response to an unknown id", strict=True)
 async def test_duplicate_answer_in_one_read_drops_the_link(agent: Agent) -> None:
     guest, conn, client = agent
     guest.handlers["ping"] = lambda r: RawReply(_frame(framing.RESPONSE, r.id, {"seq": 3}) * 2)
@@ -354,7 +351,7 @@ async def test_slow_answers_from_their_own_tasks_arrive_out_of_order(agent: Agen
 
 
 async def test_cancelled_call_does_not_disturb_the_link(agent: Agent) -> None:
-    guest, conn, client = agent
+    guest, _, client = agent
     guest.handlers["ping"] = lambda req: None
     call = asyncio.create_task(client.ping(1))
     [req] = await guest.wait_for_requests(1)
@@ -394,7 +391,8 @@ def _open_fds() -> int:
 async def _one_hostile_connection(index: int) -> errors.UvmError:
     guest = FakeGuest()
     guest.handlers["hello"] = HOSTILE[index % len(HOSTILE)]
-    conn, client = await guest.connect(f"h{index}")
+    # One name for all: each distinct name would add a logger that logging keeps forever (not the link's memory).
+    conn, client = await guest.connect("hostile")
     try:
         async with asyncio.timeout(CALL_TIMEOUT):
             await client.hello()
@@ -429,16 +427,13 @@ async def test_a_thousand_hostile_guests_are_each_reported_and_memory_stays_boun
         tracemalloc.stop()
     assert sum(reported.values()) == count, reported
     assert set(reported) == {"GuestProtocolError", "LinkError"}
-    assert after - before < 4 * 1024 * 1024, f"memory grew by {(after - before) / 1e6:.1f} MB"
+    assert after - before < 2 * 1024 * 1024, f"memory grew by {(after - before) / 1e6:.1f} MB"
     assert _open_fds() <= fds_before + 2  # every socket pair was closed
 
 
 # -- bugs ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="BUG: a deeply nested JSON notification makes json.loads raise RecursionError, which "
-                          "escapes AgentConnection._read_loop: the reader dies, the link is never failed and "
-                          "pending calls hang forever", strict=True)
 async def test_deeply_nested_notification_fails_the_link_instead_of_hanging(agent: Agent) -> None:
     guest, conn, client = agent
     guest.handlers["ping"] = lambda req: None
@@ -453,13 +448,11 @@ async def test_deeply_nested_notification_fails_the_link_instead_of_hanging(agen
     assert conn.closed is not None
 
 
-@pytest.mark.xfail(reason="BUG: an exception from the on_notify callback escapes AgentConnection._read_loop: the "
-                          "reader dies silently and pending calls hang forever", strict=True)
 async def test_failing_notification_callback_does_not_hang_pending_calls() -> None:
     def callback(msg: dict[str, Any]) -> None:
         models.LogEvent.model_validate(msg)  # e.g. validating the event: raises on a bad level
 
-    async with fake_agent(on_notify=callback) as (guest, conn, client):
+    async with fake_agent(on_notify=callback) as (guest, _, client):
         guest.handlers["ping"] = lambda req: None
         call = asyncio.create_task(client.ping(1))
         await guest.wait_for_requests(1)
@@ -478,9 +471,6 @@ def _traceback_length(exc: BaseException) -> int:
     return n
 
 
-@pytest.mark.xfail(reason="BUG: AgentConnection.call re-raises the one stored error instance (`raise self._closed`); "
-                          "each raise prepends frames to its __traceback__, so every call on a dead link keeps "
-                          "more frames alive (unbounded growth)", strict=True)
 async def test_calls_on_a_dead_link_do_not_grow_the_error_traceback(agent: Agent) -> None:
     guest, conn, client = agent
     await guest.hangup()

@@ -138,8 +138,8 @@ class QemuBackend:
     async def _watch_events(self, qmp: QMPClient) -> None:
         async for event in qmp.events:
             if event["event"] == "SHUTDOWN":
-                data = event.get("data") or {}
-                self._shutdown_reason = str(data.get("reason", "unknown"))
+                data = event.get("data")
+                self._shutdown_reason = str(data.get("reason", "unknown")) if isinstance(data, dict) else "unknown"
                 self.log.debug("QMP SHUTDOWN reason=%s", self._shutdown_reason)
 
     async def _watch_exit(self) -> HypervisorExit:
@@ -171,7 +171,7 @@ class QemuBackend:
             try:
                 await asyncio.wait_for(self._qmp.execute("quit"), QMP_QUIT_TIMEOUT_S)
                 return
-            except (QMPError, OSError, asyncio.TimeoutError, EOFError) as e:
+            except (TimeoutError, QMPError, OSError, EOFError) as e:
                 self.log.debug("QMP quit failed (%r): killing QEMU", e)
         self._kill()
 
@@ -200,7 +200,7 @@ class QemuBackend:
                 await self.terminate()
                 try:
                     await asyncio.wait_for(asyncio.shield(self._exit_task), EXIT_AFTER_KILL_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self._kill()
                     await asyncio.wait_for(asyncio.shield(self._exit_task), EXIT_AFTER_KILL_S)
         finally:

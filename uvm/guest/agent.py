@@ -1,9 +1,12 @@
 """The uvmshim guest agent: PID 1 of the UVM, serving the agent protocol on a virtio-serial port.
 
-One thread, one epoll loop: the port, the pipes of running commands and a SIGCHLD wakeup pipe
-are all non-blocking file descriptors in it. Start-up is kept lean on purpose (under emulation
-every newly executed code page costs): no ``json``, ``signal``, ``selectors`` or ``subprocess``
-(each drags in ``re``/``enum``/``collections``); what only some requests need is imported lazily.
+One thread, one epoll loop: the port, the pipes of processes and helpers, cgroup event files and
+a SIGCHLD wakeup pipe are all non-blocking file descriptors in it; nothing blocks the loop for
+long, so a process whose output nobody reads never stalls control calls or other processes.
+
+Start-up is kept lean on purpose (under emulation every newly executed code page costs): no
+``json``, ``signal``, ``selectors``, ``typing`` or ``subprocess`` (each drags in ``re``, ``enum``
+or ``collections``); what only some requests need is imported when first used.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ import time
 from schemas import agent as proto
 from schemas import framing, wirejson
 from uvm.guest import procs
+from uvm.guest.errors import RequestError
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs start-up time in the guest
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
+
+    from uvm.guest.runtime import Runtime
+    from uvm.guest.streams import InStream, OutStream
 
     Callback = Callable[[int, int], None]
     import signal
@@ -27,9 +35,9 @@ else:
 
 EV_READ = select.EPOLLIN
 EV_WRITE = select.EPOLLOUT
-
 SYSFS_PORTS = "/sys/class/virtio-ports"
 PORT_WAIT_S = 10.0
+DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def log(msg: str) -> None:
@@ -38,13 +46,6 @@ def log(msg: str) -> None:
         os.write(2, f"uvm-agent: {msg}\n".encode())
     except OSError:
         pass
-
-
-class RequestError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def find_port(name: str, timeout: float) -> str:
@@ -62,24 +63,8 @@ def find_port(name: str, timeout: float) -> str:
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"virtio-serial port {name!r} did not appear in {timeout:.0f}s")
+            raise OSError(f"virtio-serial port {name!r} did not appear in {timeout:.0f}s")
         time.sleep(0.005)
-
-
-class RunningCommand:
-    """A RUN request in flight: its pid, captured output and the request id to answer."""
-
-    def __init__(self, req_id: int, pid: int, deadline: float | None) -> None:
-        self.req_id = req_id
-        self.pid = pid
-        self.deadline = deadline
-        self.status: int | None = None
-        self.out = {1: bytearray(), 2: bytearray()}
-        self.open_fds: dict[int, int] = {}  # fd -> 1|2
-        self.stdin_fd: int | None = None
-        self.stdin_data = b""
-        self.dropped = 0
-        self.timed_out = False
 
 
 class Poller:
@@ -105,36 +90,92 @@ class Poller:
         return self.epoll.poll(-1 if timeout is None else timeout)
 
 
+class CapturedCommand:
+    """A process whose output the agent collects: a RUN request, or a helper such as crun."""
+
+    def __init__(self, pid: int, done: Callable[[CapturedCommand], None], deadline: float | None,
+                 limit: int) -> None:
+        self.pid = pid
+        self.done = done
+        self.deadline = deadline
+        self.limit = limit
+        self.status: int | None = None
+        self.out = {1: bytearray(), 2: bytearray()}
+        self.open_fds: dict[int, int] = {}  # fd -> 1|2
+        self.stdin_fd: int | None = None
+        self.stdin_data = b""
+        self.dropped = 0
+        self.timed_out = False
+
+
 class Agent:
     def __init__(self, port_path: str) -> None:
-        self.port_path = port_path
+        self.log = log
         self.port = os.open(port_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sel = Poller()
+        self.poller = Poller()
         self.decoder = framing.FrameDecoder()
         self.wbuf = bytearray()
         self.port_events = EV_READ
-        self.sel.register(self.port, self.port_events, self.on_port)
+        self.poller.register(self.port, self.port_events, self.on_port)
         self.connected = True
-        self.commands: dict[int, RunningCommand] = {}  # pid -> command
-        self.fd_owner: dict[int, RunningCommand] = {}
+        self.commands: dict[int, CapturedCommand] = {}  # pid -> captured command
+        self.fd_owner: dict[int, CapturedCommand] = {}
+        self.streams: dict[int, OutStream | InStream] = {}
+        self.stalled: set[InStream] = set()  # stdin data waiting for a pty master to drain
+        self._runtime: Runtime | None = None
         self.shutting_down = False
         sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.sel.register(sig_r, EV_READ, self.on_signal)
-        self.handlers = {
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.poller.register(sig_r, EV_READ, self.on_signal)
+        self.handlers: dict[str, Callable[[int, dict[str, Any]], dict[str, Any] | None]] = {
             proto.HELLO: self.do_hello,
             proto.PING: self.do_ping,
             proto.SHUTDOWN: self.do_shutdown,
             proto.RUN: self.do_run,
+            proto.EXEC: self.do_exec,
         }
+        for method, name in ((proto.SIGNAL, "signal_process"), (proto.RESIZE, "resize_console"),
+                             (proto.CREATE, "create_container"), (proto.START, "start_container"),
+                             (proto.KILL, "kill_container"), (proto.PAUSE, "pause_container"),
+                             (proto.RESUME, "resume_container"), (proto.STATE, "container_state"),
+                             (proto.LIST, "list_containers"), (proto.PROCESSES, "container_processes"),
+                             (proto.UPDATE, "update_container"), (proto.STATS, "container_stats"),
+                             (proto.DELETE, "delete_container")):
+            self.handlers[method] = self._runtime_handler(name)
+
+    @property
+    def runtime(self) -> Runtime:
+        """The process/container runtime, imported on first use (not needed for hello)."""
+        if self._runtime is None:
+            from uvm.guest.runtime import Runtime
+
+            self._runtime = Runtime(self)
+        return self._runtime
+
+    def _runtime_handler(self, name: str) -> Callable[[int, dict[str, Any]], dict[str, Any] | None]:
+        def handler(req_id: int, params: dict[str, Any]) -> dict[str, Any] | None:
+            result: dict[str, Any] | None = getattr(self.runtime, name)(req_id, params)
+            return result
+
+        return handler
 
     # -- port I/O ------------------------------------------------------------------------------
 
-    def send(self, ftype: int, fid: int, obj: object, flags: int = 0) -> None:
-        payload = wirejson.dumps(obj)
+    def send_frame(self, ftype: int, fid: int, payload: bytes, flags: int = 0) -> None:
         self.wbuf += framing.encode(ftype, fid, payload, flags)
         self.flush()
+
+    def reply(self, req_id: int, obj: object) -> None:
+        self.send_frame(framing.RESPONSE, req_id, wirejson.dumps(obj))
+
+    def reply_error(self, req_id: int, code: str, message: str) -> None:
+        body = {"code": code, "message": message[:proto.MAX_ERROR_MESSAGE]}
+        self.send_frame(framing.RESPONSE, req_id, wirejson.dumps(body), framing.FLAG_ERROR)
+
+    def notify(self, obj: object) -> None:
+        self.send_frame(framing.NOTIFY, 0, wirejson.dumps(obj))
 
     def flush(self) -> None:
         while self.wbuf:
@@ -149,7 +190,7 @@ class Agent:
         want = EV_READ | (EV_WRITE if self.wbuf else 0)
         if want != self.port_events and self.connected:
             self.port_events = want
-            self.sel.modify(self.port, want, self.on_port)
+            self.poller.modify(self.port, want, self.on_port)
 
     def on_port(self, fd: int, mask: int) -> None:
         if mask & EV_WRITE:
@@ -166,7 +207,7 @@ class Agent:
         if not data:
             # The host end is not connected (virtio-serial reports HUP until it is): stop polling
             # the port and look again on a timer; the host reconnects and repeats its hello.
-            self.sel.unregister(self.port)
+            self.poller.unregister(self.port)
             self.connected = False
             self.decoder = framing.FrameDecoder()
             return
@@ -179,8 +220,29 @@ class Agent:
         for frame in frames:
             if frame.type == framing.REQUEST:
                 self.on_request(frame)
+            elif frame.type in (framing.DATA, framing.CREDIT, framing.CLOSE):
+                self.on_stream_frame(frame)
             else:
                 log(f"ignoring unexpected {framing.TYPE_NAMES[frame.type]} frame from host")
+
+    def on_stream_frame(self, frame: framing.Frame) -> None:
+        from uvm.guest.streams import CREDIT, InStream
+
+        stream = self.streams.get(frame.id)
+        if stream is None:
+            return  # the stream ended meanwhile (a race, not an error)
+        if isinstance(stream, InStream):
+            if frame.type == framing.DATA:
+                problem = stream.on_data(frame.payload)
+                if problem:
+                    log(problem)
+            elif frame.type == framing.CLOSE:
+                stream.on_close()
+            return
+        if frame.type == framing.CREDIT and len(frame.payload) == CREDIT.size:
+            stream.add_credit(CREDIT.unpack(frame.payload)[0])
+        elif frame.type == framing.CLOSE:
+            stream.end()  # the host stopped reading: the process gets EPIPE from now on
 
     def check_reconnect(self) -> None:
         p = select.poll()
@@ -189,7 +251,7 @@ class Agent:
             if not ev & select.POLLHUP:
                 self.connected = True
                 self.port_events = EV_READ
-                self.sel.register(self.port, self.port_events, self.on_port)
+                self.poller.register(self.port, self.port_events, self.on_port)
                 self.flush()
 
     # -- requests ------------------------------------------------------------------------------
@@ -209,19 +271,16 @@ class Agent:
                 raise RequestError(proto.E_UNSUPPORTED, f"unknown method {msg['method']!r}")
             result = handler(frame.id, params)
             if result is not None:
-                self.send(framing.RESPONSE, frame.id, result)
+                self.reply(frame.id, result)
         except RequestError as e:
-            self.send(framing.RESPONSE, frame.id, {"code": e.code, "message": e.message[:proto.MAX_ERROR_MESSAGE]},
-                      framing.FLAG_ERROR)
-        except ValueError as e:
-            self.send(framing.RESPONSE, frame.id, {"code": proto.E_INVALID, "message": f"bad request: {e}"},
-                      framing.FLAG_ERROR)
+            self.reply_error(frame.id, e.code, e.message)
+        except (ValueError, TypeError) as e:
+            self.reply_error(frame.id, proto.E_INVALID, f"bad request: {e}")
         except Exception as e:  # a bug in a handler must not take PID 1 down
             log(f"internal error: {e!r}")
-            self.send(framing.RESPONSE, frame.id, {"code": proto.E_INTERNAL, "message": repr(e)[:1000]},
-                      framing.FLAG_ERROR)
+            self.reply_error(frame.id, proto.E_INTERNAL, repr(e)[:1000])
 
-    def do_hello(self, req_id: int, params: dict[str, object]) -> dict[str, object]:
+    def do_hello(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
         host_version = params.get("version")
         if not isinstance(host_version, int) or host_version < 1:
             raise RequestError(proto.E_INVALID, "hello needs the host's protocol version")
@@ -235,17 +294,23 @@ class Agent:
             "uptime": uptime,
         }
 
-    def do_ping(self, req_id: int, params: dict[str, object]) -> dict[str, object]:
+    def do_ping(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
         seq = params.get("seq", 0)
         if not isinstance(seq, int) or seq < 0:
             raise RequestError(proto.E_INVALID, "seq must be a non-negative integer")
         return {"seq": seq}
 
-    def do_shutdown(self, req_id: int, params: dict[str, object]) -> dict[str, object]:
+    def do_shutdown(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
         self.shutting_down = True
         return {}
 
-    def do_run(self, req_id: int, params: dict[str, object]) -> None:
+    def do_exec(self, req_id: int, params: dict[str, Any]) -> dict[str, Any] | None:
+        if params.get("container") is None:
+            return self.runtime.exec_in_uvm(req_id, params)
+        self.runtime.exec_in_container(req_id, params)
+        return None
+
+    def do_run(self, req_id: int, params: dict[str, Any]) -> None:
         import base64
 
         argv = params.get("argv")
@@ -253,7 +318,7 @@ class Agent:
             raise RequestError(proto.E_INVALID, "argv must be a non-empty list of strings")
         if len(argv) > proto.MAX_ARGV:
             raise RequestError(proto.E_INVALID, "argv too long")
-        env = params.get("env") or {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        env = params.get("env") or {"PATH": DEFAULT_PATH, "HOME": "/root"}
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise RequestError(proto.E_INVALID, "env must map strings to strings")
         cwd = params.get("cwd") or "/"
@@ -265,34 +330,105 @@ class Agent:
         stdin_b64 = params.get("stdin") or ""
         if not isinstance(stdin_b64, str):
             raise RequestError(proto.E_INVALID, "stdin must be base64 text")
-        stdin_data = base64.b64decode(stdin_b64)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+
+        def finished(cmd: CapturedCommand) -> None:
+            assert cmd.status is not None
+            exit_status, sig = procs.decode_status(cmd.status)
+            self.reply(req_id, {
+                "exit_status": exit_status,
+                "signal": sig,
+                "stdout": base64.b64encode(cmd.out[1]).decode(),
+                "stderr": base64.b64encode(cmd.out[2]).decode(),
+                "truncated": cmd.dropped > 0,
+                "timed_out": cmd.timed_out,
+            })
+
         try:
-            pid = procs.spawn(argv, env, cwd, in_r, out_w, err_w)
+            self.start_captured(argv, env, cwd, finished, stdin=base64.b64decode(stdin_b64),
+                                timeout=timeout, limit=proto.MAX_RUN_OUTPUT)
         except procs.SpawnError as e:
-            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+            raise RequestError(proto.E_NOT_FOUND if e.errno == 2 else proto.E_INVALID, str(e)) from None
+
+    # -- captured commands (RUN and helpers) ----------------------------------------------------
+
+    def start_captured(self, argv: list[str], env: dict[str, str], cwd: str, done: Callable[[CapturedCommand], None],
+                       stdin: bytes = b"", timeout: float | None = None, limit: int = 64 * 1024,
+                       stdio: tuple[int, int, int] | None = None) -> CapturedCommand:
+        """Spawn argv, collect its stdout/stderr (or give it stdio), call done once it exited and its
+        output ended. Raises procs.SpawnError."""
+        parent: list[tuple[int, int]] = []  # (fd, 1|2)
+        in_w = None
+        if stdio is None:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            child = (in_r, out_w, err_w)
+            parent = [(out_r, 1), (err_r, 2)]
+        else:
+            child = stdio
+        try:
+            pid = procs.spawn(argv, env, cwd, *child)
+        except procs.SpawnError:
+            if stdio is None:
+                for fd in (*child, in_w, *(fd for fd, _ in parent)):
+                    os.close(fd)  # type: ignore[arg-type]
+            raise
+        if stdio is None:
+            for fd in child:
                 os.close(fd)
-            code = proto.E_NOT_FOUND if e.errno == 2 else proto.E_INVALID
-            raise RequestError(code, str(e)) from None
-        for fd in (in_r, out_w, err_w):
-            os.close(fd)
-        cmd = RunningCommand(req_id, pid, time.monotonic() + timeout if timeout else None)
+        cmd = CapturedCommand(pid, done, time.monotonic() + timeout if timeout else None, limit)
         self.commands[pid] = cmd
-        for fd, which in ((out_r, 1), (err_r, 2)):
+        for fd, which in parent:
             os.set_blocking(fd, False)
             cmd.open_fds[fd] = which
             self.fd_owner[fd] = cmd
-            self.sel.register(fd, EV_READ, self.on_output)
-        if stdin_data:
-            os.set_blocking(in_w, False)
-            cmd.stdin_fd, cmd.stdin_data = in_w, stdin_data
-            self.fd_owner[in_w] = cmd
-            self.sel.register(in_w, EV_WRITE, self.on_stdin)
-        else:
-            os.close(in_w)
-        return None
+            self.poller.register(fd, EV_READ, self.on_output)
+        if in_w is not None:
+            if stdin:
+                os.set_blocking(in_w, False)
+                cmd.stdin_fd, cmd.stdin_data = in_w, stdin
+                self.fd_owner[in_w] = cmd
+                self.poller.register(in_w, EV_WRITE, self.on_stdin)
+            else:
+                os.close(in_w)
+        return cmd
+
+    def run_helper(self, argv: list[str], done: Callable[[int, str], None],
+                   stdio: tuple[int, int, int] | None = None) -> None:
+        """Run a helper program (crun, mount, ...) without blocking the loop: done(status, output)."""
+        def finished(cmd: CapturedCommand) -> None:
+            assert cmd.status is not None
+            code, sig = procs.decode_status(cmd.status)
+            output = (cmd.out[2] + cmd.out[1]).decode(errors="replace")
+            done(code if code is not None else 128 + (sig or 0), output)
+
+        try:
+            self.start_captured(argv, {"PATH": DEFAULT_PATH}, "/", finished, stdio=stdio)
+        except procs.SpawnError as e:
+            raise RequestError(proto.E_INTERNAL, f"cannot run {argv[0]}: {e}") from None
+
+    def run_blocking(self, argv: list[str], timeout: float = 30.0) -> tuple[int, str]:
+        """Run a short helper to completion, blocking the loop (one-time set-up steps only)."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid = procs.spawn(argv, {"PATH": DEFAULT_PATH}, "/", null, w, w)
+        except procs.SpawnError as e:
+            os.close(r)
+            return 127, str(e)
+        finally:
+            os.close(w)
+            os.close(null)
+        out = bytearray()
+        while True:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            out += chunk[: max(0, 65536 - len(out))]
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        code, sig = procs.decode_status(status)
+        return (code if code is not None else 128 + (sig or 0)), out.decode(errors="replace")
 
     def on_output(self, fd: int, mask: int) -> None:
         cmd = self.fd_owner[fd]
@@ -302,11 +438,11 @@ class Agent:
             return
         if data:
             buf = cmd.out[cmd.open_fds[fd]]
-            room = proto.MAX_RUN_OUTPUT - len(buf)
+            room = max(0, cmd.limit - len(buf))
             buf += data[:room]
             cmd.dropped += max(0, len(data) - room)
             return
-        self.sel.unregister(fd)
+        self.poller.unregister(fd)
         os.close(fd)
         del cmd.open_fds[fd], self.fd_owner[fd]
         self.maybe_finish(cmd)
@@ -321,30 +457,23 @@ class Agent:
         except OSError:  # EPIPE: the process closed its stdin
             cmd.stdin_data = b""
         if not cmd.stdin_data:
-            self.sel.unregister(fd)
-            os.close(fd)
-            del self.fd_owner[fd]
-            cmd.stdin_fd = None
+            self.close_command_stdin(cmd)
 
-    def maybe_finish(self, cmd: RunningCommand) -> None:
-        if cmd.status is None or cmd.open_fds:
-            return
-        import base64
-
+    def close_command_stdin(self, cmd: CapturedCommand) -> None:
         if cmd.stdin_fd is not None:
-            self.sel.unregister(cmd.stdin_fd)
+            self.poller.unregister(cmd.stdin_fd)
             os.close(cmd.stdin_fd)
             del self.fd_owner[cmd.stdin_fd]
+            cmd.stdin_fd = None
+
+    def maybe_finish(self, cmd: CapturedCommand) -> None:
+        if cmd.status is None or cmd.open_fds:
+            return
+        self.close_command_stdin(cmd)
         del self.commands[cmd.pid]
-        exit_status, sig = procs.decode_status(cmd.status)
-        self.send(framing.RESPONSE, cmd.req_id, {
-            "exit_status": exit_status,
-            "signal": sig,
-            "stdout": base64.b64encode(cmd.out[1]).decode(),
-            "stderr": base64.b64encode(cmd.out[2]).decode(),
-            "truncated": cmd.dropped > 0,
-            "timed_out": cmd.timed_out,
-        })
+        cmd.done(cmd)
+
+    # -- children ------------------------------------------------------------------------------
 
     def on_signal(self, fd: int, mask: int) -> None:
         try:
@@ -357,8 +486,10 @@ class Agent:
             if cmd is not None:
                 cmd.status = status
                 self.maybe_finish(cmd)
+            elif self._runtime is not None:
+                self._runtime.on_reaped(pid, status)
 
-    def check_timeouts(self) -> None:
+    def check_timers(self) -> None:
         now = time.monotonic()
         for cmd in list(self.commands.values()):
             if cmd.deadline is not None and now > cmd.deadline and cmd.status is None and not cmd.timed_out:
@@ -367,21 +498,32 @@ class Agent:
                     os.killpg(cmd.pid, signal.SIGKILL)
                 except OSError:
                     pass
+        for stream in list(self.stalled):
+            self.stalled.discard(stream)
+            stream.on_writable(stream.fd, 0)
+        if self._runtime is not None:
+            self._runtime.tick(now)
+
+    def next_timeout(self) -> float | None:
+        timeout = None if self.connected else 0.02
+        if self.stalled:
+            timeout = 0.01
+        elif any(c.deadline for c in self.commands.values()) or (
+                self._runtime is not None and self._runtime.has_grace_timers()):
+            timeout = 0.05 if timeout is None else min(timeout, 0.05)
+        return timeout
 
     # -- main loop -----------------------------------------------------------------------------
 
     def serve(self) -> None:
         while not self.shutting_down:
-            timeout = None if self.connected else 0.02
-            if any(c.deadline for c in self.commands.values()):
-                timeout = 0.05 if timeout is None else min(timeout, 0.05)
-            for fd, mask in self.sel.poll(timeout):
-                callback = self.sel.callbacks.get(fd)
+            for fd, mask in self.poller.poll(self.next_timeout()):
+                callback = self.poller.callbacks.get(fd)
                 if callback is not None:
                     callback(fd, mask)
             if not self.connected:
                 self.check_reconnect()
-            self.check_timeouts()
+            self.check_timers()
         self.power_off()
 
     def power_off(self) -> None:
@@ -439,7 +581,7 @@ def main() -> None:
         with open("/proc/uptime") as f:
             log(f"{f.read().split()[0]} agent imported")
     if os.getpid() == 1:
-        os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        os.environ.setdefault("PATH", DEFAULT_PATH)
     try:
         port = find_port(proto.AGENT_PORT_NAME, PORT_WAIT_S)
         agent = Agent(port)

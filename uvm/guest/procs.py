@@ -16,6 +16,9 @@ else:
     import _signal as signal  # the C module: `signal` imports enum (slow to start under emulation)
 
 
+TIOCSCTTY = 0x540E
+
+
 class SpawnError(Exception):
     """The program could not be started (errno from exec, chdir, ...)."""
 
@@ -24,11 +27,16 @@ class SpawnError(Exception):
         self.errno = errno
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: str, stdin: int, stdout: int, stderr: int) -> int:
+def spawn(argv: list[str], env: dict[str, str], cwd: str, stdin: int, stdout: int, stderr: int,
+          ctty: bool = False) -> int:
     """fork+exec argv in a new session with the given fds as 0/1/2. Returns the pid.
+
+    With ctty, fd 0 (a pty slave) becomes the session's controlling terminal.
 
     Raises SpawnError if chdir or exec failed in the child (reported through a CLOEXEC pipe).
     """
+    if ctty:
+        import fcntl
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # child: only async-signal-safe-ish work until exec
@@ -37,6 +45,9 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, stdin: int, stdout: in
             os.setsid()
             for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
                 os.dup2(fd, target, inheritable=True)
+            if ctty:
+                what = "set controlling terminal"
+                fcntl.ioctl(0, TIOCSCTTY, 0)
             os.closerange(3, err_w)
             os.closerange(err_w + 1, 65536)
             for sig in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -1,0 +1,540 @@
+"""The UtilityVM lifecycle contract over FakeBackend and FakeGuest: no QEMU, every state and verb."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from schemas import agent_models as models
+from uvm import errors
+from uvm import vm as vm_module
+from uvm.backends.base import HypervisorExit
+from uvm.testing import (
+    ErrorReply,
+    FakeBackend,
+    FakeBackendFactory,
+    FakeGuest,
+    Hangup,
+    Request,
+    hello_result,
+    make_test_config,
+)
+from uvm.vm import UtilityVM, VmState
+
+T = TypeVar("T")
+DEADLINE = 5.0  # a hang is a failure, not a stuck test run
+
+
+async def within(aw: Awaitable[T], timeout: float = DEADLINE) -> T:
+    return await asyncio.wait_for(aw, timeout)
+
+
+@pytest.fixture
+def factory() -> FakeBackendFactory:
+    return FakeBackendFactory()
+
+
+@pytest.fixture
+async def new_vm(tmp_path: Path, factory: FakeBackendFactory) -> AsyncIterator[Callable[..., UtilityVM]]:
+    """Make (unstarted) VMs over the factory's fake backends; every one is closed at the end."""
+    made: list[UtilityVM] = []
+
+    def make(**config: Any) -> UtilityVM:
+        v = UtilityVM(make_test_config(tmp_path, **config), backend_factory=factory)
+        made.append(v)
+        return v
+
+    yield make
+    for v in made:
+        await within(v.close())
+
+
+@pytest.fixture
+async def vm(tmp_path: Path, factory: FakeBackendFactory) -> AsyncIterator[UtilityVM]:
+    v = UtilityVM(make_test_config(tmp_path), backend_factory=factory)
+    await within(v.start())
+    try:
+        yield v
+    finally:
+        await within(v.close())
+        assert factory.last.closed, "close() did not release the backend"
+
+
+def backend_of(factory: FakeBackendFactory) -> FakeBackend:
+    return factory.last
+
+
+# -- start -----------------------------------------------------------------------------------------------
+
+
+async def test_start_returns_once_the_agent_answered_hello(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    backend = backend_of(factory)
+    assert vm.state is VmState.RUNNING
+    assert vm.hello == models.HelloResult(**hello_result())
+    assert vm.boot_seconds is not None and 0 <= vm.boot_seconds < DEADLINE
+    assert backend.calls[:2] == ["launch", "connect_agent"]
+    assert backend.launched_spec is vm.spec
+    assert vm.spec is not None and vm.spec.accel == "tcg" and vm.spec.vm_id == "vm1"
+    assert [r.method for r in backend.guest.requests] == ["hello"]
+    assert repr(vm) == f"<UtilityVM vm1 running pid={backend.pid}>"
+
+
+async def test_start_twice_is_a_state_error(vm: UtilityVM) -> None:
+    with pytest.raises(errors.StateError, match="VM vm1: start: already running"):
+        await vm.start()
+
+
+async def test_context_manager_starts_and_closes(tmp_path: Path, factory: FakeBackendFactory) -> None:
+    async with UtilityVM(make_test_config(tmp_path), backend_factory=factory) as v:
+        assert (await v.run(["echo", "in", "ctx"])).stdout == b"in ctx\n"
+    assert v.state is VmState.CLOSED
+    backend = backend_of(factory)
+    assert backend.closed and "terminate" in backend.calls
+    assert backend.exit_info == HypervisorExit(0, None, "host-qmp-quit")
+
+
+async def test_config_error_starts_nothing(tmp_path: Path, factory: FakeBackendFactory) -> None:
+    v = UtilityVM(make_test_config(tmp_path, kernel=tmp_path / "no-kernel"), backend_factory=factory)
+    with pytest.raises(errors.ConfigError, match="kernel .*no-kernel: not found"):
+        await v.start()
+    assert factory.backends == []
+    assert v.state is VmState.CREATED
+    await v.close()
+
+
+async def test_launch_failure_is_a_start_error_and_releases_the_backend(
+    tmp_path: Path, factory: FakeBackendFactory,
+) -> None:
+    factory.options["launch_error"] = errors.StartError("VM vm1: cannot run qemu: Permission denied")
+    v = UtilityVM(make_test_config(tmp_path), backend_factory=factory)
+    with pytest.raises(errors.StartError, match="cannot run qemu: Permission denied"):
+        await within(v.start())
+    backend = backend_of(factory)
+    assert "connect_agent" not in backend.calls
+    assert backend.closed
+    assert v.state is VmState.STOPPED
+    await v.close()
+
+
+async def test_boot_timeout_tears_down_and_carries_the_console_tail(
+    tmp_path: Path, factory: FakeBackendFactory,
+) -> None:
+    guest = FakeGuest()
+    guest.handlers["hello"] = lambda req: None  # the agent never answers
+    factory.guest = guest
+    v = UtilityVM(make_test_config(tmp_path, boot_timeout=0.2), backend_factory=factory)
+    t0 = time.monotonic()
+    with pytest.raises(errors.BootTimeoutError) as info:
+        await within(v.start())
+    assert time.monotonic() - t0 < 2
+    assert "did not answer within the boot timeout of 0.2s" in str(info.value)
+    assert "fake: booting vm1" in info.value.console_tail
+    assert "--- console tail ---" in str(info.value)
+    backend = backend_of(factory)
+    assert "terminate" in backend.calls and backend.closed and not backend.running
+    assert v.state is VmState.STOPPED
+    await v.close()
+
+
+async def test_hypervisor_crash_during_boot_is_a_start_error(tmp_path: Path, factory: FakeBackendFactory) -> None:
+    guest = FakeGuest()
+    guest.handlers["hello"] = lambda req: None
+    factory.guest = guest
+    v = UtilityVM(make_test_config(tmp_path), backend_factory=factory)
+    start = asyncio.create_task(v.start())
+    await within(guest.wait_for_requests(1))
+    backend_of(factory).crash(9)
+    with pytest.raises(errors.StartError, match="VM vm1: QEMU killed by signal 9 during boot"):
+        await within(start)
+    assert v.state is VmState.STOPPED and backend_of(factory).closed
+    await v.close()
+
+
+async def test_cancelled_start_leaves_nothing_running(tmp_path: Path, factory: FakeBackendFactory) -> None:
+    guest = FakeGuest()
+    guest.handlers["hello"] = lambda req: None
+    factory.guest = guest
+    v = UtilityVM(make_test_config(tmp_path), backend_factory=factory)
+    start = asyncio.create_task(v.start())
+    await within(guest.wait_for_requests(1))
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    backend = backend_of(factory)
+    assert not backend.running and backend.closed
+    assert v.state is VmState.STOPPED
+    await v.close()
+
+
+# -- operations --------------------------------------------------------------------------------------------
+
+
+async def test_run_returns_status_and_output(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    res = await within(vm.run(["echo", "hello", "world"]))
+    assert (res.exit_status, res.stdout, res.stderr) == (0, b"hello world\n", b"")
+    res = await within(vm.run(["cat"], stdin=b"piped\x00bytes", env={"A": "1"}, cwd="/root", timeout=3))
+    assert res.stdout == b"piped\x00bytes"
+    assert (await within(vm.run(["false"]))).exit_status == 1
+    last = backend_of(factory).guest.requests[-2]
+    assert last.params["env"] == {"A": "1"} and last.params["cwd"] == "/root" and last.params["timeout"] == 3
+
+
+async def test_run_of_a_missing_program_is_not_found(vm: UtilityVM) -> None:
+    with pytest.raises(errors.AgentNotFoundError, match="run: /no/such: No such file or directory"):
+        await within(vm.run(["/no/such"]))
+    assert vm.state is VmState.RUNNING
+    await within(vm.ping(3))
+
+
+async def test_concurrent_runs_in_one_vm(vm: UtilityVM) -> None:
+    results = await within(asyncio.gather(*(vm.run(["echo", str(i)]) for i in range(20))))
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(20)]
+
+
+# -- shutdown ------------------------------------------------------------------------------------------------
+
+
+async def test_shutdown_then_wait_reports_shutdown(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    backend = backend_of(factory)
+    await within(vm.shutdown())
+    assert vm.state.value == "stopping"  # shutdown() asks and returns at once
+    exit_info = await within(vm.wait())
+    assert exit_info.reason == "shutdown" and exit_info.success
+    assert exit_info.hypervisor == HypervisorExit(0, None, "guest-shutdown")
+    assert vm.state is VmState.STOPPED
+    assert backend.guest.shutdown_acknowledged
+    assert "terminate" not in backend.calls and "request_powerdown" not in backend.calls
+    assert backend.closed  # wait() returned after the resources were released
+    assert await within(vm.wait()) == exit_info  # every wait sees the same result
+
+
+async def test_every_waiter_sees_the_same_shutdown(vm: UtilityVM) -> None:
+    waiters = [asyncio.create_task(vm.wait()) for _ in range(5)]
+    await asyncio.sleep(0)
+    await vm.shutdown()
+    results = await within(asyncio.gather(*waiters))
+    assert {r.reason for r in results} == {"shutdown"} and len({id(r) for r in results}) == 1
+
+
+async def test_shutdown_falls_back_to_acpi_when_the_agent_refuses(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    backend = backend_of(factory)
+    backend.guest.handlers["shutdown"] = lambda req: ErrorReply("internal", "cannot")
+    await within(vm.shutdown())
+    assert backend.calls[-1] == "request_powerdown"
+    assert (await within(vm.wait())).reason == "shutdown"
+
+
+async def test_shutdown_falls_back_to_acpi_when_the_link_is_down(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    backend = backend_of(factory)
+    backend.guest.handlers["shutdown"] = lambda req: Hangup()
+    await within(vm.shutdown())
+    assert "request_powerdown" in backend.calls
+    assert (await within(vm.wait())).reason == "shutdown"
+
+
+async def test_shutdown_falls_back_to_acpi_when_the_agent_is_silent(
+    vm: UtilityVM, factory: FakeBackendFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(vm_module, "SHUTDOWN_REQUEST_TIMEOUT_S", 0.05)
+    backend = backend_of(factory)
+    backend.guest.handlers["shutdown"] = lambda req: None
+    await within(vm.shutdown())
+    assert "request_powerdown" in backend.calls
+    assert (await within(vm.wait())).reason == "shutdown"
+
+
+async def test_guest_ignoring_shutdown_keeps_running_until_terminated(
+    tmp_path: Path, factory: FakeBackendFactory,
+) -> None:
+    guest = FakeGuest()
+    guest.handlers["shutdown"] = lambda req: ErrorReply("internal", "busy")
+    factory.guest = guest
+    factory.options["acpi_works"] = False
+    async with UtilityVM(make_test_config(tmp_path), backend_factory=factory) as v:
+        await v.shutdown()
+        with pytest.raises(errors.WaitTimeoutError):
+            await v.wait_timeout(0.1)
+        assert v.state is VmState.STOPPING
+        await v.terminate()
+        assert (await within(v.wait())).reason == "terminated"
+
+
+async def test_guest_powering_off_on_its_own_is_poweroff(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    backend_of(factory).guest_poweroff()
+    exit_info = await within(vm.wait())
+    assert exit_info.reason == "poweroff" and exit_info.success
+
+
+# -- terminate -----------------------------------------------------------------------------------------------
+
+
+async def test_terminate_then_wait_reports_terminated(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    await within(vm.terminate())
+    exit_info = await within(vm.wait())
+    assert exit_info.reason == "terminated" and exit_info.success
+    assert exit_info.hypervisor.shutdown_reason == "host-qmp-quit"
+    assert vm.state is VmState.STOPPED
+    assert "terminate" in backend_of(factory).calls
+
+
+async def test_terminate_overrides_a_pending_shutdown(tmp_path: Path, factory: FakeBackendFactory) -> None:
+    factory.options["shutdown_delay"] = 10.0  # the guest takes its time to power off
+    async with UtilityVM(make_test_config(tmp_path), backend_factory=factory) as v:
+        await v.shutdown()
+        await v.terminate()
+        assert (await within(v.wait())).reason == "terminated"
+
+
+# -- unrequested exits ---------------------------------------------------------------------------------------
+
+
+async def test_crash_raises_vm_died_in_every_concurrent_waiter(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    backend = backend_of(factory)
+    backend.console_lines.append("Kernel panic - not syncing: fake")
+    waiters = [asyncio.create_task(vm.wait()) for _ in range(5)]
+    await asyncio.sleep(0)
+    backend.crash(signal=9)
+    results = await within(asyncio.gather(*waiters, return_exceptions=True))
+    assert all(isinstance(r, errors.VmDiedError) for r in results), results
+    died = results[0]
+    assert isinstance(died, errors.VmDiedError)
+    assert str(died).startswith("VM vm1 died: QEMU killed by signal 9")
+    assert "Kernel panic - not syncing: fake" in died.console_tail
+    assert vm.state is VmState.STOPPED and backend.closed
+    # Later waits see the same death, never a success.
+    with pytest.raises(errors.VmDiedError, match="killed by signal 9"):
+        await within(vm.wait())
+    with pytest.raises(errors.VmDiedError):
+        await within(vm.wait_timeout(1))
+
+
+async def test_crash_fails_a_pending_run(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    backend = backend_of(factory)
+    backend.guest.handlers["run"] = lambda req: None
+    run = asyncio.create_task(vm.run(["sleep", "100"]))
+    await within(backend.guest.wait_for_requests(2))
+    backend.crash()
+    with pytest.raises((errors.LinkError, errors.VmDiedError)):
+        await within(run)
+    with pytest.raises(errors.VmDiedError):
+        await within(vm.wait())
+
+
+@pytest.mark.parametrize(("hv", "described"), [
+    (HypervisorExit(0, None, "guest-reset"), "exited with status 0 after guest-reset"),
+    (HypervisorExit(1, None, None, "qemu: fatal: something"), "exited with status 1: qemu: fatal: something"),
+    (HypervisorExit(None, 6, None), "killed by signal 6"),
+    (HypervisorExit(1, None, "guest-shutdown"), "exited with status 1 after guest-shutdown"),
+])
+async def test_other_unrequested_exits_are_deaths(vm: UtilityVM, factory: FakeBackendFactory, hv: HypervisorExit,
+                                                  described: str) -> None:
+    backend_of(factory).exit(hv)
+    with pytest.raises(errors.VmDiedError, match=f"VM vm1 died: QEMU {described}"):
+        await within(vm.wait())
+
+
+async def test_unrequested_exit_while_stopping_after_shutdown_is_still_a_death(
+    tmp_path: Path, factory: FakeBackendFactory,
+) -> None:
+    factory.options["shutdown_delay"] = 10.0
+    async with UtilityVM(make_test_config(tmp_path), backend_factory=factory) as v:
+        await v.shutdown()
+        backend_of(factory).crash(9)
+        with pytest.raises(errors.VmDiedError):
+            await within(v.wait())
+
+
+# -- wait_timeout --------------------------------------------------------------------------------------------
+
+
+async def test_wait_timeout_expiry_leaves_the_vm_running(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(errors.WaitTimeoutError, match="VM vm1: still running after 0.05s") as info:
+        await vm.wait_timeout(0.05)
+    assert time.monotonic() - t0 < 1
+    assert isinstance(info.value, TimeoutError)
+    assert vm.state is VmState.RUNNING and backend_of(factory).running
+    await within(vm.ping(9))
+    await vm.shutdown()
+    assert (await vm.wait_timeout(DEADLINE)).reason == "shutdown"
+
+
+# -- verbs in the wrong state --------------------------------------------------------------------------------
+
+
+async def test_shutdown_and_terminate_on_a_stopped_vm_are_no_ops(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    await vm.terminate()
+    first = await within(vm.wait())
+    calls = list(backend_of(factory).calls)
+    await vm.shutdown()
+    await vm.terminate()
+    await vm.shutdown()
+    assert backend_of(factory).calls == calls
+    assert vm.state is VmState.STOPPED
+    assert await within(vm.wait()) == first
+
+
+@pytest.mark.parametrize("op", ["run", "ping"])
+async def test_operations_after_stop_are_not_running(vm: UtilityVM, op: str) -> None:
+    await vm.shutdown()
+    await within(vm.wait())
+    with pytest.raises(errors.NotRunningError, match=f"VM vm1: {op}: VM is stopped"):
+        await (vm.run(["true"]) if op == "run" else vm.ping())
+
+
+async def test_run_while_stopping_is_not_running(tmp_path: Path, factory: FakeBackendFactory) -> None:
+    factory.options["shutdown_delay"] = 10.0
+    async with UtilityVM(make_test_config(tmp_path), backend_factory=factory) as v:
+        await v.shutdown()
+        with pytest.raises(errors.NotRunningError, match="VM vm1: run: VM is stopping"):
+            await v.run(["true"])
+
+
+@pytest.mark.parametrize("op", ["wait", "wait_timeout", "shutdown", "terminate", "run", "ping"])
+async def test_verbs_before_start_are_not_running(
+    new_vm: Callable[..., UtilityVM], factory: FakeBackendFactory, op: str,
+) -> None:
+    v = new_vm()
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "wait": lambda: v.wait(), "wait_timeout": lambda: v.wait_timeout(1), "shutdown": lambda: v.shutdown(),
+        "terminate": lambda: v.terminate(), "run": lambda: v.run(["true"]), "ping": lambda: v.ping()}
+    with pytest.raises(errors.NotRunningError, match=f"VM vm1: {op.split('_')[0]}: not started"):
+        await within(calls[op]())
+    assert factory.backends == []
+    assert v.state is VmState.CREATED
+
+
+@pytest.mark.parametrize("op", ["start", "wait", "wait_timeout", "shutdown", "terminate", "run", "ping"])
+async def test_verbs_after_close_are_closed_errors(vm: UtilityVM, op: str) -> None:
+    await vm.close()
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "start": lambda: vm.start(), "wait": lambda: vm.wait(), "wait_timeout": lambda: vm.wait_timeout(1),
+        "shutdown": lambda: vm.shutdown(), "terminate": lambda: vm.terminate(),
+        "run": lambda: vm.run(["true"]), "ping": lambda: vm.ping()}
+    with pytest.raises(errors.ClosedError, match=f"VM vm1: {op.split('_')[0]}: closed"):
+        await within(calls[op]())
+
+
+# -- close ---------------------------------------------------------------------------------------------------
+
+
+async def test_close_terminates_a_running_vm_and_is_idempotent(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    backend = backend_of(factory)
+    waiter = asyncio.create_task(vm.wait())
+    await asyncio.sleep(0)
+    await within(vm.close())
+    assert vm.state is VmState.CLOSED
+    assert not backend.running and backend.closed
+    assert backend.calls.count("terminate") >= 1
+    assert (await within(waiter)).reason == "terminated"  # a waiter sees the forced stop
+    await within(vm.close())
+    await within(vm.close())
+    assert backend.calls.count("aclose") == 1
+
+
+async def test_close_after_shutdown(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    await vm.shutdown()
+    await within(vm.close())
+    assert vm.state is VmState.CLOSED and backend_of(factory).closed
+
+
+async def test_close_never_started(new_vm: Callable[..., UtilityVM], factory: FakeBackendFactory) -> None:
+    v = new_vm()
+    await v.close()
+    await v.close()
+    assert v.state is VmState.CLOSED and factory.backends == []
+
+
+async def test_concurrent_closes_share_one_teardown(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    await within(asyncio.gather(*(vm.close() for _ in range(5))))
+    assert backend_of(factory).calls.count("aclose") == 1
+
+
+async def test_close_is_shielded_from_cancellation(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    closing = asyncio.create_task(vm.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await within(vm.close())  # the teardown went on and finished
+    assert vm.state is VmState.CLOSED and backend_of(factory).closed
+
+
+# -- bugs ----------------------------------------------------------------------------------------------------
+
+
+async def test_invalid_hello_start_error_names_the_protocol_problem(
+    tmp_path: Path, factory: FakeBackendFactory,
+) -> None:
+    factory.guest = FakeGuest(hello={**hello_result(), "extra": 1})
+    v = UtilityVM(make_test_config(tmp_path), backend_factory=factory)
+    with pytest.raises(errors.StartError) as info:
+        await within(v.start())
+    await v.close()
+    assert backend_of(factory).closed
+    assert "invalid hello response" in str(info.value)
+
+
+async def test_wait_after_a_failed_launch_does_not_hang(tmp_path: Path, factory: FakeBackendFactory) -> None:
+    factory.options["launch_error"] = errors.StartError("VM vm1: cannot run qemu")
+    v = UtilityVM(make_test_config(tmp_path), backend_factory=factory)
+    with pytest.raises(errors.StartError):
+        await v.start()
+    try:
+        with pytest.raises(errors.StateError):
+            await asyncio.wait_for(v.wait(), 1.0)
+    finally:
+        await v.close()
+
+
+async def test_close_during_start_leaves_nothing_running(tmp_path: Path, factory: FakeBackendFactory) -> None:
+    guest = FakeGuest()
+    guest.handlers["hello"] = lambda req: None
+    factory.guest = guest
+    v = UtilityVM(make_test_config(tmp_path), backend_factory=factory)
+    start = asyncio.create_task(v.start())
+    [hello] = await within(guest.wait_for_requests(1))
+    try:
+        await within(v.close())
+        await guest.respond(hello.id, hello_result())  # the agent answers late
+        await asyncio.gather(start, return_exceptions=True)
+        assert v.state is VmState.CLOSED
+        assert not backend_of(factory).running, "close() returned but the hypervisor is still running"
+    finally:
+        backend_of(factory).crash()  # whatever happened, stop the fake hypervisor
+        await asyncio.gather(start, return_exceptions=True)
+        await backend_of(factory).aclose()
+
+
+def _traceback_length(exc: BaseException) -> int:
+    n, tb = 0, exc.__traceback__
+    while tb is not None:
+        n, tb = n + 1, tb.tb_next
+    return n
+
+
+async def test_repeated_waits_on_a_dead_vm_do_not_grow_the_error(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    backend_of(factory).crash()
+    errs: list[errors.VmDiedError] = []
+    for _ in range(100):
+        try:
+            await within(vm.wait())
+        except errors.VmDiedError as e:
+            errs.append(e)
+    assert len(errs) == 100
+    assert _traceback_length(errs[-1]) < 20
+
+
+async def test_fake_backend_request_log_is_a_visible_record(vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    """The fakes' own contract, relied on above: guest requests and backend calls are recorded in order."""
+    backend = backend_of(factory)
+    await vm.ping(1)
+    await vm.run(["true"])
+    assert [r.method for r in backend.guest.requests] == ["hello", "ping", "run"]
+    assert isinstance(backend.guest.requests[1], Request) and backend.guest.requests[1].params == {"seq": 1}
+    assert backend.state == "running" and backend.pid is not None
