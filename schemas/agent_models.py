@@ -71,3 +71,69 @@ class LogEvent(GuestModel):
     event: Annotated[str, Field(pattern=f"^{proto.EVENT_LOG}$")]
     level: Annotated[str, Field(pattern="^(debug|info|warning|error)$")]
     message: Text
+
+
+Pid = Annotated[int, Field(ge=1, le=2**22)]
+ContainerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Counter = Annotated[int, Field(ge=0, le=2**63)]
+Timestamp = Annotated[float, Field(ge=0, le=1e11)]
+
+
+class PidResult(GuestModel):
+    pid: Pid
+
+
+class SignalResult(GuestModel):
+    delivered: bool
+
+
+class ContainerState(GuestModel):
+    id: ContainerId
+    status: Annotated[str, Field(pattern="^(created|running|paused|stopped|starting)$")]
+    pid: Annotated[int, Field(ge=0, le=2**22)]
+    bundle: Text
+    created: Timestamp
+    exit_status: Annotated[int, Field(ge=0, le=255)] | None
+    signal: Annotated[int, Field(ge=1, le=64)] | None
+
+
+class ContainerList(GuestModel):
+    containers: Annotated[list[ContainerState], Field(max_length=4096)]
+
+
+class PidList(GuestModel):
+    pids: Annotated[list[Pid], Field(max_length=65536)]
+
+
+class ContainerStats(GuestModel):
+    cpu_usage_usec: Counter
+    cpu_user_usec: Counter
+    cpu_system_usec: Counter
+    memory_usage: Counter
+    memory_limit: Counter | None
+    memory_anon: Counter
+    memory_file: Counter
+    oom_events: Counter
+    oom_kills: Counter
+    pids_current: Counter
+    pids_limit: Counter | None
+    io_rbytes: Counter
+    io_wbytes: Counter
+    io_rios: Counter
+    io_wios: Counter
+
+
+class ExitEvent(GuestModel):
+    event: Annotated[str, Field(pattern=f"^{proto.EVENT_EXIT}$")]
+    container: ContainerId | None
+    pid: Pid
+    exit_status: Annotated[int, Field(ge=0, le=255)] | None
+    signal: Annotated[int, Field(ge=1, le=64)] | None
+    at: Timestamp
+
+
+class OomEvent(GuestModel):
+    event: Annotated[str, Field(pattern=f"^{proto.EVENT_OOM}$")]
+    container: ContainerId
+    oom_kills: Counter
+    at: Timestamp

@@ -45,6 +45,16 @@ def new_vm_id() -> str:
     return "uvm-" + secrets.token_hex(4)
 
 
+class Share(BaseModel):
+    """A host directory exposed to the guest over virtio-9p, mounted there on first use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tag: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,31}$")]
+    host_path: Path
+    readonly: bool = False
+
+
 class UvmConfig(BaseModel):
     """One utility VM. Every field has a default except what only the caller can know."""
 
@@ -67,12 +77,21 @@ class UvmConfig(BaseModel):
     state_dir: Path = Field(default_factory=default_state_dir)
     console_log: Path | None = None
     kill_with_parent: bool = True
+    shares: Annotated[list[Share], Field(max_length=16)] = Field(default_factory=list)
 
     @field_validator("id")
     @classmethod
     def _check_id(cls, v: str) -> str:
         if not ID_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a valid VM id (1-64 of [A-Za-z0-9_.-], not starting with '.', '-' or '_')")
+        return v
+
+    @field_validator("shares")
+    @classmethod
+    def _unique_tags(cls, v: list[Share]) -> list[Share]:
+        tags = [s.tag for s in v]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"share tags must be unique: {tags}")
         return v
 
     @field_validator("kernel_args")

@@ -51,8 +51,7 @@ def image_dir() -> Path:
     return d
 
 
-@pytest.fixture
-def make_config(suite_dir: Path, image_dir: Path) -> Callable[..., UvmConfig]:
+def _config_factory(suite_dir: Path, image_dir: Path) -> Callable[..., UvmConfig]:
     def make(**kw: Any) -> UvmConfig:
         kw.setdefault("run_dir", suite_dir / "run")
         kw.setdefault("state_dir", suite_dir / "state")
@@ -61,6 +60,37 @@ def make_config(suite_dir: Path, image_dir: Path) -> Callable[..., UvmConfig]:
         return UvmConfig(**kw)
 
     return make
+
+
+@pytest.fixture
+def make_config(suite_dir: Path, image_dir: Path) -> Callable[..., UvmConfig]:
+    return _config_factory(suite_dir, image_dir)
+
+
+@pytest.fixture(scope="module")
+def make_config_module(suite_dir: Path, image_dir: Path) -> Callable[..., UvmConfig]:
+    return _config_factory(suite_dir, image_dir)
+
+
+BUSYBOX = Path("/bin/busybox")
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(suite_dir: Path) -> Path:
+    """<suite>/shares/busybox: a busybox root filesystem for containers (shared over 9p as "shares")."""
+    import subprocess
+
+    root = suite_dir / "shares" / "busybox"
+    (root / "bin").mkdir(parents=True)
+    for d in ("proc", "sys", "dev", "tmp", "etc", "root"):
+        (root / d).mkdir()
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for a in applets:
+        if a != "busybox":
+            (root / "bin" / a).symlink_to("busybox")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    return root
 
 
 def assert_no_leftovers(suite_dir: Path) -> None:

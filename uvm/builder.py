@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas.agent import AGENT_PORT_NAME
-from schemas.uvm_config import UvmConfig
+from schemas.uvm_config import Share, UvmConfig
 from uvm.accel import Accel, resolve_accel
 from uvm.errors import ConfigError
 
@@ -45,6 +45,7 @@ class LaunchSpec:
     kill_with_parent: bool
     agent_port_name: str = AGENT_PORT_NAME
     image_id: str = ""
+    shares: tuple[Share, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -126,6 +127,14 @@ def build(config: UvmConfig) -> LaunchSpec:
         except ValueError as e:
             raise ConfigError(f"kernel_args {config.kernel_args!r}: {e}") from None
         cmdline += " " + config.kernel_args
+    shares = []
+    for share in config.shares:
+        host = share.host_path.absolute()
+        if not host.is_dir():
+            raise ConfigError(f"share {share.tag}: {host} is not a directory", share=share.tag)
+        if "," in str(host):
+            raise ConfigError(f"share {share.tag}: {host}: a ',' in the path cannot be passed to QEMU")
+        shares.append(share.model_copy(update={"host_path": host}))
     run_dir = config.run_dir.absolute() / config.id
     if len(str(run_dir / "agent.sock")) > 100:
         raise ConfigError(f"run_dir {config.run_dir}: too long for unix sockets (keep it under ~80 chars)")
@@ -136,7 +145,7 @@ def build(config: UvmConfig) -> LaunchSpec:
         tb_size_mib=config.tb_size_mib if accel == "tcg" else None,
         qemu_binary=config.qemu_binary, run_dir=run_dir,
         console_log=config.console_log.absolute() if config.console_log else None,
-        kill_with_parent=config.kill_with_parent, image_id=image_id,
+        kill_with_parent=config.kill_with_parent, image_id=image_id, shares=tuple(shares),
     )
 
 

@@ -67,6 +67,10 @@ class ClosedError(StateError):
     """The object was closed; it cannot be used any more."""
 
 
+class NotExitedError(StateError):
+    """The process has not exited yet (exit_code asked too early)."""
+
+
 class WaitTimeoutError(UvmError, TimeoutError):
     """wait_timeout() expired; the thing waited for is still running."""
 
@@ -101,7 +105,11 @@ class AgentNotFoundError(AgentError, NotFoundError):
     pass
 
 
-class AgentInvalidArgumentError(AgentError):
+class InvalidArgumentError(UvmError):
+    """A caller's argument is out of range or malformed (signal number, size, spec)."""
+
+
+class AgentInvalidArgumentError(AgentError, InvalidArgumentError):
     pass
 
 
@@ -125,5 +133,5 @@ class NotStoppedError(AgentError, StateError):
     """hcsshim's "not stopped": the container must be stopped (or created) first."""
 
 
-class InvalidIdError(AgentError):
+class InvalidIdError(AgentError, InvalidArgumentError):
     """The container id is not acceptable (path characters, length)."""

@@ -49,6 +49,12 @@ class InboundStream:
         """No more data will arrive (EOF, host close, or link failure)."""
         return self._eof or self._closed_by_host or self._error is not None
 
+    async def wait_ended(self) -> None:
+        """Until no more data will arrive (EOF, host close or link failure)."""
+        while not self.ended:
+            self._changed.clear()
+            await self._changed.wait()
+
     def feed(self, data: bytes) -> str | None:
         """Data frame from the guest; returns a protocol violation description, if any."""
         if self._eof:

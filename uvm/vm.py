@@ -17,16 +17,23 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from schemas import agent as proto
 from schemas import agent_models as models
+from schemas import oci
 from schemas.uvm_config import UvmConfig
 from uvm import builder, errors
 from uvm.backends.base import Backend, HypervisorExit
+from uvm.container import Container, ContainerState, Rootfs
 from uvm.link import AgentClient, AgentConnection
+from uvm.process import Process, ProcessTable
 
 SHUTDOWN_REQUEST_TIMEOUT_S = 2.0
 CONSOLE_TAIL_LINES = 30
@@ -93,6 +100,9 @@ class UtilityVM:
         self._start_failed = False
         self._closing = False
         self._start_done = asyncio.Event()
+        self.processes = ProcessTable()
+        self.containers: dict[str, Container] = {}
+        self.oom_listeners: list[Callable[[Container, int], None]] = []
 
     def __repr__(self) -> str:
         pid = self.backend.pid if self.backend else None
@@ -133,7 +143,7 @@ class UtilityVM:
                 await backend.launch(spec)
                 self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.id}-watch")
                 reader, writer = await backend.connect_agent()
-                self._conn = AgentConnection(reader, writer, self.id)
+                self._conn = AgentConnection(reader, writer, self.id, on_notify=self._on_notify)
                 self._conn.start()
                 self.agent = AgentClient(self._conn)
                 self.hello = await self.agent.hello()
@@ -190,6 +200,11 @@ class UtilityVM:
             self.log.error("VM died: QEMU %s", hv.describe())
         if self._conn is not None:
             self._conn.fail(died or errors.LinkError(f"VM {self.id}: stopped ({reason})", vm_id=self.id))
+        # Everything that ran in it is gone: report every process exited (never as success).
+        self.processes.vm_died()
+        for c in self.containers.values():
+            if c.state is not ContainerState.CLOSED:
+                c.state = ContainerState.STOPPED
         exit_info = VmExit(reason, hv, time.time())
         await self._release_resources()
         if self.state is not VmState.CLOSED:
@@ -318,6 +333,124 @@ class UtilityVM:
         Raises AgentNotFoundError (no such program), AgentInvalidArgumentError, LinkError/VmDiedError.
         """
         return await self._client("run").run(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+
+    # -- processes and containers ---------------------------------------------------------------
+
+    def _on_notify(self, msg: dict[str, Any]) -> None:
+        """Guest notifications, validated (a bad one drops the link: GuestProtocolError)."""
+        event = msg.get("event")
+        try:
+            if event == proto.EVENT_EXIT:
+                self.processes.on_exit(models.ExitEvent.model_validate(msg))
+            elif event == proto.EVENT_OOM:
+                oom = models.OomEvent.model_validate(msg)
+                c = self.containers.get(oom.container)
+                if c is not None:
+                    c.oom_kills = oom.oom_kills
+                    for listener in self.oom_listeners:
+                        listener(c, oom.oom_kills)
+            elif event == proto.EVENT_LOG:
+                rec = models.LogEvent.model_validate(msg)
+                self.log.log({"debug": 10, "info": 20, "warning": 30, "error": 40}[rec.level], "guest: %s", rec.message)
+            else:
+                raise errors.GuestProtocolError(f"agent link {self.id}: unknown notification {str(event)[:64]!r}")
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            raise errors.GuestProtocolError(
+                f"agent link {self.id}: invalid {str(event)[:64]} notification: {where}: {first['msg']}") from None
+
+    async def _exec(self, container: str | None, spec: oci.Process, *, stdin: bool, stdout: bool,
+                    stderr: bool) -> Process:
+        client = self._client("create_process")
+        assert self._conn is not None
+        conn = self._conn
+        where = f"container {container}" if container else "UVM"
+        if spec.terminal and stderr:
+            stderr = False  # a terminal merges stderr into stdout
+        streams_in = conn.open_outbound(f"{where} stdin") if stdin else None
+        streams_out = conn.open_inbound(f"{where} stdout") if stdout else None
+        streams_err = conn.open_inbound(f"{where} stderr") if stderr else None
+        params = {"container": container, "process": spec.model_dump(mode="json", exclude_none=True),
+                  "terminal": spec.terminal, "stdin": streams_in.sid if streams_in else None,
+                  "stdout": streams_out.sid if streams_out else None,
+                  "stderr": streams_err.sid if streams_err else None}
+        try:
+            res = await client.request(proto.EXEC, params, models.PidResult)
+        except BaseException:
+            for s in (streams_in, streams_out, streams_err):
+                if s is not None:
+                    conn.forget_stream(s.sid)
+            raise
+        proc = Process(client, container, res.pid, spec.terminal, streams_in, streams_out, streams_err)
+        self.processes.add(proc)
+        return proc
+
+    async def create_process(self, spec: oci.Process, *, stdin: bool = False, stdout: bool = True,
+                             stderr: bool = True) -> Process:
+        """Start a process in the UVM itself (ProcessHost), with streamed stdio."""
+        return await self._exec(None, spec, stdin=stdin, stdout=stdout, stderr=stderr)
+
+    async def open_process(self, pid: int) -> Process:
+        self._check_started("open_process")
+        proc = self.processes.get(None, pid)
+        if proc is None:
+            raise errors.NotFoundError(f"VM {self.id}: no process {pid}", vm_id=self.id, pid=pid)
+        return proc
+
+    async def create_container(self, cid: str, spec: oci.Spec, rootfs: Rootfs, *, stdin: bool = False,
+                               stdout: bool = True, stderr: bool = True) -> Container:
+        """Create (not start) a container from an OCI spec, its rootfs a share subdirectory or UVM path.
+
+        Raises AlreadyExistsError, InvalidIdError, AgentInvalidArgumentError (bad spec or rootfs).
+        """
+        client = self._client("create_container")
+        if cid in self.containers:
+            raise errors.AlreadyExistsError(f"container {cid}: already exists in VM {self.id}", container=cid)
+        assert self._conn is not None
+        conn = self._conn
+        terminal = spec.process.terminal
+        if terminal:
+            stderr = False
+        streams_in = conn.open_outbound(f"container {cid} stdin") if stdin else None
+        streams_out = conn.open_inbound(f"container {cid} stdout") if stdout else None
+        streams_err = conn.open_inbound(f"container {cid} stderr") if stderr else None
+        params = {"id": cid, "spec": spec.wire(), "rootfs": rootfs.wire(), "terminal": terminal,
+                  "stdin": streams_in.sid if streams_in else None,
+                  "stdout": streams_out.sid if streams_out else None,
+                  "stderr": streams_err.sid if streams_err else None}
+        try:
+            res = await client.request(proto.CREATE, params, models.PidResult)
+        except BaseException:
+            for s in (streams_in, streams_out, streams_err):
+                if s is not None:
+                    conn.forget_stream(s.sid)
+            raise
+        init = Process(client, cid, res.pid, terminal, streams_in, streams_out, streams_err)
+        self.processes.add(init)
+        container = Container(self, cid, init)
+        self.containers[cid] = container
+        return container
+
+    def _forget_container(self, c: Container) -> None:
+        if self.containers.get(c.id) is c:
+            del self.containers[c.id]
+        self.processes.remove_container(c.id)
+
+    def host_figures(self) -> tuple[int, float]:
+        """(resident bytes, CPU seconds) of the hypervisor process on the host; zeros if unknown."""
+        pid = self.backend.pid if self.backend else None
+        if pid is None:
+            return 0, 0.0
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0, 0.0
+        return rss, cpu
 
     async def __aenter__(self) -> UtilityVM:
         await self.start()

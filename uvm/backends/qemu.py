@@ -50,6 +50,10 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
         "-device", f"virtserialport,chardev=agent,name={spec.agent_port_name}",
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
     ]
+    for n, share in enumerate(spec.shares):
+        ro = ",readonly=on" if share.readonly else ""
+        argv += ["-fsdev", f"local,id=fs{n},path={share.host_path},security_model=none{ro}",
+                 "-device", f"virtio-9p-device,fsdev=fs{n},mount_tag={share.tag}"]
     return argv
 
 

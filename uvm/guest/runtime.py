@@ -1,9 +1,9 @@
 """Processes and containers in the guest: the hcsshim guest runtime's verbs over crun (stdlib only).
 
 * ``GuestProcess``: one process with streamed stdio (pipes or a pty), in the UVM itself or in a
-  container. Its exit is pushed to the host once its output streams ended (so the host has all of
-  the output before it learns of the exit), or ``EXIT_GRACE_S`` after the exit when something
-  else keeps the pipes open.
+  container. Its exit is pushed to the host once the output streams the host reads have ended (so
+  the host has all of that output before it learns of the exit); a stream the host does not read,
+  or a pipe something else keeps open past ``EXIT_GRACE_S``, does not hold the exit back.
 * ``Container``: a crun container whose bundle the agent writes under /run/uvmshim/containers.
   crun runs as a short-lived helper (create, start, exec --detach, pause, resume, update, delete);
   the container's processes are reparented to the agent (PID 1), which reaps them and so knows
@@ -181,11 +181,12 @@ class GuestProcess:
         if self.status is None or self.exit_sent:
             return
         pending = [o for o in self.outs if not o.ended]
-        if pending:
-            if now is None or self.exited_at is None or now - self.exited_at < EXIT_GRACE_S:
-                return
-            if any(o.credit <= 0 for o in pending):
-                return  # output is waiting for the host to read it: the exit must come after it
+        # Streams still relaying (the host reads them) end before the exit is reported, so the host
+        # has all the output first; a stream the host does not read (no credit left) does not hold
+        # the exit back, nor does a pipe that something else keeps open past EXIT_GRACE_S.
+        relaying = [o for o in pending if o.credit > 0]
+        if relaying and (now is None or self.exited_at is None or now - self.exited_at < EXIT_GRACE_S):
+            return
         self.exit_sent = True
         exit_status, sig = procs.decode_status(self.status)
         self.rt.agent.notify({"event": proto.EVENT_EXIT, "container": self.container, "pid": self.pid,
@@ -475,8 +476,8 @@ class Runtime:
             c.init.attach_streams(sids[0], sids[1], sids[2], parent, pty)
             c.init.on_exit = lambda p: self.init_exited(c)
             self.watch_oom(c)
+            self.agent.reply(req_id, {"pid": pid})  # before any exit notification of this pid
             self.after_adopt(c.init)
-            self.agent.reply(req_id, {"pid": pid})
 
         self.crun_with_stdio(["create", "--bundle", bundle, "--pid-file", f"{bundle}/init.pid"], cid, bundle,
                              "init", sids, created)
@@ -609,8 +610,8 @@ class Runtime:
             proc = self.adopt(c.id, pid)
             c.execs[pid] = proc
             proc.attach_streams(sids[0], sids[1], sids[2], parent, pty)
+            self.agent.reply(req_id, {"pid": pid})  # before any exit notification of this pid
             self.after_adopt(proc)
-            self.agent.reply(req_id, {"pid": pid})
 
         self.crun_with_stdio(["exec", "--detach", "--pid-file", f"{c.bundle}/{tag}.pid", "--process", pfile],
                              c.id, c.bundle, tag, sids, execd)
