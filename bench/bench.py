@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from schemas import oci  # noqa: E402
 from schemas.uvm_config import UvmConfig  # noqa: E402
 from uvm import builder  # noqa: E402
 from uvm.backends.qemu import qemu_argv  # noqa: E402
@@ -115,6 +116,79 @@ async def uvm_start(run_dir: Path, state_dir: Path, timeout: float = 120.0) -> f
         await vm.close()
 
 
+async def link_figures(run_dir: Path, state_dir: Path, rounds: int = 3) -> dict[str, float]:
+    """Agent request round trip and stdout throughput, against a raw virtio-serial port in the same UVM."""
+    vm = UtilityVM(UvmConfig(run_dir=run_dir, state_dir=state_dir, extra_ports=["bench"], boot_timeout=120))
+    await vm.start()
+    try:
+        res = await vm.run(["sh", "-c", 'for d in /sys/class/virtio-ports/*; do '
+                                        '[ "$(cat $d/name)" = bench ] && echo /dev/${d##*/}; done'])
+        dev = res.stdout.decode().strip()
+        sock = str(run_dir / vm.id / "port-bench.sock")
+        size = 32 << 20
+        out: dict[str, list[float]] = {"raw_rtt": [], "pyraw_rtt": [], "agent_rtt": [], "raw_mbps": [],
+                                       "pyraw_mbps": [], "stream_mbps": []}
+        py_echo = (f"import os\nfd = os.open({dev!r}, os.O_RDWR)\nbuf = memoryview(bytearray(1 << 20))\n"
+                   "while True:\n    n = os.readv(fd, [buf])\n    w = 0\n"
+                   "    while w < n:\n        w += os.write(fd, buf[w:n])\n")
+        py_relay = (f"import os\nfd = os.open({dev!r}, os.O_RDWR)\nbuf = memoryview(bytearray(1 << 20))\n"
+                    "while n := os.readv(0, [buf]):\n    w = 0\n"
+                    "    while w < n:\n        w += os.write(fd, buf[w:n])\n")
+        echoes = {"raw_rtt": ["sh", "-c", f"exec 3<>{dev}; exec cat <&3 >&3"],
+                  "pyraw_rtt": ["python3", "-S", "-c", py_echo]}
+        for _ in range(rounds):
+            # Raw echoes on the second port: C (busybox cat) and the same interpreter as the agent.
+            for key, argv in echoes.items():
+                reader, writer = await asyncio.open_unix_connection(sock)
+                echo = await vm.create_process(oci.Process(args=argv), stdout=False, stderr=False)
+                msg = b"x" * 64
+                writer.write(msg)
+                await asyncio.wait_for(reader.readexactly(len(msg)), 60)  # warm up: the echo is running
+                times = []
+                for _ in range(200):
+                    t0 = time.perf_counter()
+                    writer.write(msg)
+                    await reader.readexactly(len(msg))
+                    times.append(time.perf_counter() - t0)
+                out[key].append(median(times))
+                await echo.kill()
+                await echo.wait()
+                writer.close()
+            times = []
+            for i in range(200):
+                t0 = time.perf_counter()
+                await vm.ping(i)
+                times.append(time.perf_counter() - t0)
+            out["agent_rtt"].append(median(times))
+            # Raw throughput: dd into the port directly, and through a Python relay (pipe -> port).
+            writers = {"raw_mbps": f"exec 3<>{dev}; dd if=/dev/zero bs=65536 count={size >> 16} >&3 2>/dev/null",
+                       "pyraw_mbps": f'dd if=/dev/zero bs=65536 count={size >> 16} 2>/dev/null | python3 -S -c "$RELAY"'}
+            for key, script in writers.items():
+                reader, writer = await asyncio.open_unix_connection(sock, limit=1 << 22)
+                t0 = time.perf_counter()
+                dd = await vm.create_process(oci.Process(args=["sh", "-c", script], env=["PATH=/usr/bin:/bin",
+                                                                                          f"RELAY={py_relay}"]),
+                                             stdout=False, stderr=False)
+                await asyncio.wait_for(reader.readexactly(size), 300)
+                out[key].append(size / (time.perf_counter() - t0) / 1e6)
+                await dd.wait()
+                writer.close()
+            # The same bytes as a process's stdout stream through the agent.
+            t0 = time.perf_counter()
+            p = await vm.create_process(oci.Process(args=["dd", "if=/dev/zero", "bs=65536", f"count={size >> 16}"]),
+                                        stderr=False)
+            assert p.stdout is not None
+            n = 0
+            while chunk := await p.stdout.read():
+                n += len(chunk)
+            assert n == size, n
+            out["stream_mbps"].append(size / (time.perf_counter() - t0) / 1e6)
+            await p.wait()
+        return {k: median(v) for k, v in out.items()}
+    finally:
+        await vm.close()
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -141,6 +215,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=int(os.environ.get("BENCH_N", "5")), help="runs of each kind")
     ap.add_argument("--boot-loop", type=int, default=int(os.environ.get("BENCH_BOOT_LOOP", "50")))
     ap.add_argument("--boot-timeout", type=float, default=30.0)
+    ap.add_argument("--no-link", dest="link", action="store_false", help="skip the agent link figures")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
         tmp = Path(t)
@@ -162,6 +237,18 @@ def main() -> int:
         print(f"ratios:  UVM/F0 {uvm / f0:.2f}x (target <= 2.0x)   UVM/F1 {uvm / f1:.2f}x (target <= 1.3x)")
         summary: dict[str, object] = {"medians": {"F0": f0, "F1": f1, "UVM": uvm}, "runs": res,
                                       "ratios": {"UVM/F0": uvm / f0, "UVM/F1": uvm / f1}}
+        if args.link:
+            link = asyncio.run(link_figures(run_dir, state_dir))
+            ratios = {"rtt_vs_c": link["agent_rtt"] / link["raw_rtt"], "rtt_vs_py": link["agent_rtt"] / link["pyraw_rtt"],
+                      "tput_vs_c": link["stream_mbps"] / link["raw_mbps"],
+                      "tput_vs_py": link["stream_mbps"] / link["pyraw_mbps"]}
+            print(f"agent ping round trip {link['agent_rtt'] * 1e3:.2f} ms; raw virtio-serial echo: busybox cat "
+                  f"{link['raw_rtt'] * 1e3:.2f} ms ({ratios['rtt_vs_c']:.2f}x), python3 "
+                  f"{link['pyraw_rtt'] * 1e3:.2f} ms ({ratios['rtt_vs_py']:.2f}x) (target <= 1.5x)")
+            print(f"stdout stream {link['stream_mbps']:.1f} MB/s; raw virtio-serial: dd {link['raw_mbps']:.1f} MB/s "
+                  f"({ratios['tput_vs_c']:.2f}x), python3 relay {link['pyraw_mbps']:.1f} MB/s "
+                  f"({ratios['tput_vs_py']:.2f}x) (target >= 0.5x)")
+            summary["link"] = {**link, **ratios}
         if args.boot_loop:
             print(f"boot loop: {args.boot_loop} UVM boots, deadline {args.boot_timeout:g}s each", flush=True)
             hangs, failures, times = asyncio.run(boot_loop(args.boot_loop, run_dir, state_dir, args.boot_timeout))

@@ -71,8 +71,8 @@ STOPPED = "stopped"
 # Streams: DATA frames carry bytes, CREDIT frames a u32 count of bytes the receiver may take more,
 # CLOSE ends the direction (stdin: EOF to the process; stdout/stderr: EOF to the host, or from the
 # host, "stop reading"). Each side starts with STREAM_WINDOW of credit per stream.
-STREAM_WINDOW = 256 * 1024
-STREAM_CHUNK = 64 * 1024
+STREAM_WINDOW = 1024 * 1024
+STREAM_CHUNK = 256 * 1024
 
 # Limits.
 MAX_CONTROL_PAYLOAD = 768 * 1024  # a control message larger than this is refused (two full RUN outputs fit)

@@ -78,43 +78,50 @@ class FrameDecoder:
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
         self._buf = bytearray()
-        self._need: tuple[int, int, int, int] | None = None  # parsed header awaiting payload
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
+    def _reject(self, magic: int, ftype: int, flags: int, length: int) -> FramingError:
+        if magic != MAGIC:
+            return FramingError(f"bad magic {magic:#06x} (not an agent frame)")
+        if ftype not in TYPE_NAMES:
+            return FramingError(f"unknown frame type {ftype}")
+        if flags & ~KNOWN_FLAGS:
+            return FramingError(f"unknown frame flags {flags:#x}")
+        return FramingError(f"{TYPE_NAMES[ftype]} frame of {length} bytes exceeds the cap of {self.max_payload}")
+
     def feed(self, data: bytes) -> list[Frame]:
-        """Frames completed by data. Raises FramingError on the first invalid header."""
-        self._buf += data
+        """Frames completed by data. Raises FramingError on the first invalid header.
+
+        A header is checked as soon as it is complete, before its payload arrives.
+        """
+        buf: bytes | bytearray
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data  # the common case (whole frames): no copy into the buffer
         frames: list[Frame] = []
-        buf = self._buf
         pos = 0
-        while True:
-            if self._need is None:
-                if len(buf) - pos < HEADER_SIZE:
-                    break
-                magic, ftype, flags, fid, length = HEADER.unpack_from(buf, pos)
-                if magic != MAGIC:
-                    raise FramingError(f"bad magic {magic:#06x} (not an agent frame)")
-                if ftype not in TYPE_NAMES:
-                    raise FramingError(f"unknown frame type {ftype}")
-                if flags & ~KNOWN_FLAGS:
-                    raise FramingError(f"unknown frame flags {flags:#x}")
-                if length > self.max_payload:
-                    raise FramingError(f"{TYPE_NAMES[ftype]} frame of {length} bytes exceeds the cap of {self.max_payload}")
-                pos += HEADER_SIZE
-                self._need = (ftype, flags, fid, length)
-            ftype, flags, fid, length = self._need
-            if len(buf) - pos < length:
+        end = len(buf)
+        unpack = HEADER.unpack_from
+        while end - pos >= HEADER_SIZE:
+            magic, ftype, flags, fid, length = unpack(buf, pos)
+            if magic != MAGIC or ftype not in TYPE_NAMES or flags & ~KNOWN_FLAGS or length > self.max_payload:
+                raise self._reject(magic, ftype, flags, length)
+            start = pos + HEADER_SIZE
+            if end - start < length:
                 break
-            frames.append(Frame(ftype, fid, bytes(buf[pos:pos + length]), flags))
-            pos += length
-            self._need = None
-        if pos:
-            del buf[:pos]
+            pos = start + length
+            frames.append(Frame(ftype, fid, bytes(buf[start:pos]), flags))
+        if buf is self._buf:
+            del self._buf[:pos]
+        elif pos < end:
+            self._buf = bytearray(buf[pos:])
         return frames
 
     def at_boundary(self) -> bool:
         """True when no partial frame is buffered (an EOF here is clean; elsewhere it truncates)."""
-        return self._need is None and not self._buf
+        return not self._buf

@@ -46,6 +46,7 @@ class LaunchSpec:
     agent_port_name: str = AGENT_PORT_NAME
     image_id: str = ""
     shares: tuple[Share, ...] = ()
+    extra_ports: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -146,6 +147,7 @@ def build(config: UvmConfig) -> LaunchSpec:
         qemu_binary=config.qemu_binary, run_dir=run_dir,
         console_log=config.console_log.absolute() if config.console_log else None,
         kill_with_parent=config.kill_with_parent, image_id=image_id, shares=tuple(shares),
+        extra_ports=tuple(config.extra_ports),
     )
 
 

@@ -99,7 +99,7 @@ class AgentConnection:
     async def _read_loop(self) -> None:
         try:
             while True:
-                data = await self._reader.read(1 << 16)
+                data = await self._reader.read(1 << 20)
                 if not data:
                     clean = self._decoder.at_boundary()
                     self.fail(errors.LinkError(

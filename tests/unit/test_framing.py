@@ -78,7 +78,7 @@ def test_several_frames_in_one_chunk_and_a_split_tail() -> None:
     got = decoder.feed(a + b + c[:20])
     assert [(f.type, f.id) for f in got] == [(framing.RESPONSE, 1), (framing.NOTIFY, 0)]
     assert not decoder.at_boundary()
-    assert decoder.buffered == 20 - framing.HEADER_SIZE  # the header was consumed, its payload waits
+    assert decoder.buffered == 20  # the partial frame (header checked already) waits for its payload
     assert decoder.feed(c[20:]) == [framing.Frame(framing.DATA, 3, b"x" * 50)]
     assert decoder.at_boundary() and decoder.buffered == 0
 

@@ -50,6 +50,9 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
         "-device", f"virtserialport,chardev=agent,name={spec.agent_port_name}",
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
     ]
+    for name in spec.extra_ports:
+        argv += ["-chardev", f"socket,id=port-{name},path={run_dir / f'port-{name}.sock'},server=on,wait=off",
+                 "-device", f"virtserialport,chardev=port-{name},name={name}"]
     for n, share in enumerate(spec.shares):
         ro = ",readonly=on" if share.readonly else ""
         argv += ["-fsdev", f"local,id=fs{n},path={share.host_path},security_model=none{ro}",
@@ -157,7 +160,8 @@ class QemuBackend:
         return HypervisorExit(rc, None, self._shutdown_reason, detail)
 
     async def connect_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_unix_connection(str(self.run_dir / "agent.sock"))
+        # A large reader limit: stream data arrives in frames of up to 1 MiB.
+        return await asyncio.open_unix_connection(str(self.run_dir / "agent.sock"), limit=1 << 22)
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None and not (

@@ -117,6 +117,10 @@ class Agent:
         self.wbuf = bytearray()
         self.port_events = EV_READ
         self.poller.register(self.port, self.port_events, self.on_port)
+        # One preallocated read buffer: reading into it avoids allocating (under emulation, mmap'ing)
+        # a large bytes object for every read of the port or of a process's pipe.
+        self.scratch = memoryview(bytearray(framing.MAX_PAYLOAD))
+        self.timed_commands = 0  # captured commands with a deadline
         self.connected = True
         self.commands: dict[int, CapturedCommand] = {}  # pid -> captured command
         self.fd_owner: dict[int, CapturedCommand] = {}
@@ -124,6 +128,7 @@ class Agent:
         self.stalled: set[InStream] = set()  # stdin data waiting for a pty master to drain
         self._runtime: Runtime | None = None
         self.shutting_down = False
+        self.profiler: Any = None
         sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -163,9 +168,31 @@ class Agent:
 
     # -- port I/O ------------------------------------------------------------------------------
 
-    def send_frame(self, ftype: int, fid: int, payload: bytes, flags: int = 0) -> None:
-        self.wbuf += framing.encode(ftype, fid, payload, flags)
-        self.flush()
+    def send_frame(self, ftype: int, fid: int, payload: bytes | memoryview, flags: int = 0) -> None:
+        """Write a frame to the port now if it can take it (no copy), else queue it."""
+        if len(payload) > framing.MAX_PAYLOAD:
+            raise ValueError(f"frame payload of {len(payload)} bytes exceeds the cap")
+        header = framing.HEADER.pack(framing.MAGIC, ftype, flags, fid, len(payload))
+        if self.wbuf or not self.connected:
+            self.wbuf += header
+            self.wbuf += payload
+            self.flush()
+            return
+        try:
+            n = os.writev(self.port, [header, payload])
+        except BlockingIOError:
+            n = 0
+        except OSError as e:  # host side not connected: keep the bytes, retry later
+            log(f"write to port: {e}")
+            n = 0
+        total = len(header) + len(payload)
+        if n < total:
+            if n < len(header):
+                self.wbuf += header[n:]
+                self.wbuf += payload
+            else:
+                self.wbuf += payload[n - len(header):]
+            self.flush()
 
     def reply(self, req_id: int, obj: object) -> None:
         self.send_frame(framing.RESPONSE, req_id, wirejson.dumps(obj))
@@ -180,7 +207,7 @@ class Agent:
     def flush(self) -> None:
         while self.wbuf:
             try:
-                n = os.write(self.port, self.wbuf[:65536])
+                n = os.write(self.port, self.wbuf)
             except BlockingIOError:
                 break
             except OSError as e:  # host side not connected: keep the bytes, retry later
@@ -198,13 +225,13 @@ class Agent:
         if not mask & (EV_READ | select.EPOLLHUP | select.EPOLLERR):
             return
         try:
-            data = os.read(self.port, 1 << 20)
+            n = os.readv(self.port, [self.scratch])
         except BlockingIOError:
             return
         except OSError as e:
-            data = b""
+            n = 0
             log(f"read from port: {e}")
-        if not data:
+        if not n:
             # The host end is not connected (virtio-serial reports HUP until it is): stop polling
             # the port and look again on a timer; the host reconnects and repeats its hello.
             self.poller.unregister(self.port)
@@ -212,7 +239,7 @@ class Agent:
             self.decoder = framing.FrameDecoder()
             return
         try:
-            frames = self.decoder.feed(data)
+            frames = self.decoder.feed(bytes(self.scratch[:n]))
         except framing.FramingError as e:
             log(f"bad frame from host, discarding input: {e}")
             self.decoder = framing.FrameDecoder()
@@ -378,6 +405,8 @@ class Agent:
                 os.close(fd)
         cmd = CapturedCommand(pid, done, time.monotonic() + timeout if timeout else None, limit)
         self.commands[pid] = cmd
+        if cmd.deadline is not None:
+            self.timed_commands += 1
         for fd, which in parent:
             os.set_blocking(fd, False)
             cmd.open_fds[fd] = which
@@ -471,6 +500,8 @@ class Agent:
             return
         self.close_command_stdin(cmd)
         del self.commands[cmd.pid]
+        if cmd.deadline is not None:
+            self.timed_commands -= 1
         cmd.done(cmd)
 
     # -- children ------------------------------------------------------------------------------
@@ -489,6 +520,10 @@ class Agent:
             elif self._runtime is not None:
                 self._runtime.on_reaped(pid, status)
 
+    def has_timed_work(self) -> bool:
+        return bool(not self.connected or self.stalled or self.timed_commands or (
+            self._runtime is not None and self._runtime.unreported))
+
     def check_timers(self) -> None:
         now = time.monotonic()
         for cmd in list(self.commands.values()):
@@ -504,31 +539,39 @@ class Agent:
         if self._runtime is not None:
             self._runtime.tick(now)
 
-    def next_timeout(self) -> float | None:
-        timeout = None if self.connected else 0.02
+    def next_timeout(self) -> float:
         if self.stalled:
-            timeout = 0.01
-        elif any(c.deadline for c in self.commands.values()) or (
-                self._runtime is not None and self._runtime.has_grace_timers()):
-            timeout = 0.05 if timeout is None else min(timeout, 0.05)
-        return timeout
+            return 0.01
+        return 0.02 if not self.connected else 0.05
 
     # -- main loop -----------------------------------------------------------------------------
 
     def serve(self) -> None:
+        poll = self.poller.epoll.poll
+        callbacks = self.poller.callbacks
         while not self.shutting_down:
-            for fd, mask in self.poller.poll(self.next_timeout()):
-                callback = self.poller.callbacks.get(fd)
+            timed = self.has_timed_work()
+            for fd, mask in poll(self.next_timeout() if timed else -1):
+                callback = callbacks.get(fd)
                 if callback is not None:
                     callback(fd, mask)
-            if not self.connected:
-                self.check_reconnect()
-            self.check_timers()
+            if timed:
+                if not self.connected:
+                    self.check_reconnect()
+                self.check_timers()
         self.power_off()
 
     def power_off(self) -> None:
         """Graceful end: stop every process, sync, unmount, power off. Never returns."""
         log("shutdown requested: stopping processes, syncing, powering off")
+        if self.profiler is not None:  # uvm.profile on the kernel command line: where the time went
+            import io
+            import pstats
+
+            self.profiler.disable()
+            buf = io.StringIO()
+            pstats.Stats(self.profiler, stream=buf).sort_stats("tottime").print_stats(25)
+            log(buf.getvalue())
         os.set_blocking(self.port, True)
         try:
             self.flush()
@@ -588,6 +631,11 @@ def main() -> None:
     except Exception as e:
         log(f"FATAL: {e}")
         os.execv("/usr/bin/busybox", ["poweroff", "-f"])
+    if "uvm.profile" in open("/proc/cmdline").read().split():
+        import cProfile
+
+        agent.profiler = cProfile.Profile()
+        agent.profiler.enable()
     agent.serve()
 
 

@@ -45,6 +45,8 @@ TIOCSCTTY = 0x540E
 EPOLLPRI = 0x002
 EPOLLERR = 0x008
 MAX_REMEMBERED_EXITS = 1024
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
 
 
 def err(code: str, message: str) -> RequestError:
@@ -173,6 +175,7 @@ class GuestProcess:
     def exited(self, status: int) -> None:
         self.status = status
         self.exited_at = time.monotonic()
+        self.rt.unreported.add(self)
         if self.stdin is not None:
             self.stdin.shut()
         self.maybe_report_exit()
@@ -188,6 +191,7 @@ class GuestProcess:
         if relaying and (now is None or self.exited_at is None or now - self.exited_at < EXIT_GRACE_S):
             return
         self.exit_sent = True
+        self.rt.unreported.discard(self)
         exit_status, sig = procs.decode_status(self.status)
         self.rt.agent.notify({"event": proto.EVENT_EXIT, "container": self.container, "pid": self.pid,
                               "exit_status": exit_status, "signal": sig, "at": time.time()})
@@ -259,6 +263,7 @@ class Runtime:
         self.remembered_exits: dict[int, int] = {}  # pid -> status of pids reaped before we knew them
         self.cgroups_ready = False
         self.mounted_shares: set[str] = set()
+        self.unreported: set[GuestProcess] = set()  # exited, exit not yet reported (grace timers)
 
     # -- reaping --------------------------------------------------------------------------------
 
@@ -286,12 +291,8 @@ class Runtime:
             proc.exited(status)
 
     def tick(self, now: float) -> None:
-        for proc in list(self.processes.values()):
-            if proc.status is not None and not proc.exit_sent:
-                proc.maybe_report_exit(now)
-
-    def has_grace_timers(self) -> bool:
-        return any(p.status is not None and not p.exit_sent for p in self.processes.values())
+        for proc in list(self.unreported):
+            proc.maybe_report_exit(now)
 
     # -- stdio set-up -----------------------------------------------------------------------------
 
@@ -318,6 +319,12 @@ class Runtime:
                 child[name] = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
                 continue
             r, w = os.pipe2(os.O_CLOEXEC)
+            try:  # a bigger pipe: fewer, larger reads for the relay (64 KiB by default)
+                import fcntl
+
+                fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
             if name == "stdin":
                 child[name], parent[name] = r, w
             else:

@@ -53,20 +53,21 @@ class OutStream:
             self.registered = False
 
     def on_readable(self, fd: int, mask: int) -> None:
+        buf = self.agent.scratch[:min(self.credit, proto.STREAM_CHUNK)]
         try:
-            data = os.read(self.fd, min(self.credit, proto.STREAM_CHUNK))
+            n = os.readv(self.fd, [buf])
         except BlockingIOError:
             return
         except OSError as e:
             if e.errno != errno.EIO:  # EIO: a pty whose last slave closed, i.e. EOF
                 self.agent.log(f"stream {self.sid}: read: {e}")
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self.agent.send_frame(framing.CLOSE, self.sid, b"")
             self.end()
             return
-        self.credit -= len(data)
-        self.agent.send_frame(framing.DATA, self.sid, data)
+        self.credit -= n
+        self.agent.send_frame(framing.DATA, self.sid, buf[:n])  # written (or copied) before the next read
         self._update()
 
     def add_credit(self, n: int) -> None:
