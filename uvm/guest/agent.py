@@ -109,9 +109,15 @@ class CapturedCommand:
 
 
 class Agent:
-    def __init__(self, port_path: str) -> None:
+    def __init__(self, port_path: str | None = None, port_fd: int | None = None) -> None:
+        """Serve on the virtio-serial port at port_path, or on an open fd (tests: a socket pair)."""
         self.log = log
-        self.port = os.open(port_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        if port_fd is not None:
+            os.set_blocking(port_fd, False)
+            self.port = port_fd
+        else:
+            assert port_path is not None
+            self.port = os.open(port_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = Poller()
         self.decoder = framing.FrameDecoder()
         self.wbuf = bytearray()
