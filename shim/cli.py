@@ -1,4 +1,4 @@
-"""`runuvm`: the runc/runhcs-style command line (only `boot` exists so far).
+"""`runuvm`: the runc/runhcs-style command line (`boot` and `create-scratch` so far).
 
 ``runuvm boot [--cpus N] [--memory MiB] [--kernel-args S] [--accel A] [--exec CMD]`` boots a
 debug UVM, runs CMD in it through the agent (streaming nothing yet: its output is printed when it
@@ -12,6 +12,7 @@ import asyncio
 import logging
 import shlex
 import sys
+from pathlib import Path
 
 USAGE_EPILOG = "Container commands (create, start, run, exec, ...) are not implemented yet."
 
@@ -28,7 +29,25 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--boot-timeout", type=float, default=60.0)
     boot.add_argument("--exec", dest="exec_cmd", default=None, help="command to run in the UVM (shell words)")
     boot.add_argument("--measure", action="store_true", help="print the boot time")
+    scratch = sub.add_parser("create-scratch", help="create a sparse ext4 scratch disk image")
+    scratch.add_argument("dest", type=Path)
+    scratch.add_argument("--size-gb", type=int, default=20)
+    scratch.add_argument("--cache-path", type=Path, default=None)
     return p
+
+
+def _create_scratch(args: argparse.Namespace) -> int:
+    from uvm.errors import UvmError
+    from uvm.scratch import create_scratch
+
+    try:
+        s = create_scratch(args.dest, args.size_gb, args.cache_path)
+    except UvmError as e:
+        print(f"runuvm {e}", file=sys.stderr)
+        return 1
+    print(f"{s.path}: {s.size_bytes >> 30} GB ext4, {s.allocated_bytes // 1024} KiB on disk"
+          f"{' (from cache)' if s.from_cache else ''}")
+    return 0
 
 
 async def _boot(args: argparse.Namespace) -> int:
@@ -73,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "boot":
         return asyncio.run(_boot(args))
+    if args.command == "create-scratch":
+        return _create_scratch(args)
     parser.print_help()
     return 0 if args.command is None else 2
 
