@@ -38,10 +38,14 @@ PROCESSES = "container_processes"  # {id} -> {pids: [int]}
 UPDATE = "update_container"      # {id, resources: OCI LinuxResources} -> {}
 STATS = "container_stats"        # {id} -> ContainerStats
 DELETE = "delete_container"      # {id} -> {}
+# Disks hot-plugged on virtio-scsi (the host attached them already).
+SCSI_MOUNT = "scsi_mount"        # {controller, lun, path|null, fstype, options, readonly} -> {device, path}
+SCSI_UNMOUNT = "scsi_unmount"    # {path} -> {}
+SCSI_UNPLUG = "scsi_unplug"      # {controller, lun} -> {}
 
 METHODS = (HELLO, PING, SHUTDOWN, RUN, EXEC, SIGNAL, RESIZE, CREATE, START, KILL, PAUSE, RESUME, STATE, LIST,
-           PROCESSES, UPDATE, STATS, DELETE)
-CAPABILITIES = ("ping", "shutdown", "run", "exec", "containers", "streams")
+           PROCESSES, UPDATE, STATS, DELETE, SCSI_MOUNT, SCSI_UNMOUNT, SCSI_UNPLUG)
+CAPABILITIES = ("ping", "shutdown", "run", "exec", "containers", "streams", "scsi", "overlay")
 
 # Notifications (guest -> host).
 EVENT_LOG = "log"

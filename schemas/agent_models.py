@@ -79,6 +79,11 @@ Counter = Annotated[int, Field(ge=0, le=2**63)]
 Timestamp = Annotated[float, Field(ge=0, le=1e11)]
 
 
+class ScsiMountResult(GuestModel):
+    device: Annotated[str, Field(pattern=r"^/dev/sd[a-z]{1,3}$")]
+    path: Text | None
+
+
 class PidResult(GuestModel):
     pid: Pid
 

@@ -78,6 +78,7 @@ class UvmConfig(BaseModel):
     console_log: Path | None = None
     kill_with_parent: bool = True
     shares: Annotated[list[Share], Field(max_length=16)] = Field(default_factory=list)
+    scsi_controllers: Annotated[int, Field(ge=0, le=4)] = 1
     # Extra virtio-serial ports, each a unix socket <run_dir>/<id>/port-<name>.sock on the host
     # (measurements and debugging: e.g. a raw echo to compare the agent link against).
     extra_ports: Annotated[list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,30}$")]],

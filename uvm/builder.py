@@ -47,6 +47,7 @@ class LaunchSpec:
     image_id: str = ""
     shares: tuple[Share, ...] = ()
     extra_ports: tuple[str, ...] = ()
+    scsi_controllers: int = 1
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -147,7 +148,7 @@ def build(config: UvmConfig) -> LaunchSpec:
         qemu_binary=config.qemu_binary, run_dir=run_dir,
         console_log=config.console_log.absolute() if config.console_log else None,
         kill_with_parent=config.kill_with_parent, image_id=image_id, shares=tuple(shares),
-        extra_ports=tuple(config.extra_ports),
+        extra_ports=tuple(config.extra_ports), scsi_controllers=config.scsi_controllers,
     )
 
 

@@ -35,12 +35,18 @@ class ContainerState(enum.Enum):
 
 @dataclass(frozen=True)
 class Rootfs:
-    """Where a container's root comes from: a subdirectory of a 9p share, or a path in the UVM."""
+    """Where a container's root comes from: a subdirectory of a 9p share, a path in the UVM, or
+    read-only layers (mounted disks, top-most first) with a writable scratch, assembled as overlayfs
+    in the guest (upper/work under <scratch>/<container id>, so containers can share a scratch)."""
 
-    path: str
+    path: str = ""
     share: str | None = None
+    layers: tuple[str, ...] = ()
+    scratch: str | None = None
 
     def wire(self) -> dict[str, Any]:
+        if self.layers:
+            return {"layers": list(self.layers), "scratch": self.scratch}
         return {"share": self.share, "path": self.path}
 
 

@@ -85,6 +85,14 @@ class VmDiedError(UvmError):
         self.console_tail = console_tail
 
 
+class DiskError(UvmError):
+    """A disk could not be attached, mounted, unmounted or detached (context: path, slot)."""
+
+
+class NoAvailableLocationError(DiskError):
+    """Every controller x LUN slot is in use."""
+
+
 class LinkError(UvmError):
     """The agent link is down (closed, VM gone); pending calls fail with this."""
 

@@ -6,6 +6,9 @@
   in any order, or make the guest send whatever bytes it likes: garbage, oversized headers, answers
   to requests nobody made, payloads that are not JSON or that break the ``schemas.agent_models``.
   ``FakeGuest.connect()`` builds the host's ``AgentConnection`` and ``AgentClient`` on the other end.
+  For stdio streams it plays the guest's processes: ``send_data``/``send_credit``/``send_close`` emit
+  stream frames, and ``stream_frames``/``data_received``/``credit_received`` show what the host sent,
+  with ``wait_until`` to wait for it.
 * ``FakeBackend`` implements ``uvm.backends.base.Backend`` in memory, records every call, and ends
   the way QEMU does: a guest shutdown (through the agent or ACPI) exits with status 0 and shutdown
   reason ``guest-shutdown``; ``terminate()`` with ``host-qmp-quit``; ``crash()`` by a signal, with
@@ -24,6 +27,7 @@ import contextlib
 import itertools
 import json
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +160,8 @@ async def open_stream_pair() -> tuple[
 
 # -- the fake guest agent ------------------------------------------------------------------------
 
+_CREDIT = struct.Struct(">I")  # a CREDIT frame's payload: u32 bytes (as uvm.streams.CREDIT)
+
 
 class FakeGuest:
     """The guest end of an agent link, answering from canned results.
@@ -189,6 +195,7 @@ class FakeGuest:
         self._serve_task: asyncio.Task[None] | None = None
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._arrived = asyncio.Event()
+        self._frame_arrived = asyncio.Event()  # any frame from the host, or the end of the link
         self._closed = False
 
     def __repr__(self) -> str:
@@ -251,8 +258,11 @@ class FakeGuest:
                     return
                 for frame in frames:
                     await self._on_frame(frame)
+                    self._frame_arrived.set()
         except OSError:
             return
+        finally:
+            self._frame_arrived.set()  # wait_until() callers re-check (and see the host went away)
 
     async def _on_frame(self, frame: framing.Frame) -> None:
         if frame.type != framing.REQUEST:
@@ -347,6 +357,42 @@ class FakeGuest:
             await self.send_raw(partial)
         self.close_link()
 
+    # -- streams (what the guest's processes do) -------------------------------------------------
+
+    async def send_data(self, sid: int, data: bytes) -> None:
+        """A DATA frame on stream sid: output of a process, as the agent relays it (no credit check)."""
+        await self.send_frame(framing.DATA, sid, data)
+
+    async def send_credit(self, sid: int, n: int) -> None:
+        """A CREDIT frame on stream sid: the guest consumed n more bytes of the host's stdin data."""
+        await self.send_frame(framing.CREDIT, sid, _CREDIT.pack(n))
+
+    async def send_close(self, sid: int) -> None:
+        """A CLOSE frame on stream sid: EOF of a process's output."""
+        await self.send_frame(framing.CLOSE, sid)
+
+    def stream_frames(self, sid: int | None = None) -> list[framing.Frame]:
+        """The DATA, CREDIT and CLOSE frames the host sent (on stream sid), in order."""
+        kinds = (framing.DATA, framing.CREDIT, framing.CLOSE)
+        return [f for f in self.unexpected_frames if f.type in kinds and (sid is None or f.id == sid)]
+
+    def data_received(self, sid: int) -> bytes:
+        """Everything the host sent as DATA on stream sid (stdin of a process)."""
+        return b"".join(f.payload for f in self.stream_frames(sid) if f.type == framing.DATA)
+
+    def credit_received(self, sid: int) -> int:
+        """The total credit the host granted on stream sid (bytes of output it consumed)."""
+        return sum(_CREDIT.unpack(f.payload)[0] for f in self.stream_frames(sid)
+                   if f.type == framing.CREDIT and len(f.payload) == _CREDIT.size)
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Wait until condition() holds, checking it after every frame from the host. Returns at
+        once if it holds already; bound it with asyncio.timeout (a host that went away never
+        makes it hold)."""
+        while not condition():
+            self._frame_arrived.clear()
+            await self._frame_arrived.wait()
+
     def close_link(self) -> None:
         """Close the guest's end at once (the host reads EOF); the guest stops answering."""
         if self._writer is not None:
@@ -388,6 +434,7 @@ class FakeBackend:
         self.shutdown_delay = shutdown_delay
         self.console_lines: list[str] = console.splitlines()
         self.calls: list[str] = []
+        self.scsi: dict[tuple[int, int], tuple[str, bool]] = {}  # (controller, lun) -> (path, read-only)
         self.launched_spec: LaunchSpec | None = None
         self.closed = False
         self._pid: int | None = None
@@ -439,6 +486,21 @@ class FakeBackend:
         if not self.running:
             raise ConnectionRefusedError(f"fake backend {self.spec.vm_id}: hypervisor not running")
         return await self.guest.start()
+
+    async def attach_scsi(self, controller: int, lun: int, path: str, readonly: bool, fmt: str) -> None:
+        self.calls.append(f"attach_scsi {controller}:{lun} {path} {'ro' if readonly else 'rw'}")
+        if not self.running:
+            raise UvmError(f"fake backend {self.spec.vm_id}: hypervisor not running")
+        self.scsi[(controller, lun)] = (path, readonly)
+
+    async def detach_scsi(self, controller: int, lun: int) -> None:
+        self.calls.append(f"detach_scsi {controller}:{lun}")
+        if self.scsi.pop((controller, lun), None) is None:
+            raise UvmError(f"fake backend {self.spec.vm_id}: nothing at {controller}:{lun}")
+
+    async def scsi_inventory(self) -> dict[str, list[str]]:
+        return {"nodes": [f"scsi{c}-lun{lun}" for c, lun in self.scsi],
+                "devices": [f"sd{c}-lun{lun}" for c, lun in self.scsi]}
 
     async def request_powerdown(self) -> None:
         self.calls.append("request_powerdown")

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,6 +35,7 @@ from uvm.backends.base import Backend, HypervisorExit
 from uvm.container import Container, ContainerState, Rootfs
 from uvm.link import AgentClient, AgentConnection
 from uvm.process import Process, ProcessTable
+from uvm.scsi import MappedDisk, ScsiManager
 
 SHUTDOWN_REQUEST_TIMEOUT_S = 2.0
 CONSOLE_TAIL_LINES = 30
@@ -101,6 +103,7 @@ class UtilityVM:
         self._closing = False
         self._start_done = asyncio.Event()
         self.processes = ProcessTable()
+        self.scsi = ScsiManager(self, config.scsi_controllers)
         self.containers: dict[str, Container] = {}
         self.oom_listeners: list[Callable[[Container, int], None]] = []
 
@@ -431,6 +434,29 @@ class UtilityVM:
         container = Container(self, cid, init)
         self.containers[cid] = container
         return container
+
+    def _require_backend(self, op: str) -> Backend:
+        self._check_started(op)
+        if self.state is not VmState.RUNNING or self.backend is None:
+            raise errors.NotRunningError(f"VM {self.id}: {op}: VM is {self.state.value}", vm_id=self.id)
+        return self.backend
+
+    async def add_scsi_disk(self, path: Path | str, guest_path: str | None = None, *, readonly: bool = False,
+                            fstype: str = "ext4", options: tuple[str, ...] = ()) -> MappedDisk:
+        """Attach a host image (raw or qcow2) on virtio-scsi and mount it at guest_path (None: only
+        expose the block device). Rolled back entirely on failure. Raises DiskError."""
+        return await self.scsi.add_mapped_disk(path, guest_path, readonly, fstype, options)
+
+    async def remove_scsi_disk(self, disk: MappedDisk) -> None:
+        """Unmount in the guest, unplug there, detach on the host. Raises DiskError."""
+        await self.scsi.remove_mapped_disk(disk)
+
+    def mapped_disks(self) -> dict[int, list[MappedDisk]]:
+        """Mapped disks indexed by controller (seed Container.MappedVirtualDisks)."""
+        out: dict[int, list[MappedDisk]] = {c: [] for c in range(self.scsi.controllers)}
+        for disk in self.scsi.mounts.values():
+            out[disk.slot.controller].append(disk)
+        return out
 
     def _forget_container(self, c: Container) -> None:
         if self.containers.get(c.id) is c:

@@ -55,6 +55,15 @@ class Backend(Protocol):
     async def wait_exit(self) -> HypervisorExit:
         """Wait until the hypervisor has exited."""
 
+    async def attach_scsi(self, controller: int, lun: int, path: str, readonly: bool, fmt: str) -> None:
+        """Hot-plug the image at path as a SCSI disk at controller:lun. Raises DiskError (nothing left)."""
+
+    async def detach_scsi(self, controller: int, lun: int) -> None:
+        """Unplug the disk at controller:lun and release its host side. Raises DiskError."""
+
+    async def scsi_inventory(self) -> dict[str, list[str]]:
+        """{"devices": [...], "nodes": [...]}: what the hypervisor has attached (for checks)."""
+
     def console_tail(self, lines: int = 30) -> str:
         """The last lines the guest printed on its console."""
 

@@ -20,9 +20,10 @@ from qemu.qmp.error import QMPError
 
 from uvm.backends.base import HypervisorExit
 from uvm.builder import LaunchSpec
-from uvm.errors import AlreadyExistsError, StartError
+from uvm.errors import AlreadyExistsError, DiskError, StartError
 
 QMP_QUIT_TIMEOUT_S = 1.0
+QMP_DISK_TIMEOUT_S = 15.0
 EXIT_AFTER_KILL_S = 10.0
 
 
@@ -50,6 +51,8 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
         "-device", f"virtserialport,chardev=agent,name={spec.agent_port_name}",
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
     ]
+    for n in range(spec.scsi_controllers):
+        argv += ["-device", f"virtio-scsi-device,id=scsi{n}"]
     for name in spec.extra_ports:
         argv += ["-chardev", f"socket,id=port-{name},path={run_dir / f'port-{name}.sock'},server=on,wait=off",
                  "-device", f"virtserialport,chardev=port-{name},name={name}"]
@@ -87,6 +90,7 @@ class QemuBackend:
         self._shutdown_reason: str | None = None
         self._created_run_dir = False
         self._closed = False
+        self._deleting: dict[str, asyncio.Event] = {}
 
     @property
     def pid(self) -> int | None:
@@ -144,6 +148,11 @@ class QemuBackend:
 
     async def _watch_events(self, qmp: QMPClient) -> None:
         async for event in qmp.events:
+            if event["event"] == "DEVICE_DELETED":
+                data = event.get("data")
+                device = data.get("device") if isinstance(data, dict) else None
+                if isinstance(device, str) and device in self._deleting:
+                    self._deleting[device].set()
             if event["event"] == "SHUTDOWN":
                 data = event.get("data")
                 self._shutdown_reason = str(data.get("reason", "unknown")) if isinstance(data, dict) else "unknown"
@@ -192,6 +201,62 @@ class QemuBackend:
         if self._exit_task is None:
             raise StartError(f"VM {self.spec.vm_id}: QEMU was never started", vm_id=self.spec.vm_id)
         return await asyncio.shield(self._exit_task)
+
+    # -- SCSI disks ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _scsi_names(controller: int, lun: int) -> tuple[str, str]:
+        return f"scsi{controller}-lun{lun}", f"sd{controller}-lun{lun}"  # block node, device id
+
+    async def _qmp_call(self, what: str, cmd: str, args: dict[str, object]) -> object:
+        from qemu.qmp import ExecuteError
+
+        if self._qmp is None or not self._alive():
+            raise DiskError(f"VM {self.spec.vm_id}: {what}: QEMU is not running", vm_id=self.spec.vm_id)
+        try:
+            return await asyncio.wait_for(self._qmp.execute(cmd, args), QMP_DISK_TIMEOUT_S)
+        except ExecuteError as e:
+            raise DiskError(f"VM {self.spec.vm_id}: {what}: {cmd}: {e}", vm_id=self.spec.vm_id,
+                            qmp=cmd, sent=args) from None
+        except (TimeoutError, QMPError, OSError, EOFError) as e:
+            raise DiskError(f"VM {self.spec.vm_id}: {what}: {cmd} failed: {e!r}", vm_id=self.spec.vm_id) from None
+
+    async def attach_scsi(self, controller: int, lun: int, path: str, readonly: bool, fmt: str) -> None:
+        node, dev = self._scsi_names(controller, lun)
+        what = f"attach {path} at {controller}:{lun}"
+        await self._qmp_call(what, "blockdev-add", {
+            "node-name": node, "driver": fmt, "read-only": readonly,
+            "file": {"driver": "file", "filename": path, "read-only": readonly}})
+        try:
+            await self._qmp_call(what, "device_add", {
+                "driver": "scsi-hd", "id": dev, "bus": f"scsi{controller}.0", "drive": node,
+                "channel": 0, "scsi-id": 0, "lun": lun})
+        except DiskError:
+            with contextlib.suppress(DiskError):
+                await self._qmp_call(what, "blockdev-del", {"node-name": node})
+            raise
+
+    async def detach_scsi(self, controller: int, lun: int) -> None:
+        node, dev = self._scsi_names(controller, lun)
+        what = f"detach {controller}:{lun}"
+        deleted = self._deleting[dev] = asyncio.Event()
+        try:
+            await self._qmp_call(what, "device_del", {"id": dev})
+            try:
+                await asyncio.wait_for(deleted.wait(), QMP_DISK_TIMEOUT_S)
+            except TimeoutError:
+                raise DiskError(f"VM {self.spec.vm_id}: {what}: QEMU did not report the device deleted",
+                                vm_id=self.spec.vm_id) from None
+        finally:
+            self._deleting.pop(dev, None)
+        await self._qmp_call(what, "blockdev-del", {"node-name": node})
+
+    async def scsi_inventory(self) -> dict[str, list[str]]:
+        blocks = await self._qmp_call("query-named-block-nodes", "query-named-block-nodes", {})
+        nodes = [str(b.get("node-name")) for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []
+        tree = await self._qmp_call("qom-list", "qom-list", {"path": "/machine/peripheral"})
+        devices = [str(d.get("name")) for d in tree if isinstance(d, dict)] if isinstance(tree, list) else []
+        return {"nodes": [n for n in nodes if n.startswith("scsi")], "devices": [d for d in devices if d.startswith("sd")]}
 
     def console_tail(self, lines: int = 30) -> str:
         return tail_lines(self.console_path, lines)

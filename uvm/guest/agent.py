@@ -153,7 +153,8 @@ class Agent:
                              (proto.RESUME, "resume_container"), (proto.STATE, "container_state"),
                              (proto.LIST, "list_containers"), (proto.PROCESSES, "container_processes"),
                              (proto.UPDATE, "update_container"), (proto.STATS, "container_stats"),
-                             (proto.DELETE, "delete_container")):
+                             (proto.DELETE, "delete_container"), (proto.SCSI_MOUNT, "scsi_mount"),
+                             (proto.SCSI_UNMOUNT, "scsi_unmount"), (proto.SCSI_UNPLUG, "scsi_unplug")):
             self.handlers[method] = self._runtime_handler(name)
 
     @property

@@ -241,6 +241,7 @@ class Container:
         self.oom_fd: int | None = None
         self.oom_kills = 0
         self.exec_seq = 0
+        self.overlay = False
 
     @property
     def cgroup(self) -> str:
@@ -255,7 +256,116 @@ class Container:
         return d
 
 
-class Runtime:
+# -- disks ---------------------------------------------------------------------------------------
+
+SCSI_DEVICE_WAIT_S = 10.0
+FSTYPES = ("ext4", "erofs")
+
+
+def scsi_hosts() -> list[str]:
+    """virtio-scsi host numbers in probe order (the order of the controllers on QEMU's command line)."""
+    try:
+        hosts = [h for h in os.listdir("/sys/class/scsi_host") if h.startswith("host")]
+    except OSError:
+        return []
+    return [h[4:] for h in sorted(hosts, key=lambda h: int(h[4:]))]
+
+
+def scsi_block_device(controller: int, lun: int) -> str | None:
+    hosts = scsi_hosts()
+    if controller >= len(hosts):
+        return None
+    base = f"/sys/bus/scsi/devices/{hosts[controller]}:0:0:{lun}/block"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return None
+    return f"/dev/{names[0]}" if names else None
+
+
+def check_slot(params: dict[str, Any]) -> tuple[int, int]:
+    c, lun = params.get("controller"), params.get("lun")
+    if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < 4:
+        raise err(proto.E_INVALID, f"controller {c!r} out of range 0..3")
+    if not isinstance(lun, int) or isinstance(lun, bool) or not 0 <= lun < 256:
+        raise err(proto.E_INVALID, f"lun {lun!r} out of range 0..255")
+    return c, lun
+
+
+def check_guest_path(path: object) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/") or path == "/":
+        raise err(proto.E_INVALID, f"mount path {path!r} must be an absolute path below /")
+    return path
+
+
+class DiskMixin:
+    """scsi_mount / scsi_unmount / scsi_unplug (one-time waits are bounded and block the loop briefly)."""
+
+    agent: Agent
+    disk_modules_loaded = False
+
+    def ensure_disk_modules(self) -> None:
+        if self.disk_modules_loaded:
+            return
+        status, out = self.agent.run_blocking(["modprobe", "-a", "crc32c_generic", "virtio_scsi", "sd_mod", "ext4",
+                                               "erofs", "overlay"])
+        if status != 0:
+            raise err(proto.E_INTERNAL, f"loading disk modules: {out.strip()}")
+        self.disk_modules_loaded = True
+
+    def scsi_mount(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        controller, lun = check_slot(params)
+        path = params.get("path")
+        if path is not None:
+            path = check_guest_path(path)
+        fstype = params.get("fstype", "ext4")
+        if fstype not in FSTYPES:
+            raise err(proto.E_INVALID, f"filesystem {fstype!r} not supported (one of {', '.join(FSTYPES)})")
+        options = params.get("options") or []
+        if not isinstance(options, list) or not all(isinstance(o, str) and o and "," not in o for o in options):
+            raise err(proto.E_INVALID, "options must be a list of mount options")
+        readonly = bool(params.get("readonly", False))
+        self.ensure_disk_modules()
+        deadline = time.monotonic() + SCSI_DEVICE_WAIT_S
+        device = scsi_block_device(controller, lun)
+        while device is None or not os.path.exists(device):
+            if time.monotonic() > deadline:
+                raise err(proto.E_NOT_FOUND, f"no disk appeared at SCSI {controller}:0:0:{lun} "
+                                             f"within {SCSI_DEVICE_WAIT_S:.0f}s")
+            time.sleep(0.01)
+            device = scsi_block_device(controller, lun)
+        if path is None:
+            return {"device": device, "path": None}
+        os.makedirs(path, exist_ok=True)
+        opts = [*options, "ro" if readonly else "rw"]
+        status, out = self.agent.run_blocking(["mount", "-t", fstype, "-o", ",".join(opts), device, path])
+        if status != 0:
+            raise err(proto.E_INVALID, f"mount {device} ({fstype}) on {path}: {out.strip()}")
+        return {"device": device, "path": path}
+
+    def scsi_unmount(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        path = check_guest_path(params.get("path"))
+        status, out = self.agent.run_blocking(["umount", path])
+        if status != 0:
+            code = proto.E_NOT_FOUND if "not mounted" in out or "Invalid argument" in out else proto.E_INVALID
+            raise err(code, f"umount {path}: {out.strip()}")
+        return {}
+
+    def scsi_unplug(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        controller, lun = check_slot(params)
+        hosts = scsi_hosts()
+        if controller >= len(hosts):
+            return {}
+        try:
+            write_file(f"/sys/bus/scsi/devices/{hosts[controller]}:0:0:{lun}/delete", "1")
+        except FileNotFoundError:
+            pass  # not there (never appeared, or removed already)
+        except OSError as e:
+            raise err(proto.E_INTERNAL, f"unplug SCSI {controller}:0:0:{lun}: {e}") from None
+        return {}
+
+
+class Runtime(DiskMixin):
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.containers: dict[str, Container] = {}
@@ -449,22 +559,23 @@ class Runtime:
         process = check_process(spec.get("process"))
         rootfs = params.get("rootfs")
         if not isinstance(rootfs, dict):
-            raise err(proto.E_INVALID, "rootfs must be {share, path} or {path}")
+            raise err(proto.E_INVALID, "rootfs must be {share, path}, {path} or {layers, scratch}")
         sids = self.stdio_params(params)
         if sids[3] != bool(process.get("terminal", False)):
             raise err(proto.E_INVALID, "terminal must match spec.process.terminal")
-        root_path = self.rootfs_path(rootfs)
+        layered = "layers" in rootfs
+        root_path = self.check_layers(rootfs) if layered else self.rootfs_path(rootfs)
         self.ensure_cgroups()
         bundle = f"{CONTAINERS_DIR}/{cid}"
-        c = Container(cid, bundle)
-        self.containers[cid] = c
-        try:
-            os.makedirs(bundle, mode=0o700)
-        except FileExistsError:
-            import shutil
+        import shutil
 
-            shutil.rmtree(bundle, ignore_errors=True)
-            os.makedirs(bundle, mode=0o700)
+        shutil.rmtree(bundle, ignore_errors=True)
+        os.makedirs(bundle, mode=0o700)
+        if layered:
+            root_path = self.mount_overlay(cid, rootfs, f"{bundle}/rootfs")
+        c = Container(cid, bundle)
+        c.overlay = layered
+        self.containers[cid] = c
         spec = dict(spec)
         spec["root"] = {"path": root_path, "readonly": bool((spec.get("root") or {}).get("readonly", False))}
         linux = dict(spec.get("linux") or {})
@@ -509,6 +620,31 @@ class Runtime:
         if not os.path.isdir(full):
             raise err(proto.E_INVALID, f"rootfs {path!r} is not a directory in share {share}")
         return full
+
+    def check_layers(self, rootfs: dict[str, Any]) -> str:
+        layers, scratch = rootfs.get("layers"), rootfs.get("scratch")
+        if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
+            raise err(proto.E_INVALID, "rootfs.layers must be a non-empty list of paths in the UVM")
+        for p in [*layers, scratch]:
+            check_guest_path(p)
+            if not os.path.isdir(p):
+                raise err(proto.E_INVALID, f"rootfs layer/scratch {p} is not a directory in the UVM")
+        return ""
+
+    def mount_overlay(self, cid: str, rootfs: dict[str, Any], target: str) -> str:
+        """Read-only layers (top-most first) + upper/work in the scratch under <scratch>/<cid>/."""
+        self.ensure_disk_modules()
+        upper, work = f"{rootfs['scratch']}/{cid}/upper", f"{rootfs['scratch']}/{cid}/work"
+        for d in (upper, work, target):
+            os.makedirs(d, exist_ok=True)
+        opts = f"lowerdir={':'.join(rootfs['layers'])},upperdir={upper},workdir={work}"
+        status, out = self.agent.run_blocking(["mount", "-t", "overlay", "-o", opts, "overlay", target])
+        if status != 0:
+            import shutil
+
+            shutil.rmtree(target.rsplit("/", 1)[0], ignore_errors=True)
+            raise err(proto.E_INVALID, f"overlay rootfs for {cid}: {out.strip()}")
+        return target
 
     def mount_share(self, tag: str, mnt: str) -> None:
         """Mount the 9p share tag (loading 9p on first use). Blocking: shares are mounted once."""
@@ -757,7 +893,23 @@ class Runtime:
             os.close(c.oom_fd)
             c.oom_fd = None
         self.containers.pop(c.id, None)
-        shutil.rmtree(c.bundle, ignore_errors=True)
+        if c.overlay:
+            # Never remove files through a still-mounted overlay: that would delete them from the scratch.
+            status, out = self.agent.run_blocking(["umount", f"{c.bundle}/rootfs"])
+            if status != 0:
+                self.agent.log(f"container {c.id}: umount rootfs: {out.strip()}; detaching it lazily")
+                self.agent.run_blocking(["umount", "-l", f"{c.bundle}/rootfs"])
+            for entry in os.listdir(c.bundle):
+                if entry != "rootfs":
+                    shutil.rmtree(f"{c.bundle}/{entry}", ignore_errors=True) if os.path.isdir(
+                        f"{c.bundle}/{entry}") else os.unlink(f"{c.bundle}/{entry}")
+            try:
+                os.rmdir(f"{c.bundle}/rootfs")
+                os.rmdir(c.bundle)
+            except OSError as e:
+                self.agent.log(f"container {c.id}: bundle left in place: {e}")
+        else:
+            shutil.rmtree(c.bundle, ignore_errors=True)
         try:
             os.rmdir(c.cgroup)
         except OSError:
