@@ -30,6 +30,7 @@ from schemas import oci  # noqa: E402
 from schemas.uvm_config import UvmConfig  # noqa: E402
 from uvm import builder  # noqa: E402
 from uvm.backends.qemu import qemu_argv  # noqa: E402
+from uvm.scratch import create_scratch  # noqa: E402
 from uvm.vm import UtilityVM  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("image_build", REPO / "images" / "build.py")
@@ -189,6 +190,48 @@ async def link_figures(run_dir: Path, state_dir: Path, rounds: int = 3) -> dict[
         await vm.close()
 
 
+def scratch_figures(tmp: Path, n: int = 10) -> dict[str, float]:
+    """create-scratch of 20 GB: cold, from the cache, and bytes on disk (medians of n)."""
+    cold, cached, sizes = [], [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        s = create_scratch(tmp / f"cold{i}.img")
+        cold.append(time.perf_counter() - t0)
+        sizes.append(s.allocated_bytes)
+        s.path.unlink()
+    cache = tmp / "cache.img"
+    create_scratch(tmp / "fill.img", cache_path=cache).path.unlink()
+    for i in range(n):
+        t0 = time.perf_counter()
+        s = create_scratch(tmp / f"c{i}.img", cache_path=cache)
+        cached.append(time.perf_counter() - t0)
+        s.path.unlink()
+    cache.unlink()
+    return {"cold_s": median(cold), "cache_s": median(cached), "bytes_on_disk": median([float(x) for x in sizes])}
+
+
+async def disk_figures(run_dir: Path, state_dir: Path, tmp: Path, n: int = 10) -> dict[str, float]:
+    """attach + mount of a scratch disk in a running UVM, and unmount + detach (medians of n)."""
+    vm = UtilityVM(UvmConfig(run_dir=run_dir, state_dir=state_dir, boot_timeout=120))
+    await vm.start()
+    try:
+        img = create_scratch(tmp / "bench-scratch.img", size_gb=1).path
+        warm = await vm.add_scsi_disk(img, "/mnt/bench")  # first use loads the SCSI and ext4 modules
+        await vm.remove_scsi_disk(warm)
+        add, remove = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            disk = await vm.add_scsi_disk(img, "/mnt/bench")
+            add.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await vm.remove_scsi_disk(disk)
+            remove.append(time.perf_counter() - t0)
+        img.unlink()
+        return {"attach_mount_s": median(add), "unmount_detach_s": median(remove)}
+    finally:
+        await vm.close()
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -216,6 +259,7 @@ def main() -> int:
     ap.add_argument("--boot-loop", type=int, default=int(os.environ.get("BENCH_BOOT_LOOP", "50")))
     ap.add_argument("--boot-timeout", type=float, default=30.0)
     ap.add_argument("--no-link", dest="link", action="store_false", help="skip the agent link figures")
+    ap.add_argument("--no-disks", dest="disks", action="store_false", help="skip the disk figures")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
         tmp = Path(t)
@@ -249,6 +293,16 @@ def main() -> int:
                   f"({ratios['tput_vs_c']:.2f}x), python3 relay {link['pyraw_mbps']:.1f} MB/s "
                   f"({ratios['tput_vs_py']:.2f}x) (target >= 0.5x)")
             summary["link"] = {**link, **ratios}
+        if args.disks:
+            sc = scratch_figures(tmp)
+            print(f"create-scratch 20 GB: cold {sc['cold_s'] * 1e3:.1f} ms (target <= 200), from cache "
+                  f"{sc['cache_s'] * 1e3:.1f} ms (target <= 100), {sc['bytes_on_disk'] / 1024:.0f} KiB on disk "
+                  f"(target <= 1024)")
+            dk = asyncio.run(disk_figures(run_dir, state_dir, tmp))
+            ratio = dk["attach_mount_s"] / f0 if res["F0"] else float("nan")
+            print(f"scsi disk in a running UVM: attach+mount {dk['attach_mount_s'] * 1e3:.0f} ms ({ratio:.3f}x F0), "
+                  f"unmount+detach {dk['unmount_detach_s'] * 1e3:.0f} ms (medians of 10)")
+            summary["disks"] = {**sc, **dk, "attach_mount_vs_F0": ratio}
         if args.boot_loop:
             print(f"boot loop: {args.boot_loop} UVM boots, deadline {args.boot_timeout:g}s each", flush=True)
             hangs, failures, times = asyncio.run(boot_loop(args.boot_loop, run_dir, state_dir, args.boot_timeout))
