@@ -78,6 +78,7 @@ class ScsiManager:
         self.luns = luns
         self.slots: dict[tuple[int, int], ScsiSlot] = {}
         self.mounts: dict[str, MappedDisk] = {}  # guest path -> disk
+        self.disks: list[MappedDisk] = []  # every mapped disk, mounted or exposed as a block device
         self._lock = asyncio.Lock()
 
     # -- bookkeeping (no I/O) -------------------------------------------------------------------
@@ -162,9 +163,12 @@ class ScsiManager:
         disk = MappedDisk(slot, res.path, fstype, tuple(options))
         if res.path is not None:
             self.mounts[res.path] = disk
+        self.disks.append(disk)
         return disk
 
     async def remove_mapped_disk(self, disk: MappedDisk) -> None:
+        if not any(d is disk for d in self.disks):
+            raise errors.DiskError(f"disk {disk.slot.path}: not mapped (removed already?)", path=disk.slot.path)
         if disk.guest_path is not None:
             if self.mounts.get(disk.guest_path) is not disk:
                 raise errors.DiskError(f"guest path {disk.guest_path}: no such mapped disk", guest_path=disk.guest_path)
@@ -173,4 +177,5 @@ class ScsiManager:
             except errors.AgentError as e:
                 raise errors.DiskError(f"disk {disk.slot.path}: {e.message}", path=disk.slot.path) from None
             del self.mounts[disk.guest_path]
+        self.disks = [d for d in self.disks if d is not disk]
         await self.release(disk.slot)

@@ -454,7 +454,7 @@ class UtilityVM:
     def mapped_disks(self) -> dict[int, list[MappedDisk]]:
         """Mapped disks indexed by controller (seed Container.MappedVirtualDisks)."""
         out: dict[int, list[MappedDisk]] = {c: [] for c in range(self.scsi.controllers)}
-        for disk in self.scsi.mounts.values():
+        for disk in self.scsi.disks:
             out[disk.slot.controller].append(disk)
         return out
 

@@ -156,3 +156,15 @@ async def test_container_on_two_layers_and_a_scratch(vm: UtilityVM, disk_dir: Pa
                              text=True, check=True).stdout
     assert "motd" in listing  # the deletion is a whiteout in the scratch; the layer is untouched
     shutil.rmtree(top_dir)
+
+
+async def test_disk_exposed_as_a_block_device(vm: UtilityVM, disk_dir: Path) -> None:
+    img = create_scratch(disk_dir / "raw.img", size_gb=1).path
+    disk = await vm.add_scsi_disk(img, None)
+    assert disk.guest_path is None and disk.device is not None
+    assert await sh(vm, f"test -b {disk.device} && blockdev --getsize64 {disk.device}") == f"{1 << 30}\n"
+    assert vm.mapped_disks()[0] == [disk]
+    await vm.remove_scsi_disk(disk)
+    assert await inventory(vm) == {"nodes": [], "devices": []} and vm.mapped_disks()[0] == []
+    with pytest.raises(errors.DiskError, match="not mapped"):
+        await vm.remove_scsi_disk(disk)  # detaching something no longer attached
