@@ -70,7 +70,8 @@ class UvmConfig(BaseModel):
     kernel_args: Annotated[str, Field(max_length=2048)] = ""
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     boot_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
-    backend: Literal["qemu"] = "qemu"
+    backend: Literal["qemu", "libvirt"] = "qemu"
+    libvirt_uri: Annotated[str, Field(min_length=1, max_length=256)] = "qemu:///system"
     qemu_binary: str = "qemu-system-x86_64"
     tb_size_mib: Annotated[int, Field(ge=16, le=4096)] | None = None
     run_dir: Path = Field(default_factory=default_run_dir)

@@ -48,6 +48,8 @@ class LaunchSpec:
     shares: tuple[Share, ...] = ()
     extra_ports: tuple[str, ...] = ()
     scsi_controllers: int = 1
+    backend: str = "qemu"
+    libvirt_uri: str = "qemu:///system"
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -149,6 +151,7 @@ def build(config: UvmConfig) -> LaunchSpec:
         console_log=config.console_log.absolute() if config.console_log else None,
         kill_with_parent=config.kill_with_parent, image_id=image_id, shares=tuple(shares),
         extra_ports=tuple(config.extra_ports), scsi_controllers=config.scsi_controllers,
+        backend=config.backend, libvirt_uri=config.libvirt_uri,
     )
 
 

@@ -27,6 +27,8 @@ from uvm.streams import CREDIT, InboundStream, OutboundStream
 
 M = TypeVar("M", bound=BaseModel)
 
+MAX_FORGOTTEN_STREAMS = 4096
+
 _ERROR_TYPES: dict[str, type[errors.AgentError]] = {
     proto.E_NOT_FOUND: errors.AgentNotFoundError,
     proto.E_INVALID: errors.AgentInvalidArgumentError,
@@ -60,7 +62,9 @@ class AgentConnection:
         self._closed: errors.UvmError | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._streams: dict[int, InboundStream | OutboundStream] = {}
+        self._forgotten: dict[int, None] = {}  # closed by the host: late guest frames are dropped quietly
         self._next_sid = 1
+        self.on_fail: Callable[[errors.UvmError], None] | None = None
 
     def start(self) -> None:
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"{self.name}-agent-reader")
@@ -146,10 +150,13 @@ class AgentConnection:
         return stream
 
     def forget_stream(self, sid: int) -> None:
-        self._streams.pop(sid, None)
+        if self._streams.pop(sid, None) is not None:
+            self._forgotten[sid] = None
+            while len(self._forgotten) > MAX_FORGOTTEN_STREAMS:
+                del self._forgotten[next(iter(self._forgotten))]
 
     def _allocate_sid(self) -> int:
-        while self._next_sid in self._streams or self._next_sid == 0:
+        while self._next_sid in self._streams or self._next_sid in self._forgotten or self._next_sid == 0:
             self._next_sid = (self._next_sid + 1) & 0xFFFFFFFF
         sid = self._next_sid
         self._next_sid = (self._next_sid + 1) & 0xFFFFFFFF
@@ -158,6 +165,8 @@ class AgentConnection:
     def _stream_frame(self, frame: framing.Frame) -> str | None:
         stream = self._streams.get(frame.id)
         if stream is None:
+            if frame.id in self._forgotten:
+                return None  # sent before the guest saw our CLOSE
             return f"{framing.TYPE_NAMES[frame.type]} frame for unknown stream {frame.id}"
         if isinstance(stream, InboundStream):
             if frame.type == framing.DATA:
@@ -219,6 +228,8 @@ class AgentConnection:
         self._pending.clear()
         for stream in self._streams.values():
             stream.fail(error)
+        if self.on_fail is not None:
+            self.on_fail(error)
         with contextlib.suppress(Exception):
             self._writer.close()
 

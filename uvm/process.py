@@ -89,6 +89,8 @@ class Process:
                 for s in (self.stdin, self.stdout, self.stderr):
                     if s is not None:
                         s.fail(errors.LinkError(f"{self.where}: the UVM died"))
+            elif self.stdin is not None:  # the guest dropped the process's stdin: no credit will come
+                self.stdin.fail(errors.StateError(f"{self.where}: has exited"))
 
     @property
     def exited(self) -> bool:

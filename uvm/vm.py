@@ -75,6 +75,11 @@ def classify_exit(hv: HypervisorExit, requested: str | None) -> str:
 
 
 def default_backend(spec: builder.LaunchSpec) -> Backend:
+    """The backend the config names (libvirt-python is imported only when it is used)."""
+    if spec.backend == "libvirt":
+        from uvm.backends.libvirt import LibvirtBackend
+
+        return LibvirtBackend(spec)
     from uvm.backends.qemu import QemuBackend
 
     return QemuBackend(spec)
@@ -106,6 +111,8 @@ class UtilityVM:
         self.scsi = ScsiManager(self, config.scsi_controllers)
         self.containers: dict[str, Container] = {}
         self.oom_listeners: list[Callable[[Container, int], None]] = []
+        self._link_lost: errors.UvmError | None = None
+        self._link_kill: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         pid = self.backend.pid if self.backend else None
@@ -147,6 +154,7 @@ class UtilityVM:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.id}-watch")
                 reader, writer = await backend.connect_agent()
                 self._conn = AgentConnection(reader, writer, self.id, on_notify=self._on_notify)
+                self._conn.on_fail = self._on_link_lost
                 self._conn.start()
                 self.agent = AgentClient(self._conn)
                 self.hello = await self.agent.hello()
@@ -198,8 +206,11 @@ class UtilityVM:
         reason = classify_exit(hv, self._stop_requested)
         self._console_at_exit = tail = self.backend.console_tail(CONSOLE_TAIL_LINES)
         died: errors.VmDiedError | None = None
+        if self._link_kill is not None:
+            await asyncio.gather(self._link_kill, return_exceptions=True)
         if reason == "died":
-            died = errors.VmDiedError(f"VM {self.id} died: QEMU {hv.describe()}", console_tail=tail, vm_id=self.id)
+            why = f"the agent link was lost ({self._link_lost}); " if self._link_lost is not None else ""
+            died = errors.VmDiedError(f"VM {self.id} died: {why}QEMU {hv.describe()}", console_tail=tail, vm_id=self.id)
             self.log.error("VM died: QEMU %s", hv.describe())
         if self._conn is not None:
             self._conn.fail(died or errors.LinkError(f"VM {self.id}: stopped ({reason})", vm_id=self.id))
@@ -339,6 +350,17 @@ class UtilityVM:
 
     # -- processes and containers ---------------------------------------------------------------
 
+    def _on_link_lost(self, error: errors.UvmError) -> None:
+        """The agent link failed while the VM runs: nothing in it can be observed or controlled any
+        more, so the VM is terminated and reported dead (never as a success)."""
+        if self.state is not VmState.RUNNING or self._stop_requested is not None or self.backend is None:
+            return
+        self._link_lost = error
+        self._stop_requested = "link-lost"
+        self.state = VmState.STOPPING
+        self.log.error("agent link lost (%s): terminating VM %s", error, self.id)
+        self._link_kill = asyncio.get_running_loop().create_task(self.backend.terminate(), name=f"{self.id}-link-lost")
+
     def _on_notify(self, msg: dict[str, Any]) -> None:
         """Guest notifications, validated (a bad one drops the link: GuestProtocolError)."""
         event = msg.get("event")
@@ -356,12 +378,11 @@ class UtilityVM:
                 rec = models.LogEvent.model_validate(msg)
                 self.log.log({"debug": 10, "info": 20, "warning": 30, "error": 40}[rec.level], "guest: %s", rec.message)
             else:
-                raise errors.GuestProtocolError(f"agent link {self.id}: unknown notification {str(event)[:64]!r}")
+                raise errors.GuestProtocolError(f"unknown notification {str(event)[:64]!r}")
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "payload"
-            raise errors.GuestProtocolError(
-                f"agent link {self.id}: invalid {str(event)[:64]} notification: {where}: {first['msg']}") from None
+            raise errors.GuestProtocolError(f"invalid {str(event)[:64]} notification: {where}: {first['msg']}") from None
 
     async def _exec(self, container: str | None, spec: oci.Process, *, stdin: bool, stdout: bool,
                     stderr: bool) -> Process:

@@ -297,7 +297,9 @@ class Agent:
             msg = wirejson.loads(frame.payload)
             if not isinstance(msg, dict) or not isinstance(msg.get("method"), str):
                 raise RequestError(proto.E_INVALID, "request is not {method, params}")
-            params = msg.get("params") or {}
+            params = msg.get("params")
+            if params is None:
+                params = {}
             if not isinstance(params, dict):
                 raise RequestError(proto.E_INVALID, "params must be an object")
             handler = self.handlers.get(msg["method"])
@@ -308,7 +310,7 @@ class Agent:
                 self.reply(frame.id, result)
         except RequestError as e:
             self.reply_error(frame.id, e.code, e.message)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             self.reply_error(frame.id, proto.E_INVALID, f"bad request: {e}")
         except Exception as e:  # a bug in a handler must not take PID 1 down
             log(f"internal error: {e!r}")
@@ -330,11 +332,13 @@ class Agent:
 
     def do_ping(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
         seq = params.get("seq", 0)
-        if not isinstance(seq, int) or seq < 0:
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             raise RequestError(proto.E_INVALID, "seq must be a non-negative integer")
         return {"seq": seq}
 
     def do_shutdown(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        if os.getpid() != 1:  # power_off kills every process and unmounts: only ever as the UVM's init
+            raise RequestError(proto.E_UNSUPPORTED, "shutdown: the agent is not PID 1 (not running as a UVM's init)")
         self.shutting_down = True
         return {}
 

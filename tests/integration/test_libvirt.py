@@ -1,0 +1,115 @@
+"""The libvirt backend with a real libvirtd (started by the fixture when it is not running)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas.uvm_config import UvmConfig
+from tests.conftest import assert_no_leftovers
+from uvm import errors
+from uvm.scratch import create_scratch
+from uvm.vm import UtilityVM, VmState
+
+pytestmark = pytest.mark.vm
+
+
+def _running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[None]:
+    """libvirtd and virtlogd: started here when not running, and then stopped here (only those)."""
+    started = []
+    for daemon in ("virtlogd", "libvirtd"):
+        if not _running(daemon):
+            subprocess.run([daemon, "-d"], check=True)
+            started.append(daemon)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
+                         check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            pytest.fail("libvirtd did not come up")
+        time.sleep(0.2)
+    yield
+    for daemon in reversed(started):
+        subprocess.run(["pkill", "-x", daemon], check=False)
+        for _ in range(100):
+            if not _running(daemon):
+                break
+            time.sleep(0.1)
+
+
+def domains() -> list[str]:
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
+                         text=True, check=True).stdout
+    return [d for d in out.split() if d.startswith("uvmshim-")]
+
+
+async def test_libvirt_lifecycle_command_disk_shutdown(libvirtd: None, make_config: Callable[..., UvmConfig],
+                                                       suite_dir: Path, tmp_path: Path) -> None:
+    vm = UtilityVM(make_config(backend="libvirt", boot_timeout=120))
+    try:
+        await vm.start()
+        assert vm.hello is not None and f"uvmshim-{vm.id}" in domains()
+        res = await vm.run(["sh", "-c", "ls /sys/bus/pci/devices | wc -l; hostname"])
+        assert res.exit_status == 0 and res.stdout.split()[1].decode() == vm.id
+        img = create_scratch(tmp_path / "s.img", size_gb=1).path
+        disk = await vm.add_scsi_disk(img, "/mnt/s")
+        assert (await vm.run(["sh", "-c", "echo ok > /mnt/s/f && cat /mnt/s/f"])).stdout == b"ok\n"
+        await vm.remove_scsi_disk(disk)
+        assert vm.backend is not None and await vm.backend.scsi_inventory() == {"nodes": [], "devices": []}
+        await vm.shutdown()
+        exit_info = await vm.wait_timeout(60)
+        assert exit_info.reason == "shutdown"
+    finally:
+        await vm.close()
+    assert f"uvmshim-{vm.id}" not in domains()
+    assert_no_leftovers(suite_dir)
+
+
+async def test_libvirt_qemu_killed_behind_its_back(libvirtd: None, make_config: Callable[..., UvmConfig],
+                                                   suite_dir: Path) -> None:
+    vm = UtilityVM(make_config(backend="libvirt", boot_timeout=120))
+    try:
+        await vm.start()
+        assert vm.backend is not None and vm.backend.pid is not None
+        waiter = asyncio.create_task(vm.wait())
+        os.kill(vm.backend.pid, signal.SIGKILL)
+        with pytest.raises(errors.VmDiedError, match="died"):
+            await asyncio.wait_for(waiter, 60)
+        assert vm.state is VmState.STOPPED
+    finally:
+        await vm.close()
+    assert f"uvmshim-{vm.id}" not in domains()
+    assert_no_leftovers(suite_dir)
+
+
+async def test_libvirt_bad_input(libvirtd: None, make_config: Callable[..., UvmConfig], suite_dir: Path) -> None:
+    with pytest.raises(errors.StartError, match="cannot connect to libvirt.*libvirtd"):
+        await UtilityVM(make_config(backend="libvirt", libvirt_uri="qemu+unix:///system?socket=/nonexistent")).start()
+    assert_no_leftovers(suite_dir)
+    first = UtilityVM(make_config(backend="libvirt", boot_timeout=120))
+    await first.start()
+    try:
+        # Same id, different run directory: the domain name is what collides.
+        other = make_config(backend="libvirt", id=first.id, run_dir=suite_dir / "run2")
+        with pytest.raises(errors.AlreadyExistsError, match="already exists"):
+            await UtilityVM(other).start()
+        with pytest.raises(errors.DiskError, match="libvirt"):
+            await first.scsi.attach(Path("/proc/version"), readonly=True)
+    finally:
+        await first.close()
+        import shutil
+
+        shutil.rmtree(suite_dir / "run2", ignore_errors=True)
+    assert not domains()
+    assert_no_leftovers(suite_dir)

@@ -1,0 +1,360 @@
+"""The libvirt backend: the same launch description as a transient q35 domain, through libvirt-python.
+
+For hosts whose operators manage VMs with libvirt: the domain is named ``uvmshim-<vm id>`` and
+carries metadata naming its owner, so ``virsh list`` shows what it is and a leftover from a dead
+shim can be found and destroyed by id (``destroy_leftover``). Lifecycle goes through libvirt's API
+(createXML, shutdown, destroy) and its lifecycle events (death detection); disks through
+attach/detach device calls on the virtio-scsi controller; the agent's virtio-serial channel is a
+unix socket libvirt creates; the console goes to a file. libvirt errors are translated here, once.
+
+libvirt-python's calls block, so they run in a thread; its events are dispatched by one daemon
+thread running libvirt's default event loop, and handed to asyncio with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+import libvirt
+
+from uvm.backends.base import HypervisorExit
+from uvm.backends.qemu import tail_lines
+from uvm.builder import LaunchSpec
+from uvm.errors import AlreadyExistsError, DiskError, StartError, UvmError
+
+DOMAIN_PREFIX = "uvmshim-"
+METADATA_NS = "https://github.com/uvmshim/uvmshim/xmlns/domain/1"
+HOW_TO_START = "is libvirtd running? As root: `virtlogd -d && libvirtd -d` (or `systemctl start libvirtd`)"
+DEVICE_REMOVED_TIMEOUT_S = 15.0
+
+_events_lock = threading.Lock()
+_events_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt's default event loop, in one daemon thread; must run before connections are opened."""
+    global _events_started
+    with _events_lock:
+        if _events_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _events_started = True
+
+
+def libvirt_message(e: libvirt.libvirtError) -> str:
+    return str(e.get_error_message() or e)
+
+
+def domain_xml(spec: LaunchSpec, console: Path) -> str:
+    """The transient q35 domain for spec: PVH-booted ELF vmlinux, virtio disks, agent channel."""
+    vcpu_model = "<cpu mode='host-passthrough'/>" if spec.accel == "kvm" else (
+        "<cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>")
+    scsi = "".join(f"<controller type='scsi' index='{n}' model='virtio-scsi'/>" for n in range(spec.scsi_controllers))
+    ports = "".join(f"<channel type='unix'><source mode='bind'/><target type='virtio' name={quoteattr(p)}/></channel>"
+                    for p in spec.extra_ports)
+    shares = "".join(
+        f"<filesystem type='mount' accessmode='passthrough'><source dir={quoteattr(str(s.host_path))}/>"
+        f"<target dir={quoteattr(s.tag)}/>{'<readonly/>' if s.readonly else ''}</filesystem>" for s in spec.shares)
+    return f"""<domain type='{"kvm" if spec.accel == "kvm" else "qemu"}'>
+  <name>{DOMAIN_PREFIX}{escape(spec.vm_id)}</name>
+  <description>uvmshim utility VM {escape(spec.vm_id)}</description>
+  <metadata><uvmshim:vm xmlns:uvmshim='{METADATA_NS}'><uvmshim:id>{escape(spec.vm_id)}</uvmshim:id>
+    <uvmshim:owner pid='{os.getpid()}'/></uvmshim:vm></metadata>
+  <memory unit='MiB'>{spec.memory_mib}</memory>
+  <vcpu>{spec.cpus}</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{escape(str(spec.kernel))}</kernel><initrd>{escape(str(spec.initrd))}</initrd>
+    <cmdline>{escape(spec.cmdline)}</cmdline></os>
+  <features><acpi/></features>
+  {vcpu_model}
+  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file={quoteattr(str(spec.rootfs))}/>
+      <target dev='vda' bus='virtio'/><readonly/></disk>
+    {scsi}
+    <controller type='virtio-serial' index='0'/>
+    <channel type='unix'><source mode='bind'/><target type='virtio' name={quoteattr(spec.agent_port_name)}/></channel>
+    {ports}{shares}
+    <serial type='file'><source path={quoteattr(str(console))}/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+def sd_name(index: int) -> str:
+    """sda, sdb, ..., sdz, sdaa, ...: libvirt's target names (the guest names its disks itself)."""
+    letters = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        letters = chr(ord("a") + rem) + letters
+    return "sd" + letters
+
+
+def qemu_pid(domain_name: str) -> int | None:
+    """The pid of the QEMU process behind a running domain (libvirt's pid file)."""
+    try:
+        return int(Path(f"/run/libvirt/qemu/{domain_name}.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class LibvirtBackend:
+    name = "libvirt"
+
+    def __init__(self, spec: LaunchSpec) -> None:
+        self.spec = spec
+        self.run_dir = spec.run_dir
+        self.domain_name = DOMAIN_PREFIX + spec.vm_id
+        self.log = logging.getLogger(f"uvm.{spec.vm_id}.libvirt")
+        self._conn: Any = None
+        self._dom: Any = None
+        self._callbacks: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exit: asyncio.Future[HypervisorExit] | None = None
+        self._removed: dict[str, asyncio.Event] = {}
+        self._channels: dict[str, str] = {}
+        self._pid: int | None = None
+        self._terminating = False
+        self._created_run_dir = False
+        self._closed = False
+        self._watchdog: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def console_path(self) -> Path:
+        return self.spec.console_log or self.run_dir / "console.log"
+
+    # -- libvirt calls (blocking: in a thread) ----------------------------------------------------
+
+    async def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except libvirt.libvirtError as e:
+            raise UvmError(f"VM {self.spec.vm_id}: libvirt {what}: {libvirt_message(e)}", vm_id=self.spec.vm_id,
+                           domain=self.domain_name) from None
+
+    async def launch(self, spec: LaunchSpec) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._exit = self._loop.create_future()
+        try:
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o755)
+        except FileExistsError:
+            raise AlreadyExistsError(f"VM {spec.vm_id}: run directory {self.run_dir} exists (id in use?)",
+                                     vm_id=spec.vm_id) from None
+        self._created_run_dir = True
+        _ensure_event_loop()
+        try:
+            self._conn = await asyncio.to_thread(libvirt.open, spec.libvirt_uri)
+        except libvirt.libvirtError as e:
+            raise StartError(f"VM {spec.vm_id}: cannot connect to libvirt at {spec.libvirt_uri}: "
+                             f"{libvirt_message(e)} ({HOW_TO_START})", vm_id=spec.vm_id) from None
+        try:
+            await asyncio.to_thread(self._conn.lookupByName, self.domain_name)
+        except libvirt.libvirtError:
+            pass  # the name is free
+        else:
+            raise AlreadyExistsError(f"VM {spec.vm_id}: libvirt domain {self.domain_name} already exists "
+                                     f"(`virsh destroy {self.domain_name}` if it is a leftover)", vm_id=spec.vm_id)
+        xml = domain_xml(spec, self.console_path)
+        try:
+            self._dom = await asyncio.to_thread(self._conn.createXML, xml, 0)
+        except libvirt.libvirtError as e:
+            raise StartError(f"VM {spec.vm_id}: libvirt refused the domain: {libvirt_message(e)}",
+                             vm_id=spec.vm_id) from None
+        self._callbacks.append(self._conn.domainEventRegisterAny(
+            self._dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None))
+        self._callbacks.append(self._conn.domainEventRegisterAny(
+            self._dom, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed, None))
+        live = ET.fromstring(await self._call("XMLDesc", self._dom.XMLDesc, 0))
+        for ch in live.iter("channel"):
+            src, tgt = ch.find("source"), ch.find("target")
+            if src is not None and tgt is not None and src.get("path") and tgt.get("name"):
+                self._channels[str(tgt.get("name"))] = str(src.get("path"))
+        self._pid = qemu_pid(self.domain_name)
+        self._watchdog = self._loop.create_task(self._poll_active(), name=f"{spec.vm_id}-libvirt-watch")
+
+    def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopped, detail)
+
+    def _on_device_removed(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._device_removed, alias)
+
+    def _device_removed(self, alias: str) -> None:
+        for key, ev in self._removed.items():
+            if alias.endswith(key):
+                ev.set()
+
+    def _stopped(self, detail: int) -> None:
+        if self._exit is None or self._exit.done():
+            return
+        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN:
+            hv = HypervisorExit(0, None, "guest-shutdown")
+        elif detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED:
+            hv = HypervisorExit(0, None, "host-qmp-quit" if self._terminating else "destroyed",
+                                "" if self._terminating else "libvirt destroyed the domain")
+        else:
+            names = {libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed", libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED:
+                     "failed (the QEMU process died)"}
+            hv = HypervisorExit(None, None, None, f"libvirt: domain {names.get(detail, f'stopped ({detail})')}")
+        self._exit.set_result(hv)
+
+    async def _poll_active(self) -> None:
+        """Belt and braces: a missed event must not leave waiters hanging."""
+        while self._exit is not None and not self._exit.done():
+            await asyncio.sleep(1.0)
+            try:
+                active = await asyncio.to_thread(self._dom.isActive)
+            except libvirt.libvirtError:
+                active = 0
+            if not active:
+                await asyncio.sleep(0.5)  # give the event a chance to say how it ended
+                if not self._exit.done():
+                    self._exit.set_result(HypervisorExit(None, None, None, "libvirt: the domain is gone"))
+
+    async def connect_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_unix_connection(self._channels[self.spec.agent_port_name], limit=1 << 22)
+
+    def port_path(self, name: str) -> str:
+        return self._channels[name]
+
+    def _active(self) -> bool:
+        return self._dom is not None and self._exit is not None and not self._exit.done()
+
+    async def request_powerdown(self) -> None:
+        if self._active():
+            with contextlib.suppress(UvmError):
+                await self._call("shutdown", self._dom.shutdownFlags, libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+
+    async def terminate(self) -> None:
+        if self._active():
+            self._terminating = True
+            with contextlib.suppress(UvmError):
+                await self._call("destroy", self._dom.destroy)
+
+    async def wait_exit(self) -> HypervisorExit:
+        if self._exit is None:
+            raise StartError(f"VM {self.spec.vm_id}: the domain was never started", vm_id=self.spec.vm_id)
+        return await asyncio.shield(self._exit)
+
+    # -- disks -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _disk_xml(controller: int, lun: int, path: str, readonly: bool, fmt: str) -> str:
+        return (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/><source file={quoteattr(path)}/>"
+                f"<target dev='{sd_name(controller * 256 + lun)}' bus='scsi'/>{'<readonly/>' if readonly else ''}"
+                f"<alias name='ua-sd{controller}-lun{lun}'/>"
+                f"<address type='drive' controller='{controller}' bus='0' target='0' unit='{lun}'/></disk>")
+
+    def _live_disks(self, xml: str) -> dict[tuple[int, int], ET.Element]:
+        out = {}
+        for disk in ET.fromstring(xml).iter("disk"):
+            addr, tgt = disk.find("address"), disk.find("target")
+            if addr is not None and tgt is not None and tgt.get("bus") == "scsi":
+                out[(int(addr.get("controller", "0")), int(addr.get("unit", "0")))] = disk
+        return out
+
+    async def attach_scsi(self, controller: int, lun: int, path: str, readonly: bool, fmt: str) -> None:
+        if not self._active():
+            raise DiskError(f"VM {self.spec.vm_id}: attach {path}: the domain is not running", vm_id=self.spec.vm_id)
+        try:
+            await asyncio.to_thread(self._dom.attachDeviceFlags, self._disk_xml(controller, lun, path, readonly, fmt),
+                                    libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise DiskError(f"VM {self.spec.vm_id}: attach {path} at {controller}:{lun}: libvirt: {libvirt_message(e)}",
+                            vm_id=self.spec.vm_id, path=path) from None
+
+    async def detach_scsi(self, controller: int, lun: int) -> None:
+        xml = await self._call("XMLDesc", self._dom.XMLDesc, 0)
+        disk = self._live_disks(xml).get((controller, lun))
+        if disk is None:
+            raise DiskError(f"VM {self.spec.vm_id}: detach {controller}:{lun}: nothing attached there")
+        key = f"sd{controller}-lun{lun}"
+        removed = self._removed[key] = asyncio.Event()
+        try:
+            try:
+                await asyncio.to_thread(self._dom.detachDeviceFlags, ET.tostring(disk, encoding="unicode"),
+                                        libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as e:
+                raise DiskError(f"VM {self.spec.vm_id}: detach {controller}:{lun}: libvirt: {libvirt_message(e)}",
+                                vm_id=self.spec.vm_id) from None
+            deadline = asyncio.get_running_loop().time() + DEVICE_REMOVED_TIMEOUT_S
+            while (controller, lun) in self._live_disks(await self._call("XMLDesc", self._dom.XMLDesc, 0)):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise DiskError(f"VM {self.spec.vm_id}: detach {controller}:{lun}: the device was not removed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(removed.wait(), 0.2)
+        finally:
+            self._removed.pop(key, None)
+
+    async def scsi_inventory(self) -> dict[str, list[str]]:
+        disks = self._live_disks(await self._call("XMLDesc", self._dom.XMLDesc, 0))
+        names = [f"sd{c}-lun{lun}" for c, lun in sorted(disks)]
+        return {"nodes": [n.replace("sd", "scsi", 1) for n in names], "devices": names}
+
+    def console_tail(self, lines: int = 30) -> str:
+        return tail_lines(self.console_path, lines)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._active():
+                await self.terminate()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._exit), 15.0)  # type: ignore[arg-type]
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._watchdog
+            if self._conn is not None:
+                for cb in self._callbacks:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        self._conn.domainEventDeregisterAny(cb)
+                with contextlib.suppress(libvirt.libvirtError):
+                    await asyncio.to_thread(self._conn.close)
+            if self._created_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def destroy_leftover(vm_id: str, uri: str = "qemu:///system") -> bool:
+    """Destroy the domain of VM vm_id left by a dead shim; True if there was one."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise UvmError(f"cannot connect to libvirt at {uri}: {libvirt_message(e)} ({HOW_TO_START})") from None
+    try:
+        dom = conn.lookupByName(DOMAIN_PREFIX + vm_id)
+    except libvirt.libvirtError:
+        conn.close()
+        return False
+    try:
+        dom.destroy()
+    except libvirt.libvirtError as e:
+        raise UvmError(f"libvirt domain {DOMAIN_PREFIX + vm_id}: destroy: {libvirt_message(e)}") from None
+    finally:
+        conn.close()
+    return True
