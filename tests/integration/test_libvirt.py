@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import os
 import signal
 import subprocess
@@ -27,7 +28,17 @@ def _running(name: str) -> bool:
 
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[None]:
-    """libvirtd and virtlogd: started here when not running, and then stopped here (only those)."""
+    """libvirtd and virtlogd: started here when not running, and then stopped here (only those).
+
+    /dev/kvm gets udev's usual group kvm, mode 0660 for the run (this machine has no udev): with a
+    root-only /dev/kvm, libvirt re-probes QEMU's capabilities on every domain start (~85 s here),
+    because KVM looks usable to its probe (as root) and unusable for the qemu user.
+    """
+    kvm = Path("/dev/kvm")
+    kvm_mode = kvm.stat() if kvm.exists() else None
+    if kvm_mode is not None:
+        os.chown(kvm, -1, grp.getgrnam("kvm").gr_gid)
+        kvm.chmod(0o660)
     started = []
     for daemon in ("virtlogd", "libvirtd"):
         if not _running(daemon):
@@ -40,6 +51,9 @@ def libvirtd() -> Iterator[None]:
             pytest.fail("libvirtd did not come up")
         time.sleep(0.2)
     yield
+    if kvm_mode is not None:
+        os.chown(kvm, -1, kvm_mode.st_gid)
+        kvm.chmod(kvm_mode.st_mode & 0o777)
     for daemon in reversed(started):
         subprocess.run(["pkill", "-x", daemon], check=False)
         for _ in range(100):
@@ -62,6 +76,12 @@ async def test_libvirt_lifecycle_command_disk_shutdown(libvirtd: None, make_conf
         assert vm.hello is not None and f"uvmshim-{vm.id}" in domains()
         res = await vm.run(["sh", "-c", "ls /sys/bus/pci/devices | wc -l; hostname"])
         assert res.exit_status == 0 and res.stdout.split()[1].decode() == vm.id
+        # QEMU runs as libvirt-qemu under libvirt: the image's directories must let it through.
+        tmp_path.chmod(0o755)
+        for parent in tmp_path.parents:
+            if parent == Path("/tmp"):
+                break
+            parent.chmod(parent.stat().st_mode | 0o005)
         img = create_scratch(tmp_path / "s.img", size_gb=1).path
         disk = await vm.add_scsi_disk(img, "/mnt/s")
         assert (await vm.run(["sh", "-c", "echo ok > /mnt/s/f && cat /mnt/s/f"])).stdout == b"ok\n"
@@ -93,7 +113,8 @@ async def test_libvirt_qemu_killed_behind_its_back(libvirtd: None, make_config: 
     assert_no_leftovers(suite_dir)
 
 
-async def test_libvirt_bad_input(libvirtd: None, make_config: Callable[..., UvmConfig], suite_dir: Path) -> None:
+async def test_libvirt_bad_input(libvirtd: None, make_config: Callable[..., UvmConfig], suite_dir: Path,
+                                 tmp_path: Path) -> None:
     with pytest.raises(errors.StartError, match="cannot connect to libvirt.*libvirtd"):
         await UtilityVM(make_config(backend="libvirt", libvirt_uri="qemu+unix:///system?socket=/nonexistent")).start()
     assert_no_leftovers(suite_dir)
@@ -104,8 +125,11 @@ async def test_libvirt_bad_input(libvirtd: None, make_config: Callable[..., UvmC
         other = make_config(backend="libvirt", id=first.id, run_dir=suite_dir / "run2")
         with pytest.raises(errors.AlreadyExistsError, match="already exists"):
             await UtilityVM(other).start()
-        with pytest.raises(errors.DiskError, match="libvirt"):
-            await first.scsi.attach(Path("/proc/version"), readonly=True)
+        hidden = create_scratch(tmp_path / "hidden.img", size_gb=1).path  # in a 0700 directory
+        tmp_path.chmod(0o700)
+        with pytest.raises(errors.DiskError, match="libvirt.*Permission denied"):
+            await first.add_scsi_disk(hidden, "/mnt/hidden")
+        assert first.backend is not None and await first.backend.scsi_inventory() == {"nodes": [], "devices": []}
     finally:
         await first.close()
         import shutil

@@ -96,6 +96,17 @@ def domain_xml(spec: LaunchSpec, console: Path) -> str:
 </domain>"""
 
 
+def check_kvm_node(log: logging.Logger) -> None:
+    """Warn about a root-only /dev/kvm: libvirt then re-probes QEMU on every start (minutes here)."""
+    try:
+        st = os.stat("/dev/kvm")
+    except OSError:
+        return
+    if not st.st_mode & 0o060:
+        log.warning("/dev/kvm is accessible to root only: libvirt will re-probe QEMU's capabilities on every "
+                    "domain start (slow); give it udev's usual `chgrp kvm /dev/kvm; chmod 660 /dev/kvm`")
+
+
 def sd_name(index: int) -> str:
     """sda, sdb, ..., sdz, sdaa, ...: libvirt's target names (the guest names its disks itself)."""
     letters = ""
@@ -162,6 +173,7 @@ class LibvirtBackend:
             raise AlreadyExistsError(f"VM {spec.vm_id}: run directory {self.run_dir} exists (id in use?)",
                                      vm_id=spec.vm_id) from None
         self._created_run_dir = True
+        check_kvm_node(self.log)
         _ensure_event_loop()
         try:
             self._conn = await asyncio.to_thread(libvirt.open, spec.libvirt_uri)
