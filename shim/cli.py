@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--memory", type=int, default=256, help="MiB")
     boot.add_argument("--kernel-args", default="")
     boot.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    boot.add_argument("--backend", choices=("qemu", "libvirt"), default="qemu")
+    boot.add_argument("--libvirt-uri", default="qemu:///system")
     boot.add_argument("--boot-timeout", type=float, default=60.0)
     boot.add_argument("--exec", dest="exec_cmd", default=None, help="command to run in the UVM (shell words)")
     boot.add_argument("--measure", action="store_true", help="print the boot time")
@@ -59,7 +61,8 @@ async def _boot(args: argparse.Namespace) -> int:
 
     try:
         config = UvmConfig(cpus=args.cpus, memory_mib=args.memory, kernel_args=args.kernel_args,
-                           accel=args.accel, boot_timeout=args.boot_timeout)
+                           accel=args.accel, boot_timeout=args.boot_timeout, backend=args.backend,
+                           libvirt_uri=args.libvirt_uri)
     except ValidationError as e:
         err = e.errors()[0]
         print(f"runuvm boot: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)

@@ -183,6 +183,11 @@ class FakeGuest:
             proto.PING: lambda req: {"seq": req.params.get("seq", 0)},
             proto.SHUTDOWN: lambda req: {},
             proto.RUN: run or _default_run,
+            # Disks: the fake guest "sees" every device at once and mounts anything.
+            proto.SCSI_MOUNT: lambda req: {"device": f"/dev/sd{chr(ord('a') + int(req.params.get('lun', 0)) % 26)}",
+                                           "path": req.params.get("path")},
+            proto.SCSI_UNMOUNT: lambda req: {},
+            proto.SCSI_UNPLUG: lambda req: {},
         }
         self.requests: list[Request] = []
         self.unanswered: dict[int, Request] = {}

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import grp
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,46 +18,6 @@ from uvm.scratch import create_scratch
 from uvm.vm import UtilityVM, VmState
 
 pytestmark = pytest.mark.vm
-
-
-def _running(name: str) -> bool:
-    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
-
-
-@pytest.fixture(scope="session")
-def libvirtd() -> Iterator[None]:
-    """libvirtd and virtlogd: started here when not running, and then stopped here (only those).
-
-    /dev/kvm gets udev's usual group kvm, mode 0660 for the run (this machine has no udev): with a
-    root-only /dev/kvm, libvirt re-probes QEMU's capabilities on every domain start (~85 s here),
-    because KVM looks usable to its probe (as root) and unusable for the qemu user.
-    """
-    kvm = Path("/dev/kvm")
-    kvm_mode = kvm.stat() if kvm.exists() else None
-    if kvm_mode is not None:
-        os.chown(kvm, -1, grp.getgrnam("kvm").gr_gid)
-        kvm.chmod(0o660)
-    started = []
-    for daemon in ("virtlogd", "libvirtd"):
-        if not _running(daemon):
-            subprocess.run([daemon, "-d"], check=True)
-            started.append(daemon)
-    deadline = time.monotonic() + 60
-    while subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
-                         check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            pytest.fail("libvirtd did not come up")
-        time.sleep(0.2)
-    yield
-    if kvm_mode is not None:
-        os.chown(kvm, -1, kvm_mode.st_gid)
-        kvm.chmod(kvm_mode.st_mode & 0o777)
-    for daemon in reversed(started):
-        subprocess.run(["pkill", "-x", daemon], check=False)
-        for _ in range(100):
-            if not _running(daemon):
-                break
-            time.sleep(0.1)
 
 
 def domains() -> list[str]:
