@@ -232,6 +232,27 @@ async def disk_figures(run_dir: Path, state_dir: Path, tmp: Path, n: int = 10) -
         await vm.close()
 
 
+def q35_argv(spec: builder.LaunchSpec, initrd: Path, with_root: bool) -> list[str]:
+    """Raw QEMU on q35 (libvirt's machine), same kernel and command line, console on stdio."""
+    argv = [spec.qemu_binary, "-machine", "q35", "-accel", spec.accel, "-cpu", spec.cpu_model, "-m", str(spec.memory_mib),
+            "-smp", str(spec.cpus), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(spec.kernel), "-initrd", str(initrd), "-append", spec.cmdline, "-serial", "stdio"]
+    if with_root:
+        argv += ["-drive", f"if=none,id=rootfs,file={spec.rootfs},format=raw,readonly=on",
+                 "-device", "virtio-blk-pci,drive=rootfs"]
+    return argv
+
+
+async def libvirt_start(run_dir: Path, state_dir: Path) -> float:
+    vm = UtilityVM(UvmConfig(run_dir=run_dir, state_dir=state_dir, backend="libvirt", boot_timeout=180))
+    try:
+        t0 = time.monotonic()
+        await vm.start()
+        return time.monotonic() - t0
+    finally:
+        await vm.close()
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -260,6 +281,7 @@ def main() -> int:
     ap.add_argument("--boot-timeout", type=float, default=30.0)
     ap.add_argument("--no-link", dest="link", action="store_false", help="skip the agent link figures")
     ap.add_argument("--no-disks", dest="disks", action="store_false", help="skip the disk figures")
+    ap.add_argument("--no-libvirt", dest="libvirt", action="store_false", help="skip the libvirt figures")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
         tmp = Path(t)
@@ -293,6 +315,23 @@ def main() -> int:
                   f"({ratios['tput_vs_c']:.2f}x), python3 relay {link['pyraw_mbps']:.1f} MB/s "
                   f"({ratios['tput_vs_py']:.2f}x) (target >= 0.5x)")
             summary["link"] = {**link, **ratios}
+        if args.libvirt:
+            from uvm.testing import libvirt_daemons
+
+            q0_argv = q35_argv(spec, f0_initrd, with_root=False)
+            q1_argv = q35_argv(spec, f1_initrd, with_root=True)
+            lv: dict[str, list[float]] = {"q35_F0": [], "q35_F1": [], "libvirt": []}
+            with libvirt_daemons():
+                asyncio.run(libvirt_start(run_dir, state_dir))  # warm-up: libvirt's first domain start
+                for _ in range(max(args.n, 3)):
+                    lv["q35_F0"].append(time_to_ready(q0_argv))
+                    lv["q35_F1"].append(time_to_ready(q1_argv))
+                    lv["libvirt"].append(asyncio.run(libvirt_start(run_dir, state_dir)))
+            m = {k: median(v) for k, v in lv.items()}
+            print(f"libvirt: cold start to agent ready {m['libvirt']:.2f}s; raw q35 boot of the same kernel: "
+                  f"busybox {m['q35_F0']:.2f}s ({m['libvirt'] / m['q35_F0']:.2f}x), python3 -S from the image "
+                  f"{m['q35_F1']:.2f}s ({m['libvirt'] / m['q35_F1']:.2f}x) (target <= 1.3x)")
+            summary["libvirt"] = {**m, "vs_q35_F0": m["libvirt"] / m["q35_F0"], "vs_q35_F1": m["libvirt"] / m["q35_F1"]}
         if args.disks:
             sc = scratch_figures(tmp)
             print(f"create-scratch 20 GB: cold {sc['cold_s'] * 1e3:.1f} ms (target <= 200), from cache "

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import grp
 import os
 import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from typing import Any
 import pytest
 
 from schemas.uvm_config import UvmConfig, default_image_dir
+from uvm.testing import libvirt_daemons
 
 
 def _qemu_processes_under(path: Path) -> list[str]:
@@ -96,44 +94,11 @@ def busybox_rootfs(suite_dir: Path) -> Path:
     return root
 
 
-def _running(name: str) -> bool:
-    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
-
-
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[None]:
-    """libvirtd and virtlogd: started here when not running, and then stopped here (only those).
-
-    /dev/kvm gets udev's usual group kvm, mode 0660 for the run (this machine has no udev): with a
-    root-only /dev/kvm, libvirt re-probes QEMU's capabilities on every domain start (~85 s here),
-    because KVM looks usable to its probe (as root) and unusable for the qemu user.
-    """
-    kvm = Path("/dev/kvm")
-    kvm_mode = kvm.stat() if kvm.exists() else None
-    if kvm_mode is not None:
-        os.chown(kvm, -1, grp.getgrnam("kvm").gr_gid)
-        kvm.chmod(0o660)
-    started = []
-    for daemon in ("virtlogd", "libvirtd"):
-        if not _running(daemon):
-            subprocess.run([daemon, "-d"], check=True)
-            started.append(daemon)
-    deadline = time.monotonic() + 60
-    while subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
-                         check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            pytest.fail("libvirtd did not come up")
-        time.sleep(0.2)
-    yield
-    if kvm_mode is not None:
-        os.chown(kvm, -1, kvm_mode.st_gid)
-        kvm.chmod(kvm_mode.st_mode & 0o777)
-    for daemon in reversed(started):
-        subprocess.run(["pkill", "-x", daemon], check=False)
-        for _ in range(100):
-            if not _running(daemon):
-                break
-            time.sleep(0.1)
+    """libvirtd and virtlogd for the session (started and stopped here only if they were not running)."""
+    with libvirt_daemons():
+        yield
 
 
 def assert_no_leftovers(suite_dir: Path) -> None:

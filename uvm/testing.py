@@ -24,11 +24,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import grp
 import itertools
 import json
+import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -658,3 +662,45 @@ if TYPE_CHECKING:  # FakeBackend satisfies the Backend Protocol, so the factory 
     from uvm.backends.base import Backend
 
     _factory_type_check: Callable[[LaunchSpec], Backend] = FakeBackendFactory()
+
+
+def _daemon_running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
+
+
+@contextlib.contextmanager
+def libvirt_daemons(uri: str = "qemu:///system", timeout: float = 60.0) -> Iterator[None]:
+    """libvirtd and virtlogd running for the block: started here when they are not, and then
+    stopped here (only those). The product itself expects a running libvirtd.
+
+    /dev/kvm gets udev's usual group kvm, mode 0660 meanwhile (restored afterwards): hosts without
+    udev leave it root-only, and libvirt then re-probes QEMU's capabilities on every domain start
+    (~85 s here), because KVM looks usable to its probe (as root) and unusable for the qemu user.
+    """
+    kvm = Path("/dev/kvm")
+    kvm_stat = kvm.stat() if kvm.exists() else None
+    if kvm_stat is not None:
+        os.chown(kvm, -1, grp.getgrnam("kvm").gr_gid)
+        kvm.chmod(0o660)
+    started = []
+    try:
+        for daemon in ("virtlogd", "libvirtd"):
+            if not _daemon_running(daemon):
+                subprocess.run([daemon, "-d"], check=True)
+                started.append(daemon)
+        deadline = time.monotonic() + timeout
+        while subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise UvmError(f"libvirtd did not answer on {uri} within {timeout:g}s")
+            time.sleep(0.2)
+        yield
+    finally:
+        if kvm_stat is not None:
+            os.chown(kvm, -1, kvm_stat.st_gid)
+            kvm.chmod(kvm_stat.st_mode & 0o777)
+        for daemon in reversed(started):
+            subprocess.run(["pkill", "-x", daemon], check=False)
+            for _ in range(100):
+                if not _daemon_running(daemon):
+                    break
+                time.sleep(0.1)

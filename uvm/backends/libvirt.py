@@ -47,6 +47,8 @@ def _ensure_event_loop() -> None:
         if _events_started:
             return
         libvirt.virEventRegisterDefaultImpl()
+        # libvirt prints every error to stderr by default; they are translated into ours instead.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
         def run() -> None:
             while True:
