@@ -384,31 +384,37 @@ class UtilityVM:
             where = ".".join(str(p) for p in first["loc"]) or "payload"
             raise errors.GuestProtocolError(f"invalid {str(event)[:64]} notification: {where}: {first['msg']}") from None
 
-    async def _exec(self, container: str | None, spec: oci.Process, *, stdin: bool, stdout: bool,
-                    stderr: bool) -> Process:
-        client = self._client("create_process")
+    async def _with_stdio(self, op: str, method: str, params: dict[str, Any], container: str | None, terminal: bool,
+                          stdin: bool, stdout: bool, stderr: bool) -> Process:
+        """Open the stdio streams, send the request that starts the process, wrap it in a Process.
+
+        The streams are released again if the request fails (or is cancelled)."""
+        client = self._client(op)
         assert self._conn is not None
         conn = self._conn
         where = f"container {container}" if container else "UVM"
-        if spec.terminal and stderr:
-            stderr = False  # a terminal merges stderr into stdout
         streams_in = conn.open_outbound(f"{where} stdin") if stdin else None
         streams_out = conn.open_inbound(f"{where} stdout") if stdout else None
-        streams_err = conn.open_inbound(f"{where} stderr") if stderr else None
-        params = {"container": container, "process": spec.model_dump(mode="json", exclude_none=True),
-                  "terminal": spec.terminal, "stdin": streams_in.sid if streams_in else None,
+        streams_err = conn.open_inbound(f"{where} stderr") if stderr and not terminal else None  # a tty merges them
+        params = {**params, "terminal": terminal, "stdin": streams_in.sid if streams_in else None,
                   "stdout": streams_out.sid if streams_out else None,
                   "stderr": streams_err.sid if streams_err else None}
         try:
-            res = await client.request(proto.EXEC, params, models.PidResult)
+            res = await client.request(method, params, models.PidResult)
         except BaseException:
             for s in (streams_in, streams_out, streams_err):
                 if s is not None:
                     conn.forget_stream(s.sid)
             raise
-        proc = Process(client, container, res.pid, spec.terminal, streams_in, streams_out, streams_err)
+        proc = Process(client, container, res.pid, terminal, streams_in, streams_out, streams_err)
         self.processes.add(proc)
         return proc
+
+    async def _exec(self, container: str | None, spec: oci.Process, *, stdin: bool, stdout: bool,
+                    stderr: bool) -> Process:
+        params = {"container": container, "process": spec.model_dump(mode="json", exclude_none=True)}
+        return await self._with_stdio("create_process", proto.EXEC, params, container, spec.terminal,
+                                      stdin, stdout, stderr)
 
     async def create_process(self, spec: oci.Process, *, stdin: bool = False, stdout: bool = True,
                              stderr: bool = True) -> Process:
@@ -428,30 +434,12 @@ class UtilityVM:
 
         Raises AlreadyExistsError, InvalidIdError, AgentInvalidArgumentError (bad spec or rootfs).
         """
-        client = self._client("create_container")
+        self._client("create_container")
         if cid in self.containers:
             raise errors.AlreadyExistsError(f"container {cid}: already exists in VM {self.id}", container=cid)
-        assert self._conn is not None
-        conn = self._conn
-        terminal = spec.process.terminal
-        if terminal:
-            stderr = False
-        streams_in = conn.open_outbound(f"container {cid} stdin") if stdin else None
-        streams_out = conn.open_inbound(f"container {cid} stdout") if stdout else None
-        streams_err = conn.open_inbound(f"container {cid} stderr") if stderr else None
-        params = {"id": cid, "spec": spec.wire(), "rootfs": rootfs.wire(), "terminal": terminal,
-                  "stdin": streams_in.sid if streams_in else None,
-                  "stdout": streams_out.sid if streams_out else None,
-                  "stderr": streams_err.sid if streams_err else None}
-        try:
-            res = await client.request(proto.CREATE, params, models.PidResult)
-        except BaseException:
-            for s in (streams_in, streams_out, streams_err):
-                if s is not None:
-                    conn.forget_stream(s.sid)
-            raise
-        init = Process(client, cid, res.pid, terminal, streams_in, streams_out, streams_err)
-        self.processes.add(init)
+        params = {"id": cid, "spec": spec.wire(), "rootfs": rootfs.wire()}
+        init = await self._with_stdio("create_container", proto.CREATE, params, cid, spec.process.terminal,
+                                      stdin, stdout, stderr)
         container = Container(self, cid, init)
         self.containers[cid] = container
         return container

@@ -11,6 +11,19 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from uvm.builder import LaunchSpec
+from uvm.errors import AlreadyExistsError, StartError
+
+
+def create_run_dir(spec: LaunchSpec, mode: int) -> None:
+    """The VM's own run directory (sockets, logs). Raises AlreadyExistsError if it exists (id in use)."""
+    try:
+        spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        spec.run_dir.mkdir(mode=mode)
+    except FileExistsError:
+        raise AlreadyExistsError(f"VM {spec.vm_id}: run directory {spec.run_dir} exists (id in use?)",
+                                 vm_id=spec.vm_id) from None
+    except OSError as e:
+        raise StartError(f"VM {spec.vm_id}: cannot create {spec.run_dir}: {e.strerror}", vm_id=spec.vm_id) from None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from uvm.backends.base import HypervisorExit
+from uvm.backends.base import HypervisorExit, create_run_dir
 from uvm.backends.qemu import tail_lines
 from uvm.builder import LaunchSpec
 from uvm.errors import AlreadyExistsError, DiskError, StartError, UvmError
@@ -168,12 +168,7 @@ class LibvirtBackend:
     async def launch(self, spec: LaunchSpec) -> None:
         self._loop = asyncio.get_running_loop()
         self._exit = self._loop.create_future()
-        try:
-            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.run_dir.mkdir(mode=0o755)
-        except FileExistsError:
-            raise AlreadyExistsError(f"VM {spec.vm_id}: run directory {self.run_dir} exists (id in use?)",
-                                     vm_id=spec.vm_id) from None
+        create_run_dir(spec, 0o755)  # QEMU runs as libvirt's qemu user: it must reach the console log
         self._created_run_dir = True
         check_kvm_node(self.log)
         _ensure_event_loop()

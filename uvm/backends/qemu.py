@@ -18,9 +18,9 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from uvm.backends.base import HypervisorExit
+from uvm.backends.base import HypervisorExit, create_run_dir
 from uvm.builder import LaunchSpec
-from uvm.errors import AlreadyExistsError, DiskError, StartError
+from uvm.errors import DiskError, StartError
 
 QMP_QUIT_TIMEOUT_S = 1.0
 QMP_DISK_TIMEOUT_S = 15.0
@@ -101,14 +101,7 @@ class QemuBackend:
         return self.spec.console_log or self.run_dir / "console.log"
 
     async def launch(self, spec: LaunchSpec) -> None:
-        try:
-            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.run_dir.mkdir(mode=0o700)
-        except FileExistsError:
-            raise AlreadyExistsError(f"VM {spec.vm_id}: run directory {self.run_dir} exists (id in use?)",
-                                     vm_id=spec.vm_id) from None
-        except OSError as e:
-            raise StartError(f"VM {spec.vm_id}: cannot create {self.run_dir}: {e.strerror}", vm_id=spec.vm_id) from None
+        create_run_dir(spec, 0o700)
         self._created_run_dir = True
         argv = qemu_argv(spec, self.run_dir)
         if spec.kill_with_parent and shutil.which("setpriv"):
