@@ -281,3 +281,17 @@ async def test_vm_death_releases_every_waiter(make_config: Callable[..., UvmConf
         assert c.state is ContainerState.STOPPED
     finally:
         await v.close()
+
+
+async def test_update_resources(vm: UtilityVM) -> None:
+    c = await make_container(vm, "sleep", "600")
+    before = await c.statistics()
+    await c.update(oci.LinuxResources(memory=oci.LinuxMemory(limit=64 << 20), pids=oci.LinuxPids(limit=32)))
+    after = await c.statistics()
+    assert before.container.memory_limit is None  # "max"
+    assert after.container.memory_limit == 64 << 20 and after.container.pids_limit == 32
+    await c.terminate()
+    await c.wait_timeout(60)
+    with pytest.raises(errors.NotRunningError):
+        await c.update(oci.LinuxResources(pids=oci.LinuxPids(limit=8)))
+    await c.close()

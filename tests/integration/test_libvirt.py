@@ -95,3 +95,22 @@ async def test_libvirt_bad_input(libvirtd: None, make_config: Callable[..., UvmC
         shutil.rmtree(suite_dir / "run2", ignore_errors=True)
     assert not domains()
     assert_no_leftovers(suite_dir)
+
+
+async def test_leftover_of_a_dead_shim_is_found_and_destroyed(libvirtd: None, make_config: Callable[..., UvmConfig],
+                                                            suite_dir: Path) -> None:
+    from uvm.backends.libvirt import destroy_leftover
+
+    vm = UtilityVM(make_config(backend="libvirt", boot_timeout=120))
+    try:
+        await vm.start()
+        assert f"uvmshim-{vm.id}" in domains()
+        # What `delete` does after the shim that owned the VM died: find the domain by id, destroy it.
+        assert await asyncio.to_thread(destroy_leftover, vm.id) is True
+        with pytest.raises(errors.VmDiedError):
+            await asyncio.wait_for(vm.wait(), 60)
+        assert await asyncio.to_thread(destroy_leftover, vm.id) is False
+    finally:
+        await vm.close()
+    assert f"uvmshim-{vm.id}" not in domains()
+    assert_no_leftovers(suite_dir)
