@@ -7,7 +7,6 @@ accelerator usable) and resolves defaults; it does no I/O beyond those checks an
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,10 +152,3 @@ def build(config: UvmConfig) -> LaunchSpec:
         extra_ports=tuple(config.extra_ports), scsi_controllers=config.scsi_controllers,
         backend=config.backend, libvirt_uri=config.libvirt_uri,
     )
-
-
-def check_binary(name: str) -> None:
-    from shutil import which
-
-    if which(name) is None and not os.access(name, os.X_OK):
-        raise ConfigError(f"qemu binary {name!r}: not found (run `make setup`)")

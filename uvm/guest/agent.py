@@ -18,7 +18,8 @@ import time
 from schemas import agent as proto
 from schemas import framing, wirejson
 from uvm.guest import procs
-from uvm.guest.errors import RequestError
+from uvm.guest.errors import RequestError, spawn_failed
+from uvm.guest.procs import DEFAULT_PATH
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs start-up time in the guest
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ EV_READ = select.EPOLLIN
 EV_WRITE = select.EPOLLOUT
 SYSFS_PORTS = "/sys/class/virtio-ports"
 PORT_WAIT_S = 10.0
-DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def log(msg: str) -> None:
@@ -385,7 +385,7 @@ class Agent:
             self.start_captured(argv, env, cwd, finished, stdin=base64.b64decode(stdin_b64),
                                 timeout=timeout, limit=proto.MAX_RUN_OUTPUT)
         except procs.SpawnError as e:
-            raise RequestError(proto.E_NOT_FOUND if e.errno == 2 else proto.E_INVALID, str(e)) from None
+            raise spawn_failed(e.errno, str(e)) from None
 
     # -- captured commands (RUN and helpers) ----------------------------------------------------
 

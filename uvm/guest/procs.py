@@ -17,6 +17,7 @@ else:
 
 
 TIOCSCTTY = 0x540E
+DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class SpawnError(Exception):

@@ -22,7 +22,7 @@ import time
 from schemas import agent as proto
 from schemas import wirejson
 from uvm.guest import procs
-from uvm.guest.errors import RequestError
+from uvm.guest.errors import RequestError, spawn_failed
 from uvm.guest.streams import InStream, OutStream
 
 TYPE_CHECKING = False
@@ -456,39 +456,31 @@ class Runtime(DiskMixin):
         spec = check_process(params.get("process"))
         stdin_sid, stdout_sid, stderr_sid, terminal = self.stdio_params(params)
         env = dict(e.split("=", 1) for e in spec.get("env", []))
-        env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        cwd = spec.get("cwd", "/")
-        if terminal:
-            master, slave = os.openpty()
-            os.set_inheritable(master, False)
+        env.setdefault("PATH", procs.DEFAULT_PATH)
+        pty: int | None = None
+        if terminal:  # the slave is the process's stdin/stdout/stderr, the master our end of both
+            pty, slave = os.openpty()
+            os.set_inheritable(pty, False)
             size = spec.get("consoleSize") or {}
             if size:
                 import fcntl
                 import struct
 
-                fcntl.ioctl(master, TIOCSWINSZ, struct.pack("HHHH", int(size.get("height", 24)),
-                                                            int(size.get("width", 80)), 0, 0))
-            try:
-                pid = procs.spawn(spec["args"], env, cwd, slave, slave, slave, ctty=True)
-            except procs.SpawnError as e:
-                os.close(master)
-                raise err(proto.E_NOT_FOUND if e.errno == 2 else proto.E_INVALID, str(e)) from None
-            finally:
-                os.close(slave)
-            proc = self.adopt(None, pid)
-            proc.attach_streams(stdin_sid, stdout_sid, None, {}, master)
-            proc.on_exit = self.forget_uvm_process
-            return {"pid": pid}
-        child, parent = self.make_pipes((stdin_sid, stdout_sid, stderr_sid))
+                fcntl.ioctl(pty, TIOCSWINSZ, struct.pack("HHHH", int(size.get("height", 24)),
+                                                         int(size.get("width", 80)), 0, 0))
+            child, parent = {"stdin": slave, "stdout": slave, "stderr": slave}, {"pty": pty}
+        else:
+            child, parent = self.make_pipes((stdin_sid, stdout_sid, stderr_sid))
         try:
-            pid = procs.spawn(spec["args"], env, cwd, child["stdin"], child["stdout"], child["stderr"])
+            pid = procs.spawn(spec["args"], env, spec.get("cwd", "/"), child["stdin"], child["stdout"],
+                              child["stderr"], ctty=terminal)
         except procs.SpawnError as e:
             self.close_all(parent)
-            raise err(proto.E_NOT_FOUND if e.errno == 2 else proto.E_INVALID, str(e)) from None
+            raise spawn_failed(e.errno, str(e)) from None
         finally:
-            self.close_all(child)
+            self.close_all({"slave": child["stdin"]} if terminal else child)
         proc = self.adopt(None, pid)
-        proc.attach_streams(stdin_sid, stdout_sid, stderr_sid, parent, None)
+        proc.attach_streams(stdin_sid, stdout_sid, None if terminal else stderr_sid, parent, pty)
         proc.on_exit = self.forget_uvm_process
         return {"pid": pid}
 
@@ -564,7 +556,10 @@ class Runtime(DiskMixin):
         if sids[3] != bool(process.get("terminal", False)):
             raise err(proto.E_INVALID, "terminal must match spec.process.terminal")
         layered = "layers" in rootfs
-        root_path = self.check_layers(rootfs) if layered else self.rootfs_path(rootfs)
+        if layered:
+            self.check_layers(rootfs)  # mounted below, once the bundle exists
+        else:
+            root_path = self.rootfs_path(rootfs)
         self.ensure_cgroups()
         bundle = f"{CONTAINERS_DIR}/{cid}"
         import shutil
@@ -621,7 +616,7 @@ class Runtime(DiskMixin):
             raise err(proto.E_INVALID, f"rootfs {path!r} is not a directory in share {share}")
         return full
 
-    def check_layers(self, rootfs: dict[str, Any]) -> str:
+    def check_layers(self, rootfs: dict[str, Any]) -> None:
         layers, scratch = rootfs.get("layers"), rootfs.get("scratch")
         if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
             raise err(proto.E_INVALID, "rootfs.layers must be a non-empty list of paths in the UVM")
@@ -629,7 +624,6 @@ class Runtime(DiskMixin):
             check_guest_path(p)
             if not os.path.isdir(p):
                 raise err(proto.E_INVALID, f"rootfs layer/scratch {p} is not a directory in the UVM")
-        return ""
 
     def mount_overlay(self, cid: str, rootfs: dict[str, Any], target: str) -> str:
         """Read-only layers (top-most first) + upper/work in the scratch under <scratch>/<cid>/."""
