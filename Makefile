@@ -8,10 +8,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml 2>/dev/null | sha256sum | cut -c1-12)
 # Host packages: QEMU and image tools, libvirt (daemon + headers for libvirt-python), Python build deps.
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static e2fsprogs erofs-utils kmod xz-utils cpio \
-	util-linux crun libvirt-dev libvirt-daemon-system libvirt-clients pkg-config gcc \
+	util-linux crun containerd libvirt-dev libvirt-daemon-system libvirt-clients pkg-config gcc \
 	python3 python3-venv python3-dev
 
-.PHONY: help setup system-packages venv image demo test lint unit bench clean distclean
+.PHONY: help setup system-packages venv image proto demo test lint unit bench clean distclean
 
 help:
 	@echo "make demo   set up, build the guest image, boot a UVM and run a command in it"
@@ -43,6 +43,11 @@ $(STAMP): pyproject.toml
 
 image: system-packages
 	@$(PYTHON) images/build.py
+
+# containerd's messages: schemas/containerd/*.proto (from Debian's containerd sources) compiled by
+# grpcio-tools; the generated modules are checked in, and a test fails when they drift from the .proto files.
+proto: venv
+	@$(PY) -m schemas.containerd.compile
 
 demo: setup image
 	@$(PY) -m uvm.demo

@@ -1,0 +1,99 @@
+"""What a dead shim leaves behind, and how the `delete` action removes it.
+
+The serving shim records its UVM in <bundle>/uvmshim.json before the VM starts (id, backend, run
+directory, mounted rootfs). containerd runs `containerd-shim-uvm-v1 ... delete` after every
+disconnect, so this module must be idempotent, quick (no uvm/ or pydantic import) and thorough:
+QEMU processes of the VM (found by their run directory on the command line), a libvirt domain, the
+run directory, the rootfs mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "uvmshim.json"
+KILL_WAIT_S = 5.0
+
+
+def record(bundle: Path, state: dict[str, Any]) -> None:
+    """Write the state file atomically."""
+    tmp = bundle / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, bundle / STATE_FILE)
+
+
+def forget(bundle: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (bundle / STATE_FILE).unlink()
+
+
+def processes_using(run_dir: str) -> list[int]:
+    """Pids whose command line names a path inside run_dir (QEMU's sockets and logs live there)."""
+    needle = (run_dir.rstrip("/") + "/").encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_and_wait(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT_S
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+        if pids:
+            time.sleep(0.02)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def clean(bundle: Path) -> list[str]:
+    """Remove what the state file names; a list of what was done (for the cleanup warnings)."""
+    try:
+        state = json.loads((bundle / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        state = {}
+    done: list[str] = []
+    run_dir = state.get("run_dir")
+    if isinstance(run_dir, str) and run_dir:
+        pids = processes_using(run_dir)
+        if pids:
+            kill_and_wait(pids)
+            done.append(f"killed VM processes {pids}")
+        if os.path.isdir(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            done.append(f"removed {run_dir}")
+    if state.get("backend") == "libvirt" and isinstance(state.get("vm_id"), str):
+        from uvm.backends.libvirt import destroy_leftover  # only libvirt users pay for the import
+
+        if destroy_leftover(state["vm_id"], state.get("libvirt_uri") or "qemu:///system"):
+            done.append(f"destroyed libvirt domain of {state['vm_id']}")
+    from shim import rootfs
+
+    target = Path(state["rootfs_mounted"]) if state.get("rootfs_mounted") else bundle / "rootfs"
+    if rootfs.unmount(target):
+        done.append(f"unmounted {target}")
+    forget(bundle)
+    return done

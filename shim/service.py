@@ -1,0 +1,212 @@
+"""`containerd.task.v2.Task` over ttrpc: each method parses its request, calls one Task method, and
+translates uvm's errors into the status codes containerd maps (not found, already exists, failed
+precondition, invalid argument, unimplemented). No lifecycle logic lives here: see shim/task.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf import any_pb2, empty_pb2
+from google.protobuf.message import DecodeError, Message
+
+from schemas.containerd import cgroups_v2_metrics_pb2 as cg2
+from schemas.containerd import runtimeoptions_pb2, types_task_pb2
+from schemas.containerd import shim_pb2 as pb
+from schemas.shim_options import OptionsError, ShimOptions, find_config, load_options
+from shim.events import Publisher, timestamp
+from shim.task import INIT, Exited, Task
+from shim.ttrpc import Code, Server, TtrpcError
+from uvm import errors
+from uvm.container import ContainerStatistics
+
+log = logging.getLogger("uvmshim.service")
+
+SERVICE = "containerd.task.v2.Task"
+VERSION = "uvmshim 0.1.0"
+RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
+
+Req = TypeVar("Req", bound=Message)
+
+
+def to_status(e: Exception) -> TtrpcError:
+    """uvm's errors as containerd's codes (errdefs.FromGRPC turns them back into its error kinds)."""
+    code = Code.UNKNOWN
+    if isinstance(e, errors.NotFoundError):
+        code = Code.NOT_FOUND
+    elif isinstance(e, errors.AlreadyExistsError):
+        code = Code.ALREADY_EXISTS
+    elif isinstance(e, (errors.InvalidArgumentError, errors.ConfigError, OptionsError)):
+        code = Code.INVALID_ARGUMENT
+    elif isinstance(e, errors.AgentUnsupportedError):
+        code = Code.UNIMPLEMENTED
+    elif isinstance(e, errors.WaitTimeoutError):
+        code = Code.DEADLINE_EXCEEDED
+    elif isinstance(e, errors.StateError):
+        code = Code.FAILED_PRECONDITION
+    return TtrpcError(code, str(e))
+
+
+def config_path_from(options: any_pb2.Any | None) -> str | None:
+    """ConfigPath from containerd's runtime options (`ctr run --runtime-config-path`), if present."""
+    if options is None or not options.type_url.endswith(RUNTIME_OPTIONS):
+        return None
+    try:
+        return runtimeoptions_pb2.Options.FromString(options.value).config_path or None
+    except DecodeError:
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"runtime options ({options.type_url}) do not decode") from None
+
+
+def metrics(s: ContainerStatistics) -> any_pb2.Any:
+    """io.containerd.cgroups.v2.Metrics, the type `ctr task metrics` prints."""
+    c = s.container
+    m = cg2.Metrics(
+        pids=cg2.PidsStat(current=c.pids_current, limit=c.pids_limit or 0),
+        cpu=cg2.CPUStat(usage_usec=c.cpu_usage_usec, user_usec=c.cpu_user_usec, system_usec=c.cpu_system_usec),
+        memory=cg2.MemoryStat(usage=c.memory_usage, usage_limit=c.memory_limit or 0, anon=c.memory_anon,
+                              file=c.memory_file),
+        memory_events=cg2.MemoryEvents(oom=c.oom_events, oom_kill=c.oom_kills),
+        io=cg2.IOStat(usage=[cg2.IOEntry(rbytes=c.io_rbytes, wbytes=c.io_wbytes, rios=c.io_rios, wios=c.io_wios)]))
+    return any_pb2.Any(type_url=m.DESCRIPTOR.full_name, value=m.SerializeToString())
+
+
+def exited_fields(exited: Exited | None) -> dict[str, Any]:
+    return {} if exited is None else {"exit_status": exited.status, "exited_at": timestamp(exited.at)}
+
+
+class TaskService:
+    """One shim's task service: one task (one UVM). `shutdown_requested` is set by Shutdown."""
+
+    def __init__(self, namespace: str, shim_id: str, publisher: Publisher, config_path: str | None = None) -> None:
+        self.namespace = namespace
+        self.shim_id = shim_id
+        self.publisher = publisher
+        self.config_path = config_path
+        self.task: Task | None = None
+        self.shutdown_requested = asyncio.Event()
+
+    def register(self, server: Server) -> None:
+        table: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
+            "State": (pb.StateRequest, self.state), "Create": (pb.CreateTaskRequest, self.create),
+            "Start": (pb.StartRequest, self.start), "Delete": (pb.DeleteRequest, self.delete),
+            "Pids": (pb.PidsRequest, self.pids), "Pause": (pb.PauseRequest, self.pause),
+            "Resume": (pb.ResumeRequest, self.resume), "Checkpoint": (pb.CheckpointTaskRequest, self.checkpoint),
+            "Kill": (pb.KillRequest, self.kill), "Exec": (pb.ExecProcessRequest, self.exec),
+            "ResizePty": (pb.ResizePtyRequest, self.resize_pty), "CloseIO": (pb.CloseIORequest, self.close_io),
+            "Update": (pb.UpdateTaskRequest, self.update), "Wait": (pb.WaitRequest, self.wait),
+            "Stats": (pb.StatsRequest, self.stats), "Connect": (pb.ConnectRequest, self.connect),
+            "Shutdown": (pb.ShutdownRequest, self.shutdown),
+        }
+        for method, (req_type, handler) in table.items():
+            server.register(SERVICE, method, req_type, self._edge(method, handler))
+
+    def _edge(self, method: str, handler: Callable[[Req], Awaitable[Message]]) -> Callable[[Req], Awaitable[Message]]:
+        async def call(req: Req) -> Message:
+            try:
+                return await handler(req)
+            except (errors.UvmError, OptionsError) as e:
+                log.info("%s: %s", method, e)
+                raise to_status(e) from None
+        return call
+
+    def _task(self, task_id: str) -> Task:
+        if self.task is None or self.task.deleted or task_id != self.task.id:
+            raise TtrpcError(Code.NOT_FOUND, f"task {task_id}: not found in shim {self.shim_id}")
+        return self.task
+
+    async def create(self, req: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
+        if self.task is not None and not self.task.deleted:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"task {req.id}: this shim already runs task {self.task.id}")
+        if req.checkpoint:
+            raise TtrpcError(Code.UNIMPLEMENTED, "restoring from a checkpoint is not supported by io.containerd.uvm.v1")
+        explicit = config_path_from(req.options if req.HasField("options") else None) or self.config_path
+        options: ShimOptions = load_options(find_config(explicit))
+        task = Task(req.id, Path(req.bundle), self.namespace, options, self.publisher.publish)
+        self.task = task
+        try:
+            pid = await task.create(list(req.rootfs), req.stdin, req.stdout, req.stderr, req.terminal)
+        except BaseException:
+            self.task = None
+            raise
+        return pb.CreateTaskResponse(pid=pid)
+
+    async def start(self, req: pb.StartRequest) -> pb.StartResponse:
+        return pb.StartResponse(pid=await self._task(req.id).start(req.exec_id))
+
+    async def state(self, req: pb.StateRequest) -> pb.StateResponse:
+        task = self._task(req.id)
+        s = task.state(req.exec_id)
+        return pb.StateResponse(id=req.id, bundle=str(task.bundle), pid=s.pid, status=s.status.name, stdin=s.stdin,
+                                stdout=s.stdout, stderr=s.stderr, terminal=s.terminal, exec_id=req.exec_id,
+                                **exited_fields(s.exited))
+
+    async def delete(self, req: pb.DeleteRequest) -> pb.DeleteResponse:
+        task = self._task(req.id)
+        pid, exited = await task.delete(req.exec_id)
+        if not req.exec_id:
+            await self.publisher.flush()  # TaskExit and TaskDelete reach containerd before we go
+        return pb.DeleteResponse(pid=pid, **exited_fields(exited))
+
+    async def pids(self, req: pb.PidsRequest) -> pb.PidsResponse:
+        pids = await self._task(req.id).pids()
+        return pb.PidsResponse(processes=[types_task_pb2.ProcessInfo(pid=p) for p in pids])
+
+    async def pause(self, req: pb.PauseRequest) -> empty_pb2.Empty:
+        await self._task(req.id).pause()
+        return empty_pb2.Empty()
+
+    async def resume(self, req: pb.ResumeRequest) -> empty_pb2.Empty:
+        await self._task(req.id).resume()
+        return empty_pb2.Empty()
+
+    async def checkpoint(self, req: pb.CheckpointTaskRequest) -> empty_pb2.Empty:
+        raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint is not supported by io.containerd.uvm.v1")
+
+    async def kill(self, req: pb.KillRequest) -> empty_pb2.Empty:
+        await self._task(req.id).kill(req.exec_id, req.signal, req.all)
+        return empty_pb2.Empty()
+
+    async def exec(self, req: pb.ExecProcessRequest) -> empty_pb2.Empty:
+        await self._task(req.id).exec_add(req.exec_id, req.spec.value, req.terminal, req.stdin, req.stdout, req.stderr)
+        return empty_pb2.Empty()
+
+    async def resize_pty(self, req: pb.ResizePtyRequest) -> empty_pb2.Empty:
+        await self._task(req.id).resize(req.exec_id, req.width, req.height)
+        return empty_pb2.Empty()
+
+    async def close_io(self, req: pb.CloseIORequest) -> empty_pb2.Empty:
+        await self._task(req.id).close_io(req.exec_id, req.stdin)
+        return empty_pb2.Empty()
+
+    async def update(self, req: pb.UpdateTaskRequest) -> empty_pb2.Empty:
+        await self._task(req.id).update(req.resources.value)
+        return empty_pb2.Empty()
+
+    async def wait(self, req: pb.WaitRequest) -> pb.WaitResponse:
+        exited = await self._task(req.id).wait(req.exec_id)
+        return pb.WaitResponse(**exited_fields(exited))
+
+    async def stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
+        return pb.StatsResponse(stats=metrics(await self._task(req.id).stats()))
+
+    async def connect(self, req: pb.ConnectRequest) -> pb.ConnectResponse:
+        task_pid = self.task.procs[INIT].pid if self.task is not None and INIT in self.task.procs else 0
+        return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=task_pid, version=VERSION)
+
+    async def shutdown(self, req: pb.ShutdownRequest) -> empty_pb2.Empty:
+        """Exit the shim once no task is left (or at once with `now`); the reply goes out first."""
+        if self.task is not None and not self.task.deleted and not req.now:
+            return empty_pb2.Empty()
+        self.shutdown_requested.set()
+        return empty_pb2.Empty()
+
+    async def close(self) -> None:
+        """Tear down whatever is left (the shim is going away), then flush the events."""
+        if self.task is not None and not self.task.deleted:
+            await self.task._teardown()
+        await self.publisher.close()
