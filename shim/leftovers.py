@@ -69,15 +69,26 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def _is_vm_run_dir(run_dir: Any, vm_id: Any) -> bool:
+    """Only ever kill and remove what is plainly one VM's run directory (`delete` runs as root)."""
+    if not isinstance(run_dir, str) or not isinstance(vm_id, str) or not vm_id:
+        return False
+    path = Path(run_dir)
+    return path.is_absolute() and len(path.parts) >= 3 and path.name == vm_id and ".." not in path.parts
+
+
 def clean(bundle: Path) -> list[str]:
     """Remove what the state file names; a list of what was done (for the cleanup warnings)."""
     try:
         state = json.loads((bundle / STATE_FILE).read_text())
     except (OSError, ValueError):
         state = {}
+    if not isinstance(state, dict):
+        state = {}
     done: list[str] = []
     run_dir = state.get("run_dir")
-    if isinstance(run_dir, str) and run_dir:
+    if _is_vm_run_dir(run_dir, state.get("vm_id")):
+        assert isinstance(run_dir, str)
         pids = processes_using(run_dir)
         if pids:
             kill_and_wait(pids)

@@ -36,6 +36,8 @@ containerd runs it; see README.md for the containerd configuration that register
 SOCKET_DIR = Path("/run/containerd/s")
 VALUE_FLAGS = ("namespace", "address", "publish-binary", "id", "bundle", "socket-fd", "config")
 BOOL_FLAGS = ("debug", "v", "version")
+GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")  # strconv.ParseBool, as Go's flag package
+GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
 
 
 class UsageError(Exception):
@@ -72,7 +74,9 @@ def parse_flags(argv: list[str]) -> Flags:
             return flags
         name, eq, value = arg.lstrip("-").partition("=")
         if name in BOOL_FLAGS:
-            setattr(flags, "version" if name == "v" else name, value.lower() not in ("false", "0") if eq else True)
+            if eq and value not in GO_TRUE + GO_FALSE:
+                raise UsageError(f"invalid boolean value {value!r} for -{name}")
+            setattr(flags, "version" if name == "v" else name, value in GO_TRUE if eq else True)
         elif name in VALUE_FLAGS:
             if not eq:
                 i += 1
@@ -90,7 +94,7 @@ def parse_flags(argv: list[str]) -> Flags:
 
 def socket_path(flags: Flags) -> Path:
     """As runc's shim: a short path (unix sockets: 108 bytes) unique per containerd, namespace and task."""
-    digest = hashlib.sha256(f"{flags.address}{flags.namespace}{flags.id}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{flags.address}/{flags.namespace}/{flags.id}".encode()).hexdigest()  # no '/' in ns, id
     return SOCKET_DIR / f"uvm-{digest[:40]}.sock"
 
 

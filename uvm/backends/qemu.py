@@ -17,12 +17,14 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
+from qemu.qmp.protocol import ConnectError
 
 from uvm.backends.base import HypervisorExit, create_run_dir
 from uvm.builder import LaunchSpec
 from uvm.errors import DiskError, StartError
 
 QMP_QUIT_TIMEOUT_S = 1.0
+QMP_REFUSED_RETRIES = 200  # 10 ms apart
 QMP_DISK_TIMEOUT_S = 15.0
 EXIT_AFTER_KILL_S = 10.0
 
@@ -128,7 +130,16 @@ class QemuBackend:
             await asyncio.sleep(0.005)
         qmp = QMPClient(f"uvm.{self.spec.vm_id}.qmp")
         try:
-            await qmp.connect(str(sock))
+            for attempt in range(QMP_REFUSED_RETRIES, -1, -1):
+                try:
+                    await qmp.connect(str(sock))
+                    break
+                except ConnectError as e:
+                    # The socket file exists between QEMU's bind() and listen(): on a loaded host that
+                    # window is long enough to be refused. Try again while QEMU runs.
+                    if not isinstance(e.exc, ConnectionRefusedError) or not attempt or self._exit_task.done():
+                        raise
+                    await asyncio.sleep(0.01)
         except QMPError as e:
             # Usually QEMU failing right after creating its sockets (e.g. a kernel it cannot load):
             # report its own words rather than the connection error.

@@ -1,0 +1,312 @@
+"""End to end: a private containerd running tasks with `--runtime io.containerd.uvm.v1`, each task in
+its own UVM (QEMU under TCG here), driven with Debian's `ctr` exactly as a user would."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shim.containerd_env import PrivateContainerd, build_busybox_image_tar, mounts_under, processes_with_arg
+from shim.leftovers import processes_using
+from uvm.demo import busybox_rootfs
+
+pytestmark = pytest.mark.vm
+
+RUNTIME = ["--runtime", "io.containerd.uvm.v1"]
+VENV_BIN = Path(sys.executable).parent
+IMAGE_REF = "docker.io/library/uvmbusybox:latest"
+
+
+def _shim_processes() -> list[int]:
+    return processes_with_arg("shim.main")
+
+
+def _vm_processes(ctd: PrivateContainerd, tid: str) -> list[int]:
+    """QEMU of a task's UVM: its command line names files in the UVM's run directory."""
+    from shim.task import vm_id_for
+
+    return [p for p in processes_using(f"/{vm_id_for(ctd.namespace, tid)}/") if p != os.getpid()]
+
+
+@pytest.fixture(scope="module")
+def env(suite_dir: Path, image_dir: Path) -> Iterator[tuple[PrivateContainerd, Path]]:
+    if os.geteuid() != 0:
+        pytest.skip("containerd needs root")
+    base = Path(tempfile.mkdtemp(prefix="uvmct-", dir="/tmp"))
+    rootfs = busybox_rootfs(base)
+    run_dir = suite_dir / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        # containerd passes its environment to the shim: keep the VMs' run directories in the suite's.
+        mp.setenv("UVMSHIM_RUN_DIR", str(run_dir))
+        mp.setenv("UVMSHIM_IMAGE_DIR", str(image_dir))
+        mp.delenv("UVMSHIM_CONFIG", raising=False)
+        ctd = PrivateContainerd(base / "c", extra_path=[VENV_BIN])
+        try:
+            ctd.start()
+            yield ctd, rootfs
+        finally:
+            ctd.stop()
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+    assert not _shim_processes(), "shim processes left behind"
+
+
+def run(ctd: PrivateContainerd, *args: str, input: bytes | None = b"",
+        timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
+    return ctd.ctr(*args, input=input, timeout=timeout, check=False)
+
+
+def assert_clean(ctd: PrivateContainerd, *ids: str) -> None:
+    """Nothing of these tasks is left: shim, QEMU, sockets, FIFOs, mounts, run directories."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        left = {"shims": _shim_processes(), "shared": sorted(map(str, ctd.shared_entries_of(*ids))),
+                "mounts": [str(m) for m in mounts_under(ctd.base_dir) if "rootfs" in str(m)],
+                "qemu": [p for i in ids for p in _vm_processes(ctd, i)]}
+        if not any(left.values()):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"left behind: {left}")
+
+
+def test_run_rm_echo_and_exit_code(env: tuple[PrivateContainerd, Path]) -> None:
+    ctd, rootfs = env
+    res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(rootfs), "echo1", "/bin/sh", "-c",
+              "echo hello from $(uname -s); exit 7")
+    assert res.returncode == 7, res.stderr
+    assert res.stdout == b"hello from Linux\n"
+    assert_clean(ctd, "echo1")
+
+
+def test_stdin_1mib_round_trip(env: tuple[PrivateContainerd, Path]) -> None:
+    ctd, rootfs = env
+    data = os.urandom(1 << 20)
+    res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(rootfs), "stdin1", "/bin/sha256sum", input=data)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert_clean(ctd, "stdin1")
+
+
+def test_stdout_16mib(env: tuple[PrivateContainerd, Path]) -> None:
+    ctd, rootfs = env
+    size = 16 << 20
+    res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(rootfs), "out16", "/bin/sh", "-c",
+              f"yes 0123456789abcdef | head -c {size}")
+    assert res.returncode == 0, res.stderr
+    expected = (b"0123456789abcdef\n" * (size // 17 + 1))[:size]
+    assert len(res.stdout) == size
+    assert hashlib.sha256(res.stdout).digest() == hashlib.sha256(expected).digest()
+    assert_clean(ctd, "out16")
+
+
+def test_tty(env: tuple[PrivateContainerd, Path]) -> None:
+    """`ctr run -t` needs a terminal of its own: give it a pty and read what the container printed."""
+    ctd, rootfs = env
+    master, slave = pty.openpty()
+    argv = ["ctr", "--address", str(ctd.address), "--namespace", ctd.namespace, "run", "--rm", "-t", *RUNTIME,
+            "--rootfs", str(rootfs), "tty1", "/bin/sh", "-c", "tty; stty size; echo done"]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(30) == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert re.search(rb"/dev/pts/\d+", out), out
+    assert b"done" in out
+    assert_clean(ctd, "tty1")
+
+
+@pytest.fixture
+def detached(env: tuple[PrivateContainerd, Path], request: pytest.FixtureRequest) -> Iterator[str]:
+    """A detached task (its init a shell that exits 143 on SIGTERM, as PID 1 ignores a bare SIGTERM)."""
+    ctd, rootfs = env
+    tid = re.sub(r"[^a-z0-9]", "", request.node.name.lower().removeprefix("test_"))[:24]
+    ready = rootfs / "tmp" / f"{tid}.ready"  # the rootfs is the host directory, shared into the UVM
+    ready.unlink(missing_ok=True)
+    res = run(ctd, "run", "-d", *RUNTIME, "--rootfs", str(rootfs), tid, "/bin/sh", "-c",
+              f"trap 'exit 143' TERM; touch /tmp/{tid}.ready; while true; do sleep 0.2; done")
+    assert res.returncode == 0, res.stderr
+    deadline = time.monotonic() + 60  # the trap is set: a SIGTERM now is not ignored by PID 1
+    while not ready.exists():
+        assert time.monotonic() < deadline, f"task {tid} never became ready"
+        time.sleep(0.1)
+    yield tid
+    ready.unlink(missing_ok=True)
+    run(ctd, "task", "kill", "-s", "SIGKILL", tid)
+    run(ctd, "task", "rm", "-f", tid)
+    run(ctd, "container", "rm", tid)
+    assert_clean(ctd, tid)
+
+
+def task_status(ctd: PrivateContainerd, tid: str) -> str:
+    res = run(ctd, "task", "ls")
+    for line in res.stdout.decode().splitlines():
+        fields = line.split()
+        if fields and fields[0] == tid:
+            return fields[-1]
+    return "missing"
+
+
+def wait_status(ctd: PrivateContainerd, tid: str, status: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := task_status(ctd, tid)) != status:
+        assert time.monotonic() < deadline, f"task {tid} is {now}, not {status}"
+        time.sleep(0.3)
+
+
+def exit_status_of_rm(ctd: PrivateContainerd, tid: str) -> int:
+    """`ctr task rm` warns "exit with non-zero exit code N" (from our DeleteResponse); 0 otherwise."""
+    res = run(ctd, "task", "rm", tid)
+    assert res.returncode == 0, res.stderr
+    m = re.search(rb"non-zero exit code (\d+)", res.stderr)
+    return int(m.group(1)) if m else 0
+
+
+@pytest.mark.parametrize("sig,status", [("SIGTERM", 143), ("SIGKILL", 137)])
+def test_kill_detached(env: tuple[PrivateContainerd, Path], detached: str, sig: str, status: int) -> None:
+    ctd, _ = env
+    wait_status(ctd, detached, "RUNNING")
+    assert run(ctd, "task", "kill", "-s", sig, detached).returncode == 0
+    wait_status(ctd, detached, "STOPPED")
+    assert exit_status_of_rm(ctd, detached) == status
+
+
+def test_exec_pause_resume_ps_metrics(env: tuple[PrivateContainerd, Path], detached: str) -> None:
+    ctd, _ = env
+    res = run(ctd, "task", "exec", "--exec-id", "e1", detached, "/bin/sh", "-c", "echo from exec; exit 3")
+    assert (res.returncode, res.stdout) == (3, b"from exec\n"), res.stderr
+    ps = run(ctd, "task", "ps", detached)
+    assert ps.returncode == 0 and len(ps.stdout.decode().split("\n")) >= 2, ps
+    metrics = run(ctd, "task", "metrics", detached)
+    assert metrics.returncode == 0, metrics.stderr
+    assert b"memory.usage_in_bytes" in metrics.stdout or b"memory" in metrics.stdout
+    assert run(ctd, "task", "pause", detached).returncode == 0
+    assert task_status(ctd, detached) == "PAUSED"
+    assert run(ctd, "task", "resume", detached).returncode == 0
+    assert task_status(ctd, detached) == "RUNNING"
+
+
+def test_events(env: tuple[PrivateContainerd, Path]) -> None:
+    ctd, rootfs = env
+    events = subprocess.Popen(["ctr", "--address", str(ctd.address), "events"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(rootfs), "ev1", "/bin/true")
+        assert res.returncode == 0, res.stderr
+        time.sleep(1)
+    finally:
+        events.terminate()
+        out = events.communicate(timeout=10)[0].decode()
+    topics = [t for t in re.findall(r"(/tasks/[a-z-]+)", out)]
+    for topic in ("/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"):
+        assert topic in topics, out
+    assert topics.index("/tasks/create") < topics.index("/tasks/start") < topics.index("/tasks/exit") \
+        < topics.index("/tasks/delete")
+    assert_clean(ctd, "ev1")
+
+
+def test_image_run(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
+    ctd, _ = env
+    tar = build_busybox_image_tar(tmp_path / "busybox.tar", IMAGE_REF)
+    ctd.import_image(tar)
+    res = run(ctd, "run", "--rm", *RUNTIME, IMAGE_REF, "img1", "/bin/sh", "-c", "echo from-image > /f; cat /f")
+    assert (res.returncode, res.stdout) == (0, b"from-image\n"), res.stderr
+    assert_clean(ctd, "img1")
+
+
+def test_bad_config_is_shown_to_the_user(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
+    ctd, rootfs = env
+    cfg = tmp_path / "uvm.toml"
+    cfg.write_text("[uvm]\ncpus = 2\ncolour = 'red'\n")
+    res = run(ctd, "run", "--rm", *RUNTIME, "--runtime-config-path", str(cfg), "--rootfs", str(rootfs), "badcfg",
+              "/bin/true")
+    assert res.returncode != 0
+    assert b"colour" in res.stderr, res.stderr
+    run(ctd, "container", "rm", "badcfg")
+    assert_clean(ctd, "badcfg")
+
+
+def test_bundle_without_rootfs(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
+    ctd, _ = env
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(empty), "norootfs", "/bin/true")
+    assert res.returncode != 0
+    assert b"empty" in res.stderr, res.stderr
+    run(ctd, "container", "rm", "norootfs")
+    assert_clean(ctd, "norootfs")
+
+
+def test_qemu_killed_under_a_running_task(env: tuple[PrivateContainerd, Path], detached: str) -> None:
+    ctd, _ = env
+    wait_status(ctd, detached, "RUNNING")
+    qemu = [p for p in _vm_processes(ctd, detached) if b"qemu" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert qemu, "no QEMU process found for the task"
+    for pid in qemu:
+        os.kill(pid, signal.SIGKILL)
+    wait_status(ctd, detached, "STOPPED")
+    assert exit_status_of_rm(ctd, detached) not in (0, 143)
+
+
+def test_shim_killed_then_task_rm(env: tuple[PrivateContainerd, Path], detached: str) -> None:
+    """containerd sees the shim's connection drop and runs our `delete` action, which kills the VM."""
+    ctd, _ = env
+    wait_status(ctd, detached, "RUNNING")
+    shims = [p for p in _shim_processes() if f"-id\0{detached}\0".encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(shims) == 1
+    os.kill(shims[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _vm_processes(ctd, detached):
+        assert time.monotonic() < deadline, "the VM outlived its shim"
+        time.sleep(0.2)
+    res = run(ctd, "task", "rm", "-f", detached)
+    assert res.returncode == 0 or b"not found" in res.stderr, res.stderr  # containerd may have removed it already
+    # `ctr run -d` created the task's FIFO directory; only a `ctr task rm` that finds the task removes it
+    # (runc's shim leaves the same behind when it is killed): that is ctr's, not the shim's, to clean.
+    for fifo_dir in ctd.shared_entries_of(detached):
+        if fifo_dir.parent.name == "fifo":
+            for f in fifo_dir.iterdir():
+                f.unlink()
+            fifo_dir.rmdir()
+    # the fixture removes the container and checks that no QEMU, mount, socket or FIFO is left
+
+
+def test_twenty_sequential_runs_leave_nothing(env: tuple[PrivateContainerd, Path]) -> None:
+    ctd, rootfs = env
+    ids = [f"seq{i}" for i in range(20)]
+    for tid in ids:
+        res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(rootfs), tid, "/bin/echo", tid)
+        assert (res.returncode, res.stdout) == (0, f"{tid}\n".encode()), res.stderr
+    assert_clean(ctd, *ids)
+    assert not mounts_under(ctd.base_dir / "state")

@@ -1,0 +1,323 @@
+"""shim.stdio: containerd's stdio FIFOs (real ones, from os.mkfifo) relayed to and from a process's streams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from shim.stdio import ProcessIO, open_fifo_reader, open_fifo_writer, read_some, write_all
+from uvm import errors
+from uvm.process import Process
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def fifos(tmp_path: Path) -> Iterator[dict[str, str]]:
+    paths = {name: str(tmp_path / f"t-{name}") for name in ("stdin", "stdout", "stderr")}
+    for path in paths.values():
+        os.mkfifo(path)
+    yield paths
+
+
+def read_available(fd: int) -> bytes:
+    """Everything currently in a non-blocking FIFO."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+class FakeOutput:
+    """A process's stdout/stderr as ProcessIO reads it: chunks, then b"" (end of stream)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+        self.closed = False
+
+    async def read(self, n: int) -> bytes:
+        await asyncio.sleep(0)
+        if not self.chunks:
+            return b""
+        chunk = self.chunks.pop(0)
+        assert len(chunk) <= n
+        return chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeProcess:
+    """The part of uvm.process.Process that ProcessIO uses."""
+
+    def __init__(self, stdout: list[bytes] | None = None, stderr: list[bytes] | None = None,
+                 stdin: bool = True) -> None:
+        self.stdout = FakeOutput(stdout) if stdout is not None else None
+        self.stderr = FakeOutput(stderr) if stderr is not None else None
+        self.stdin: object | None = object() if stdin else None
+        self.stdin_data = b""
+        self.stdin_closed = asyncio.Event()
+        self.close_stdin_calls = 0
+
+    async def write_stdin(self, data: bytes) -> None:
+        self.stdin_data += data
+
+    def close_stdin(self) -> None:
+        self.close_stdin_calls += 1
+        self.stdin_closed.set()
+
+    def as_process(self) -> Process:
+        return cast(Process, self)
+
+
+# -- open ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["stdin", "stdout", "stderr"])
+def test_open_with_a_missing_path_names_it_and_leaks_no_fd(fifos: dict[str, str], tmp_path: Path,
+                                                           missing: str) -> None:
+    paths = {**fifos, missing: str(tmp_path / "absent")}
+    pio = ProcessIO("t", paths["stdin"], paths["stdout"], paths["stderr"], terminal=False)
+    before = open_fds()
+    with pytest.raises(errors.InvalidArgumentError) as info:
+        pio.open()
+    assert str(tmp_path / "absent") in str(info.value)
+    assert missing in str(info.value)
+    assert open_fds() == before
+
+
+async def test_open_without_paths_opens_nothing() -> None:
+    pio = ProcessIO("t", "", "", "", terminal=False)
+    before = open_fds()
+    pio.open()
+    assert pio.wants == (False, False, False)
+    assert open_fds() == before
+    await pio.close()
+
+
+def test_terminal_merges_stderr_into_stdout(fifos: dict[str, str]) -> None:
+    pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], fifos["stderr"], terminal=True)
+    assert pio.wants == (True, True, False)
+
+
+def test_open_fifo_helpers_name_the_path(tmp_path: Path) -> None:
+    for opener in (open_fifo_reader, open_fifo_writer):
+        with pytest.raises(errors.InvalidArgumentError, match=f"t: stdout {tmp_path}/nope: cannot open"):
+            opener(str(tmp_path / "nope"), "t: stdout")
+
+
+# -- write_all / read_some -------------------------------------------------------------------------------
+
+
+async def test_write_all_delivers_every_byte_to_a_reader(fifos: dict[str, str]) -> None:
+    data = bytes(range(256)) * (4 * 4096)  # 4 MiB
+    assert len(data) == 4 << 20
+    fd = open_fifo_writer(fifos["stdout"], "stdout")
+    received = bytearray()
+    reader_fd = os.open(fifos["stdout"], os.O_RDONLY)  # does not block: fd is a writer
+
+    def drain() -> None:
+        while chunk := os.read(reader_fd, 1 << 16):
+            received.extend(chunk)
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        await write_all(fd, data, stall_timeout=5.0)
+    finally:
+        os.close(fd)  # the last writer: the reader sees end of file
+    await asyncio.to_thread(thread.join, 5.0)
+    os.close(reader_fd)
+    assert not thread.is_alive()
+    assert bytes(received) == data
+
+
+async def test_write_all_times_out_when_nobody_reads(fifos: dict[str, str]) -> None:
+    fd = open_fifo_writer(fifos["stdout"], "stdout")
+    try:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            await write_all(fd, b"x" * (8 << 20), stall_timeout=0.1)  # more than any pipe buffer holds
+        assert loop.time() - start < 2.0
+    finally:
+        os.close(fd)
+
+
+async def test_read_some_waits_for_a_writer_then_reads_then_eof(fifos: dict[str, str]) -> None:
+    fd = open_fifo_reader(fifos["stdin"], "stdin")
+    try:
+        pending = asyncio.create_task(read_some(fd))
+        await asyncio.sleep(0.2)
+        assert not pending.done(), f"read_some returned {pending.result()!r} before any writer connected"
+        writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+        os.write(writer, b"abc")
+        os.close(writer)
+        assert await asyncio.wait_for(pending, 2.0) == b"abc"
+        assert await asyncio.wait_for(read_some(fd), 2.0) == b""
+    finally:
+        os.close(fd)
+
+
+async def test_read_some_can_be_cancelled_and_leaves_no_reader(fifos: dict[str, str]) -> None:
+    fd = open_fifo_reader(fifos["stdin"], "stdin")
+    try:
+        pending = asyncio.create_task(read_some(fd))
+        await asyncio.sleep(0.05)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        # The fd is not registered any more: a fresh read_some can register it again.
+        again = asyncio.create_task(read_some(fd))
+        writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+        os.write(writer, b"z")
+        os.close(writer)
+        assert await asyncio.wait_for(again, 2.0) == b"z"
+    finally:
+        os.close(fd)
+
+
+# -- attach / drained / close ----------------------------------------------------------------------------
+
+
+async def test_attach_relays_output_in_order_and_drained_waits_for_it(fifos: dict[str, str]) -> None:
+    baseline = open_fds()
+    out_chunks = [b"one\n", b"two\n", b"x" * 10000, b"three\n"]
+    err_chunks = [b"warn 1\n", b"warn 2\n"]
+    proc = FakeProcess(stdout=out_chunks, stderr=err_chunks, stdin=False)
+    pio = ProcessIO("t", "", fifos["stdout"], fifos["stderr"], terminal=False)
+    pio.open()
+    out_fd = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
+    err_fd = os.open(fifos["stderr"], os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        pio.attach(proc.as_process())
+        await asyncio.wait_for(pio.drained(), 2.0)
+        assert read_available(out_fd) == b"".join(out_chunks)
+        assert read_available(err_fd) == b"".join(err_chunks)
+        assert proc.stdout is not None and proc.stdout.chunks == []
+        assert proc.stdin_closed.is_set() is False  # no stdin FIFO: nothing to close
+    finally:
+        os.close(out_fd)
+        os.close(err_fd)
+        await pio.close()
+    assert open_fds() == baseline
+
+
+async def test_drained_waits_for_a_slow_reader(fifos: dict[str, str]) -> None:
+    """More output than the FIFO holds: drained() returns only once the reader took all of it."""
+    chunks = [bytes([i]) * 65536 for i in range(16)]  # 1 MiB, in the order it must arrive
+    proc = FakeProcess(stdout=chunks, stdin=False)
+    pio = ProcessIO("t", "", fifos["stdout"], "", terminal=False)
+    pio.open()
+    reader_fd = os.open(fifos["stdout"], os.O_RDONLY)
+    received = bytearray()
+    total = sum(map(len, chunks))
+
+    def drain() -> None:
+        while len(received) < total and (chunk := os.read(reader_fd, 1 << 16)):
+            received.extend(chunk)
+
+    try:
+        pio.attach(proc.as_process())
+        await asyncio.sleep(0.05)
+        assert not received  # nobody read yet, and the writer is waiting
+        thread = threading.Thread(target=drain, daemon=True)
+        thread.start()
+        await asyncio.wait_for(pio.drained(), 5.0)
+        await asyncio.to_thread(thread.join, 5.0)
+        assert bytes(received) == b"".join(chunks)
+    finally:
+        os.close(reader_fd)
+        await pio.close()
+
+
+async def test_terminal_relays_only_stdout(fifos: dict[str, str]) -> None:
+    proc = FakeProcess(stdout=[b"tty output"], stderr=[b"never read"], stdin=False)
+    pio = ProcessIO("t", "", fifos["stdout"], fifos["stderr"], terminal=True)
+    pio.open()
+    out_fd = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        pio.attach(proc.as_process())
+        await asyncio.wait_for(pio.drained(), 2.0)
+        assert read_available(out_fd) == b"tty output"
+        assert proc.stderr is not None and proc.stderr.chunks == [b"never read"]
+    finally:
+        os.close(out_fd)
+        await pio.close()
+
+
+async def test_stdin_reaches_the_process_then_eof_closes_it(fifos: dict[str, str]) -> None:
+    proc = FakeProcess(stdout=[], stdin=True)
+    pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
+    pio.open()
+    try:
+        pio.attach(proc.as_process())
+        await asyncio.sleep(0.1)
+        assert not proc.stdin_closed.is_set()  # no client yet is not end of file
+        writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+        os.write(writer, b"hello ")
+        await asyncio.sleep(0.05)
+        os.write(writer, b"world\n")
+        os.close(writer)
+        await asyncio.wait_for(proc.stdin_closed.wait(), 2.0)
+        assert proc.stdin_data == b"hello world\n"
+        assert proc.close_stdin_calls == 1
+    finally:
+        await pio.close()
+
+
+async def test_close_stdin_delivers_what_was_written_then_closes(fifos: dict[str, str]) -> None:
+    proc = FakeProcess(stdout=[], stdin=True)
+    pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
+    pio.open()
+    try:
+        pio.attach(proc.as_process())
+        writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+        os.write(writer, b"last words")
+        os.close(writer)
+        await asyncio.wait_for(pio.close_stdin(proc.as_process()), 2.0)
+        assert proc.stdin_data == b"last words"
+        assert proc.stdin_closed.is_set()
+    finally:
+        await pio.close()
+
+
+async def test_close_is_idempotent_and_closes_every_fd(fifos: dict[str, str]) -> None:
+    baseline = open_fds()
+    proc = FakeProcess(stdout=[b"a"], stderr=[b"b"], stdin=True)
+    pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], fifos["stderr"], terminal=False)
+    pio.open()
+    assert open_fds() == baseline + 3
+    pio.attach(proc.as_process())
+    await asyncio.sleep(0.05)  # the copies run; stdin waits for a client that never comes
+    await asyncio.wait_for(pio.close(), 2.0)
+    assert open_fds() == baseline
+    assert proc.stdin_closed.is_set()  # the stdin copy was stopped: the process gets EOF
+    await pio.close()
+    assert open_fds() == baseline
+
+
+async def test_close_stops_an_output_copy_blocked_on_a_full_fifo(fifos: dict[str, str]) -> None:
+    baseline = open_fds()
+    proc = FakeProcess(stdout=[b"x" * 65536] * 32, stdin=False)  # 2 MiB, nobody reads
+    pio = ProcessIO("t", "", fifos["stdout"], "", terminal=False)
+    pio.open()
+    pio.attach(proc.as_process())
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(pio.close(), 2.0)
+    assert open_fds() == baseline
