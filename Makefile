@@ -51,6 +51,7 @@ proto: venv
 
 demo: setup image
 	@$(PY) -m uvm.demo
+	@$(PY) -m shim.demo
 
 lint: venv
 	@echo "[lint] ruff"; $(VENV)/bin/ruff check .
