@@ -7,27 +7,39 @@
 * UVM: ``UtilityVM.start()`` through the project's API, to the agent's hello answer.
 Runs are interleaved (F0, F1, UVM, F0, ...) so drift hits all three alike. Then the boot loop:
 N more UVM boots, counting hangs (a boot that misses its deadline).
+
+The containerd shim's figures (``--only shim`` runs just these, with their own F0 runs):
+* ``ctr run --rm ... date`` through a private containerd, from spawning ctr to the first byte on its
+  stdout, interleaved with F0 boots;
+* the shim's ``start`` and ``delete`` actions against ``python -c pass`` on the same interpreter;
+* host PSS of the shim daemon and its QEMU per idle UVM (one, then two at once).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from schemas import oci  # noqa: E402
-from schemas.uvm_config import UvmConfig  # noqa: E402
+from schemas.uvm_config import UvmConfig, default_image_dir  # noqa: E402
+from shim.containerd_env import PrivateContainerd, busybox_rootfs, processes_with_arg  # noqa: E402
 from uvm import builder  # noqa: E402
 from uvm.backends.qemu import qemu_argv  # noqa: E402
 from uvm.scratch import create_scratch  # noqa: E402
@@ -233,6 +245,286 @@ async def disk_figures(run_dir: Path, state_dir: Path, tmp: Path, n: int = 10) -
         await vm.close()
 
 
+# --- the containerd shim ---------------------------------------------------------------------------
+
+SHIM_RUNTIME = "io.containerd.uvm.v1"
+SHIM_BINARY = Path(sys.executable).parent / "containerd-shim-uvm-v1"
+# busybox's date has no %N: the guest prints whole seconds (and its clock comes from the CMOS RTC at
+# boot, whole seconds too), so the figure is the first byte of ctr's stdout; the guest's clock is
+# only checked against the host's.
+DATE_ARGV = ["/bin/date", "+%s.%N"]
+IDLE_ARGV = ["/bin/sh", "-c", "while true; do sleep 1; done"]
+IDLE_SETTLE_S = 5.0
+
+
+@contextlib.contextmanager
+def shim_environ(run_dir: Path, state_dir: Path) -> Iterator[None]:
+    """What containerd passes to the shims it starts: the bench's run and state directories (so the
+    leak check sees their VMs), the same guest image as the floors, and no operator config file."""
+    saved = dict(os.environ)
+    os.environ.update(UVMSHIM_RUN_DIR=str(run_dir), UVMSHIM_STATE_DIR=str(state_dir),
+                      UVMSHIM_IMAGE_DIR=str(default_image_dir()))
+    os.environ.pop("UVMSHIM_CONFIG", None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def ctr_argv(ctd: PrivateContainerd, *args: str) -> list[str]:
+    return ["ctr", "--address", str(ctd.address), "--namespace", ctd.namespace, *args]
+
+
+def ctr_run_date(ctd: PrivateContainerd, rootfs: Path, cid: str, timeout: float = 180.0) -> dict[str, float]:
+    """One `ctr run --rm ... date`: seconds from spawning ctr to the first byte on its stdout and to its
+    exit, and the guest's clock (what date printed) minus the host's wall clock at the spawn."""
+    argv = ctr_argv(ctd, "run", "--rm", "--runtime", SHIM_RUNTIME, "--rootfs", str(rootfs), cid, *DATE_ARGV)
+    wall0, t0 = time.time(), time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        first = proc.stdout.read1(4096)  # type: ignore[attr-defined]
+        first_byte = time.monotonic() - t0
+        out, err = proc.communicate(timeout=timeout)
+        total = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = first + out
+    if proc.returncode != 0 or not first:
+        raise RuntimeError(f"{' '.join(argv)}: exit status {proc.returncode}, stdout {out!r}, "
+                           f"stderr {err.decode(errors='replace').strip()!r}")
+    guest = float(out.split()[0].split(b".")[0])  # "SECONDS.%N": busybox prints the %N as is
+    return {"first_byte_s": first_byte, "total_s": total, "guest_clock_s": guest - wall0}
+
+
+def shim_run_figures(ctd: PrivateContainerd, rootfs: Path, f0_argv: list[str], n: int) -> dict[str, object]:
+    """`ctr run --rm` to workload, interleaved with F0 boots (after one warm-up run, not counted)."""
+    warmup = ctr_run_date(ctd, rootfs, "datewarm")
+    runs: dict[str, list[float]] = {"F0": [], "first_byte_s": [], "total_s": [], "guest_clock_s": []}
+    for i in range(n):
+        runs["F0"].append(time_to_ready(f0_argv))
+        for key, value in ctr_run_date(ctd, rootfs, f"date{i}").items():
+            runs[key].append(value)
+        print(f"  ctr run {i + 1}: F0 {runs['F0'][-1]:.2f}s  first stdout byte {runs['first_byte_s'][-1]:.2f}s  "
+              f"ctr exits {runs['total_s'][-1]:.2f}s  guest clock {runs['guest_clock_s'][-1]:+.2f}s", flush=True)
+    # The guest's whole second must fall between ctr's spawn (less the second it truncates) and the
+    # first byte: then the guest clock agrees with the host's, to its one-second resolution.
+    consistent = all(-1.0 <= g <= b for g, b in zip(runs["guest_clock_s"], runs["first_byte_s"], strict=True))
+    lag = median([b - g for g, b in zip(runs["guest_clock_s"], runs["first_byte_s"], strict=True)])
+    f0, to_workload = median(runs["F0"]), median(runs["first_byte_s"])
+    return {"ctr_run_to_workload_s": to_workload, "F0": f0, "ratio_vs_F0": to_workload / f0,
+            "ctr_total_s": median(runs["total_s"]), "n": n, "warmup_first_byte_s": warmup["first_byte_s"],
+            "measured_by": "first_stdout_byte",
+            "why": "busybox date has no %N and the guest clock is set from the CMOS RTC (whole seconds) at boot",
+            "guest_clock_consistent": consistent, "guest_clock_lag_s": lag, "runs": runs}
+
+
+def processes_of_shim(task_id: str) -> list[int]:
+    """The serving shim daemon(s) of a task: `python -m shim.main ... -id ID ... serve`."""
+    needle = f"\0-id\0{task_id}\0".encode()
+    return [p for p in processes_with_arg("shim.main") if needle in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return b"\0" + Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (children first)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def pss_kib(pid: int, field: str = "Pss") -> int:
+    """A field of /proc/<pid>/smaps_rollup (Pss, Pss_Anon, Pss_File...), in KiB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/smaps_rollup: no {field} line")
+
+
+def mapping_pss_kib(pid: int, size_kib: int) -> int:
+    """Pss of the anonymous mappings of exactly size_kib in pid (QEMU's guest RAM block), in KiB."""
+    total, size, anon = 0, 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            size, anon = (hi - lo) >> 10, len(fields) < 6
+        elif fields[0] == "Pss:" and anon and size == size_kib:
+            total += int(fields[1])
+    return total
+
+
+def stop_process(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM (SIGKILL after grace) a process that is not our child, and wait until it is gone."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not _alive(pid):
+            return
+    raise RuntimeError(f"pid {pid} survived SIGKILL")
+
+
+def timed_run(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, bytes]:
+    t0 = time.perf_counter()
+    res = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit status {res.returncode}: {res.stderr.decode(errors='replace')}")
+    return elapsed, res.stdout
+
+
+def shim_action_figures(tmp: Path, n: int = 10) -> dict[str, object]:
+    """The shim's `start` and `delete` actions (as containerd runs them, in a bundle directory) against
+    `python -c pass` on the same interpreter, interleaved; medians of n after one warm-up round.
+
+    Each start spawns a serving daemon: it is stopped (SIGTERM) before the delete, which then finds the
+    task's socket dead and removes it."""
+    from shim.main import parse_flags, socket_path
+
+    env = {k: v for k, v in os.environ.items() if k != "UVMSHIM_CONFIG"}
+    address = str(tmp / "x.sock")  # never connected to: start and delete only hash it into the socket name
+    times: dict[str, list[float]] = {"python_c_pass": [], "start": [], "delete": []}
+    for i in range(n + 1):
+        task_id = f"bench{i}"
+        bundle = tmp / "bundles" / task_id
+        bundle.mkdir(parents=True)
+        flags = ["-namespace", "bench", "-address", address, "-publish-binary", "/usr/bin/containerd", "-id", task_id]
+        sock = socket_path(parse_flags([*flags, "start"]))
+        t_pass, _ = timed_run([sys.executable, "-c", "pass"], bundle, env)
+        try:
+            t_start, out = timed_run([str(SHIM_BINARY), *flags, "start"], bundle, env)
+            if out.decode() != f"unix://{sock}":
+                raise RuntimeError(f"shim start printed {out!r}, not unix://{sock}")
+        finally:
+            for pid in processes_of_shim(task_id):
+                stop_process(pid)
+        t_delete, _ = timed_run([str(SHIM_BINARY), *flags, "-bundle", str(bundle), "delete"], bundle, env)
+        if sock.exists():
+            sock.unlink()
+            raise RuntimeError(f"shim delete left its dead socket {sock}")
+        if i:  # round 0 warms the page cache
+            for key, t in (("python_c_pass", t_pass), ("start", t_start), ("delete", t_delete)):
+                times[key].append(t)
+    m = {k: median(v) for k, v in times.items()}
+    return {**{f"{k}_s": v for k, v in m.items()}, "start_vs_python": m["start"] / m["python_c_pass"],
+            "delete_vs_python": m["delete"] / m["python_c_pass"], "n": n, "runs": times}
+
+
+def task_status(ctd: PrivateContainerd, task_id: str) -> str:
+    for line in ctd.ctr("task", "ls").stdout.decode().splitlines():
+        fields = line.split()
+        if fields and fields[0] == task_id:
+            return fields[-1]
+    return "missing"
+
+
+def uvm_pss(task_id: str) -> dict[str, float]:
+    """Host PSS (MiB) of a running task's shim daemon and of its QEMU (and of that, the guest's RAM and
+    file-backed pages: the kernel image, binaries and libraries, shared between VMs), and the guest's size."""
+    shims = processes_of_shim(task_id)
+    if len(shims) != 1:
+        raise RuntimeError(f"task {task_id}: expected one shim daemon, found {shims}")
+    qemus = [p for p in descendants(shims[0]) if b"qemu-system" in _cmdline(p).split(b"\0")[1]]
+    if len(qemus) != 1:
+        raise RuntimeError(f"task {task_id}: expected one QEMU below shim {shims[0]}, found {qemus}")
+    argv = _cmdline(qemus[0]).split(b"\0")
+    guest_mib = int(argv[argv.index(b"-m") + 1])
+    return {"shim_mib": pss_kib(shims[0]) / 1024, "qemu_mib": pss_kib(qemus[0]) / 1024,
+            "qemu_guest_ram_mib": mapping_pss_kib(qemus[0], guest_mib << 10) / 1024,
+            "qemu_file_mib": pss_kib(qemus[0], "Pss_File") / 1024, "guest_mib": float(guest_mib)}
+
+
+def idle_pss_figures(ctd: PrivateContainerd, rootfs: Path, timeout: float = 180.0) -> dict[str, object]:
+    """Host PSS of shim + QEMU per idle UVM: one running, then two at once (mean per VM: sharing)."""
+    started: list[str] = []
+
+    def start_idle(task_id: str) -> None:
+        ctd.ctr("run", "-d", "--runtime", SHIM_RUNTIME, "--rootfs", str(rootfs), task_id, *IDLE_ARGV, timeout=timeout)
+        started.append(task_id)
+        deadline = time.monotonic() + timeout
+        while (status := task_status(ctd, task_id)) != "RUNNING":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"task {task_id} is {status}, not RUNNING, after {timeout:g}s")
+            time.sleep(0.5)
+        time.sleep(IDLE_SETTLE_S)
+
+    try:
+        start_idle("idle0")
+        one = uvm_pss("idle0")
+        start_idle("idle1")
+        both = [uvm_pss(t) for t in started]
+        two = {k: statistics.mean(m[k] for m in both) for k in one}
+        return {"guest_mib": one["guest_mib"], "one": {**one, "total_mib": one["shim_mib"] + one["qemu_mib"]},
+                "two_mean": {**two, "total_mib": two["shim_mib"] + two["qemu_mib"]}, "settle_s": IDLE_SETTLE_S}
+    finally:
+        for task_id in started:
+            ctd.ctr("task", "kill", "-s", "SIGKILL", task_id, check=False)
+            ctd.ctr("task", "rm", "-f", task_id, check=False)
+            ctd.ctr("container", "rm", task_id, check=False)
+
+
+def shim_figures(tmp: Path, run_dir: Path, state_dir: Path, f0_argv: list[str], n: int) -> dict[str, object]:
+    """The containerd shim's figures: its actions, `ctr run` to workload against F0, idle PSS."""
+    actions = shim_action_figures(tmp)
+    base = Path(tempfile.mkdtemp(prefix="uvmcb-", dir="/tmp"))
+    try:
+        rootfs = busybox_rootfs(base)
+        with shim_environ(run_dir, state_dir), PrivateContainerd(base / "c", extra_path=[SHIM_BINARY.parent]) as ctd:
+            run = shim_run_figures(ctd, rootfs, f0_argv, n)
+            pss = idle_pss_figures(ctd, rootfs)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {"ctr_run": run, "actions": actions, "idle_pss": pss}
+
+
+def print_shim_figures(shim: dict[str, Any]) -> None:
+    run, act, pss = shim["ctr_run"], shim["actions"], shim["idle_pss"]
+    print(f"containerd: `ctr run --rm` of date to workload {run['ctr_run_to_workload_s']:.2f}s (first stdout byte; "
+          f"ctr exits after {run['ctr_total_s']:.2f}s), F0 {run['F0']:.2f}s in the same runs: "
+          f"{run['ratio_vs_F0']:.2f}x (target <= 2.5x, medians of {run['n']}; the guest's whole-second clock is "
+          f"{run['guest_clock_lag_s']:.2f}s behind the first byte"
+          f"{'' if run['guest_clock_consistent'] else ', OUTSIDE [ctr spawn - 1 s, first byte]'})")
+    print(f"shim actions: start {act['start_s'] * 1e3:.0f} ms ({act['start_vs_python']:.2f}x), delete "
+          f"{act['delete_s'] * 1e3:.0f} ms ({act['delete_vs_python']:.2f}x) against `python -c pass` "
+          f"{act['python_c_pass_s'] * 1e3:.0f} ms (target <= 5x, medians of {act['n']})")
+    one, two = pss["one"], pss["two_mean"]
+    print(f"idle UVM host PSS ({pss['guest_mib']:.0f} MiB guest): shim {one['shim_mib']:.1f} + QEMU "
+          f"{one['qemu_mib']:.1f} = {one['total_mib']:.1f} MiB for one; two at once: {two['shim_mib']:.1f} + "
+          f"{two['qemu_mib']:.1f} = {two['total_mib']:.1f} MiB each (target <= 100 MiB); of QEMU's, guest RAM "
+          f"{one['qemu_guest_ram_mib']:.1f} MiB, file-backed {one['qemu_file_mib']:.1f} MiB (one VM)")
+
+
 def q35_argv(spec: builder.LaunchSpec, initrd: Path, with_root: bool) -> list[str]:
     """Raw QEMU on q35 (libvirt's machine), same kernel and command line, console on stdio."""
     argv = [spec.qemu_binary, "-machine", "q35", "-accel", spec.accel, "-cpu", spec.cpu_model, "-m", str(spec.memory_mib),
@@ -273,7 +565,12 @@ def main() -> int:
     ap.add_argument("--no-link", dest="link", action="store_false", help="skip the agent link figures")
     ap.add_argument("--no-disks", dest="disks", action="store_false", help="skip the disk figures")
     ap.add_argument("--no-libvirt", dest="libvirt", action="store_false", help="skip the libvirt figures")
+    ap.add_argument("--no-shim", dest="shim", action="store_false", help="skip the containerd shim figures")
+    ap.add_argument("--only", choices=("shim",), help="run only this section (with the floors it compares against)")
     args = ap.parse_args()
+    if args.only:
+        args.link = args.libvirt = args.disks = False
+        args.boot_loop = 0
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
         tmp = Path(t)
         run_dir, state_dir = tmp / "run", tmp / "state"
@@ -283,17 +580,19 @@ def main() -> int:
         f1_argv = raw_argv(spec, f1_initrd, tmp, with_root=True)
         print(f"bench: accel {spec.accel}, image {spec.image_id}, n={args.n} interleaved", flush=True)
         res: dict[str, list[float]] = {"F0": [], "F1": [], "UVM": []}
-        for i in range(args.n):
-            res["F0"].append(time_to_ready(f0_argv))
-            res["F1"].append(time_to_ready(f1_argv))
-            res["UVM"].append(asyncio.run(uvm_start(run_dir, state_dir)))
-            print(f"  run {i + 1}: F0 {res['F0'][-1]:.2f}s  F1 {res['F1'][-1]:.2f}s  UVM {res['UVM'][-1]:.2f}s",
-                  flush=True)
-        f0, f1, uvm = (median(res[k]) for k in ("F0", "F1", "UVM"))
-        print(f"medians: F0 {f0:.2f}s  F1 {f1:.2f}s  UVM cold start to agent ready {uvm:.2f}s")
-        print(f"ratios:  UVM/F0 {uvm / f0:.2f}x (target <= 2.0x)   UVM/F1 {uvm / f1:.2f}x (target <= 1.3x)")
-        summary: dict[str, object] = {"medians": {"F0": f0, "F1": f1, "UVM": uvm}, "runs": res,
-                                      "ratios": {"UVM/F0": uvm / f0, "UVM/F1": uvm / f1}}
+        summary: dict[str, object] = {}
+        if not args.only:
+            for i in range(args.n):
+                res["F0"].append(time_to_ready(f0_argv))
+                res["F1"].append(time_to_ready(f1_argv))
+                res["UVM"].append(asyncio.run(uvm_start(run_dir, state_dir)))
+                print(f"  run {i + 1}: F0 {res['F0'][-1]:.2f}s  F1 {res['F1'][-1]:.2f}s  UVM {res['UVM'][-1]:.2f}s",
+                      flush=True)
+            f0, f1, uvm = (median(res[k]) for k in ("F0", "F1", "UVM"))
+            print(f"medians: F0 {f0:.2f}s  F1 {f1:.2f}s  UVM cold start to agent ready {uvm:.2f}s")
+            print(f"ratios:  UVM/F0 {uvm / f0:.2f}x (target <= 2.0x)   UVM/F1 {uvm / f1:.2f}x (target <= 1.3x)")
+            summary.update({"medians": {"F0": f0, "F1": f1, "UVM": uvm}, "runs": res,
+                            "ratios": {"UVM/F0": uvm / f0, "UVM/F1": uvm / f1}})
         if args.link:
             link = asyncio.run(link_figures(run_dir, state_dir))
             ratios = {"rtt_vs_c": link["agent_rtt"] / link["raw_rtt"], "rtt_vs_py": link["agent_rtt"] / link["pyraw_rtt"],
@@ -333,6 +632,12 @@ def main() -> int:
             print(f"scsi disk in a running UVM: attach+mount {dk['attach_mount_s'] * 1e3:.0f} ms ({ratio:.3f}x F0), "
                   f"unmount+detach {dk['unmount_detach_s'] * 1e3:.0f} ms (medians of 10)")
             summary["disks"] = {**sc, **dk, "attach_mount_vs_F0": ratio}
+        if args.shim:
+            print(f"containerd shim: start/delete actions, `ctr run --rm` interleaved with F0 (n={args.n}), idle PSS",
+                  flush=True)
+            shim = shim_figures(tmp, run_dir, state_dir, f0_argv, args.n)
+            print_shim_figures(shim)
+            summary["shim"] = shim
         if args.boot_loop:
             print(f"boot loop: {args.boot_loop} UVM boots, deadline {args.boot_timeout:g}s each", flush=True)
             hangs, failures, times = asyncio.run(boot_loop(args.boot_loop, run_dir, state_dir, args.boot_timeout))
@@ -342,7 +647,7 @@ def main() -> int:
                                     "median": median(times), "max": max(times, default=None)}
         out = REPO / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"foundation-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path = out / f"{args.only or 'foundation'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"results: {path}")
         leftovers = list(run_dir.iterdir()) if run_dir.exists() else []

@@ -236,6 +236,24 @@ def test_events(env: tuple[PrivateContainerd, Path]) -> None:
     assert_clean(ctd, "ev1")
 
 
+def test_oom_kill_is_an_event(env: tuple[PrivateContainerd, Path]) -> None:
+    """A container over its memory limit is OOM-killed: /tasks/oom is published, the exit is 137."""
+    ctd, rootfs = env
+    events = subprocess.Popen(["ctr", "--address", str(ctd.address), "events"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        res = run(ctd, "run", "--rm", *RUNTIME, "--memory-limit", str(32 << 20), "--rootfs", str(rootfs), "oom1",
+                  "/bin/sh", "-c", "tail /dev/zero")
+        time.sleep(1)
+    finally:
+        events.terminate()
+        out = events.communicate(timeout=10)[0].decode()
+    assert res.returncode == 137, res.stderr
+    assert re.search(r"/tasks/oom .*oom1", out), out
+    assert_clean(ctd, "oom1")
+
+
 def test_image_run(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
     ctd, _ = env
     tar = build_busybox_image_tar(tmp_path / "busybox.tar", IMAGE_REF)
