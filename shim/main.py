@@ -199,7 +199,7 @@ def _log_to_fifo(debug: bool) -> None:
             raise
         stream = open(os.devnull, "w")
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("uvmshim %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("uvmshim %(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
