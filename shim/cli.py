@@ -1,26 +1,75 @@
-"""`runuvm`: the runc/runhcs-style command line (`boot` and `create-scratch` so far).
+"""`runuvm`: the runc/runhcs-style command line.
 
-``runuvm boot [--cpus N] [--memory MiB] [--kernel-args S] [--accel A] [--exec CMD]`` boots a
-debug UVM, runs CMD in it through the agent (streaming nothing yet: its output is printed when it
-ends), and exits with CMD's exit code.
+Container commands with runc's meaning (create, start, run, exec, kill, delete, list, state, ps,
+pause, resume, resize-tty): each container is owned by a shim daemon serving containerd's task
+service on a socket under --root (shim/runuvm.py is the client). ``runuvm boot [--cpus N]
+[--memory MiB] [--kernel-args S] [--accel A] [--exec CMD]`` boots a debug UVM, runs CMD in it
+through the agent and exits with CMD's exit code. ``create-scratch`` makes ext4 scratch disks.
+Bad input: exit 1 and one line on stderr naming the problem (JSON with --log-format json).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 
-USAGE_EPILOG = "Container commands (create, start, run, exec, ...) are not implemented yet."
+USAGE_EPILOG = "Each container runs in its own utility VM; its shim daemon's files live in --root/<id>."
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runuvm", description="Run containers in utility VMs.", epilog=USAGE_EPILOG)
-    p.add_argument("--debug", action="store_true", help="log at DEBUG level to stderr")
+    p.add_argument("--debug", action="store_true", help="log at DEBUG level")
+    p.add_argument("--root", type=Path, default=None, help="state directory (default /run/uvmshim/runuvm)")
+    p.add_argument("--log", type=Path, default=None, help="log file (default stderr)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
     sub = p.add_subparsers(dest="command")
+    c = sub.add_parser("create", help="create a container (its UVM boots; the process waits for start)")
+    c.add_argument("id")
+    c.add_argument("--bundle", "-b", type=Path, default=Path("."))
+    c.add_argument("--pid-file", type=Path)
+    for name in ("--shim-log", "--vm-log", "--vm-console", "--console-socket"):
+        c.add_argument(name, type=Path, help=argparse.SUPPRESS)
+    r = sub.add_parser("run", help="create and start a container; relays stdio and exits with its code")
+    r.add_argument("id")
+    r.add_argument("--bundle", "-b", type=Path, default=Path("."))
+    r.add_argument("--detach", "-d", action="store_true")
+    r.add_argument("--pid-file", type=Path)
+    r.add_argument("--tty", "-t", action="store_true")
+    for verb, text in (("start", "start a created container"), ("pause", "freeze every process"),
+                       ("resume", "thaw a paused container")):
+        sub.add_parser(verb, help=text).add_argument("id")
+    st = sub.add_parser("state", help="runc's state JSON")
+    st.add_argument("id")
+    e = sub.add_parser("exec", help="run a process in a running container")
+    e.add_argument("id")
+    e.add_argument("--process", "-p", type=Path, help="OCI process JSON")
+    e.add_argument("--tty", "-t", action="store_true")
+    e.add_argument("--detach", "-d", action="store_true")
+    e.add_argument("--pid-file", type=Path)
+    e.add_argument("args", nargs=argparse.REMAINDER)
+    k = sub.add_parser("kill", help="signal the container's init (default SIGTERM) or all its processes")
+    k.add_argument("id")
+    k.add_argument("signal", nargs="?", default="SIGTERM")
+    k.add_argument("--all", "-a", action="store_true")
+    d = sub.add_parser("delete", help="remove a stopped container (--force: also a running one)")
+    d.add_argument("id")
+    d.add_argument("--force", "-f", action="store_true")
+    ls = sub.add_parser("list", help="containers under --root")
+    ls.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    ps = sub.add_parser("ps", help="processes of a container")
+    ps.add_argument("id")
+    ps.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    rz = sub.add_parser("resize-tty", help="set a terminal's size")
+    rz.add_argument("id")
+    rz.add_argument("width", type=int)
+    rz.add_argument("height", type=int)
+    rz.add_argument("--pid", type=int, default=None, help="an exec'd process (default: the init)")
     boot = sub.add_parser("boot", help="boot a debug UVM")
     boot.add_argument("--cpus", type=int, default=1)
     boot.add_argument("--memory", type=int, default=256, help="MiB")
@@ -88,11 +137,75 @@ async def _boot(args: argparse.Namespace) -> int:
         await vm.close()
 
 
+CONTAINER_COMMANDS = ("create", "run", "start", "pause", "resume", "state", "exec", "kill", "delete", "list", "ps",
+                      "resize-tty")
+
+
+async def _container_command(args: argparse.Namespace) -> int:
+    from shim.runuvm import Runuvm, default_root, parse_signal
+
+    rt = Runuvm(args.root or default_root(), debug=args.debug)
+    cmd = args.command
+    if cmd == "create":
+        await rt.create(args.id, args.bundle, args.pid_file)
+    elif cmd == "run":
+        return await rt.run(args.id, args.bundle, args.detach, args.pid_file, args.tty)
+    elif cmd == "start":
+        await rt.start(args.id)
+    elif cmd == "pause":
+        await rt.pause(args.id)
+    elif cmd == "resume":
+        await rt.resume(args.id)
+    elif cmd == "state":
+        print(json.dumps(await rt.state(args.id), indent=2))
+    elif cmd == "exec":
+        argv = args.args[1:] if args.args[:1] == ["--"] else args.args
+        return await rt.exec(args.id, argv, args.process, args.tty, args.detach, args.pid_file)
+    elif cmd == "kill":
+        await rt.kill(args.id, parse_signal(args.signal), args.all)
+    elif cmd == "delete":
+        await rt.delete(args.id, args.force)
+    elif cmd == "list":
+        states = await rt.list_all()
+        if args.format == "json":
+            print(json.dumps(states))
+        else:
+            print(f"{'ID':<20} {'PID':<8} {'STATUS':<10} {'BUNDLE':<40} {'CREATED':<32} OWNER")
+            for s in states:
+                print(f"{s['id']:<20} {s['pid']:<8} {s['status']:<10} {s['bundle']:<40} {s['created']:<32} {s['owner']}")
+    elif cmd == "ps":
+        pids = await rt.ps(args.id)
+        print(json.dumps(pids) if args.format == "json" else "\n".join(["PID", *map(str, pids)]))
+    elif cmd == "resize-tty":
+        await rt.resize(args.id, args.width, args.height, await rt.exec_id_of(args.id, args.pid))
+    return 0
+
+
+def _report(args: argparse.Namespace, message: str) -> None:
+    """One line naming the problem: text, or a JSON record like runc's --log-format json."""
+    if args.log_format == "json":
+        line = json.dumps({"level": "error", "msg": message, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    else:
+        line = f"runuvm: {message}"
+    print(line, file=sys.stderr)
+    if args.log is not None:
+        with open(args.log, "a") as f:
+            print(line, file=f)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, filename=args.log,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in CONTAINER_COMMANDS:
+        from shim.runuvm import RunuvmError
+
+        try:
+            return asyncio.run(_container_command(args))
+        except RunuvmError as e:
+            _report(args, str(e))
+            return 1
     if args.command == "boot":
         return asyncio.run(_boot(args))
     if args.command == "create-scratch":

@@ -49,7 +49,11 @@ class Publisher:
         self.sent: list[str] = []  # topics delivered, in order (for the logs and the tests)
 
     def publish(self, topic: str, event: Message) -> None:
-        """Queue an event; it is sent after every event published before it."""
+        """Queue an event; it is sent after every event published before it. Without an address
+        (runuvm's daemon: no containerd to tell) events are only logged."""
+        if not self.address:
+            log.debug("event %s (no containerd to publish to)", topic)
+            return
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_loop(), name="events")
         self._queue.put_nowait(envelope(self.namespace, topic, event))

@@ -125,6 +125,27 @@ def _socket_alive(path: Path) -> bool:
     return True
 
 
+def spawn_server(sock_path: Path, flags: Flags, config: str | None, cwd: Path | None = None) -> int:
+    """Bind the task service's socket and spawn the serving daemon on it (detached: own session,
+    stdio on /dev/null, cwd: its state directory); the daemon's pid. The socket is gone again if this fails."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(sock_path))
+        listener.listen(64)
+        argv = [sys.executable, "-m", "shim.main", "-namespace", flags.namespace, "-address", flags.address,
+                "-publish-binary", flags.publish_binary, "-id", flags.id, "-socket-fd", str(listener.fileno())]
+        argv += ["-debug"] * flags.debug + (["-config", config] if config else []) + ["serve"]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                pass_fds=(listener.fileno(),), start_new_session=True, cwd=cwd)
+        return proc.pid
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sock_path.unlink()
+        raise
+    finally:
+        listener.close()
+
+
 def action_start(flags: Flags) -> int:
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     explicit = _runtime_config_path(stdin)
@@ -147,22 +168,8 @@ def action_start(flags: Flags) -> int:
             print(address, end="")
             return 0
         sock_path.unlink()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(str(sock_path))
-        listener.listen(64)
-        argv = [sys.executable, "-m", "shim.main", "-namespace", flags.namespace, "-address", flags.address,
-                "-publish-binary", flags.publish_binary, "-id", flags.id, "-socket-fd", str(listener.fileno())]
-        argv += ["-debug"] * flags.debug + (["-config", explicit] if explicit else []) + ["serve"]
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         pass_fds=(listener.fileno(),), start_new_session=True, cwd=os.getcwd())
-        Path("address").write_text(address)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            sock_path.unlink()
-        raise
-    finally:
-        listener.close()
+    spawn_server(sock_path, flags, explicit)
+    Path("address").write_text(address)
     print(address, end="")
     return 0
 
@@ -225,8 +232,10 @@ async def serve(flags: Flags) -> None:
     from shim.ttrpc import Server
 
     log = logging.getLogger("uvmshim.main")
-    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", f"{flags.address}.ttrpc"), flags.namespace)
-    service = TaskService(flags.namespace, flags.id, publisher, config_path=flags.config or None)
+    events_address = os.environ.get("TTRPC_ADDRESS") or (f"{flags.address}.ttrpc" if flags.address else "")
+    publisher = Publisher(events_address, flags.namespace)
+    service = TaskService(flags.namespace, flags.id, publisher, config_path=flags.config or None,
+                          state_dir=Path.cwd())
     server = Server()
     service.register(server)
     loop = asyncio.get_running_loop()

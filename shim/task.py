@@ -115,9 +115,12 @@ class TaskProcess:
 
 class Task:
     def __init__(self, task_id: str, bundle: Path, namespace: str, options: ShimOptions,
-                 publish: Callable[[str, Message], None]) -> None:
+                 publish: Callable[[str, Message], None], state_dir: Path | None = None) -> None:
         self.id = task_id
         self.bundle = bundle
+        # Where the shim keeps its own files (uvmshim.json, the UVM's console log): containerd's bundle,
+        # or runuvm's --root/<id> (a runc bundle belongs to the user).
+        self.state_dir = state_dir or bundle
         self.namespace = namespace
         self.options = options
         self.publish = publish
@@ -152,7 +155,7 @@ class Task:
             self.vm = UtilityVM(self.options.uvm_config(
                 id=vm_id_for(self.namespace, self.id),
                 shares=[Share(tag=SHARE_TAG, host_path=root, readonly=bool(spec.root and spec.root.readonly))],
-                console_log=self.bundle / "uvm-console.log"))
+                console_log=self.state_dir / "uvm-console.log"))
             self.vm.oom_listeners.append(self.on_oom)
             self._write_state()
             await self.vm.start()
@@ -192,7 +195,7 @@ class Task:
         state = {"vm_id": self.vm.id, "backend": self.vm.config.backend, "libvirt_uri": self.vm.config.libvirt_uri,
                  "hypervisor_pid": pid, "run_dir": str(self.vm.config.run_dir / self.vm.id),
                  "rootfs_mounted": str(self.rootfs_mounted) if self.rootfs_mounted else None}
-        leftovers.record(self.bundle, state)
+        leftovers.record(self.state_dir, state)
 
     # -- processes --------------------------------------------------------------------------------
 
@@ -385,4 +388,4 @@ class Task:
             if self.rootfs_mounted is not None:
                 host_rootfs.unmount(self.rootfs_mounted)
                 self.rootfs_mounted = None
-            leftovers.forget(self.bundle)
+            leftovers.forget(self.state_dir)

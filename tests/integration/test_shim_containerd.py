@@ -4,6 +4,7 @@ its own UVM (QEMU under TCG here), driven with Debian's `ctr` exactly as a user 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -237,18 +238,27 @@ def test_exec_update_pause_resume_ps_metrics(env: tuple[PrivateContainerd, Path]
     assert task_status(ctd, detached) == "RUNNING"
 
 
-def test_events(env: tuple[PrivateContainerd, Path]) -> None:
-    ctd, rootfs = env
+@contextlib.contextmanager
+def ctr_events(ctd: PrivateContainerd) -> Iterator[list[str]]:
+    """`ctr events` while the block runs; the list holds its output afterwards."""
+    seen: list[str] = []
     events = subprocess.Popen(["ctr", "--address", str(ctd.address), "events"], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(rootfs), "ev1", "/bin/true")
-        assert res.returncode == 0, res.stderr
+        yield seen
         time.sleep(1)
     finally:
         events.terminate()
-        out = events.communicate(timeout=10)[0].decode()
+        seen.append(events.communicate(timeout=10)[0].decode())
+
+
+def test_events(env: tuple[PrivateContainerd, Path]) -> None:
+    ctd, rootfs = env
+    with ctr_events(ctd) as seen:
+        res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(rootfs), "ev1", "/bin/true")
+        assert res.returncode == 0, res.stderr
+    out = seen[0]
     topics = [t for t in re.findall(r"(/tasks/[a-z-]+)", out)]
     for topic in ("/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"):
         assert topic in topics, out
@@ -260,16 +270,10 @@ def test_events(env: tuple[PrivateContainerd, Path]) -> None:
 def test_oom_kill_is_an_event(env: tuple[PrivateContainerd, Path]) -> None:
     """A container over its memory limit is OOM-killed: /tasks/oom is published, the exit is 137."""
     ctd, rootfs = env
-    events = subprocess.Popen(["ctr", "--address", str(ctd.address), "events"], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
+    with ctr_events(ctd) as seen:
         res = run(ctd, "run", "--rm", *RUNTIME, "--memory-limit", str(32 << 20), "--rootfs", str(rootfs), "oom1",
                   "/bin/sh", "-c", "tail /dev/zero")
-        time.sleep(1)
-    finally:
-        events.terminate()
-        out = events.communicate(timeout=10)[0].decode()
+    out = seen[0]
     assert res.returncode == 137, res.stderr
     assert re.search(r"/tasks/oom .*oom1", out), out
     assert_clean(ctd, "oom1")
@@ -284,27 +288,22 @@ def test_image_run(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
     assert_clean(ctd, "img1")
 
 
-def test_bad_config_is_shown_to_the_user(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", ["bad-config", "empty-rootfs"])
+def test_bad_input_fails_the_run_with_a_message(env: tuple[PrivateContainerd, Path], tmp_path: Path, case: str) -> None:
+    """A config with an unknown key fails the shim's start; an empty rootfs fails Create: ctr shows why."""
     ctd, rootfs = env
     cfg = tmp_path / "uvm.toml"
     cfg.write_text("[uvm]\ncpus = 2\ncolour = 'red'\n")
-    res = run(ctd, "run", "--rm", *RUNTIME, "--runtime-config-path", str(cfg), "--rootfs", str(rootfs), "badcfg",
-              "/bin/true")
-    assert res.returncode != 0
-    assert b"colour" in res.stderr, res.stderr
-    run(ctd, "container", "rm", "badcfg")
-    assert_clean(ctd, "badcfg")
-
-
-def test_bundle_without_rootfs(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
-    ctd, _ = env
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(empty), "norootfs", "/bin/true")
+    opts, root, expected = {"bad-config": (["--runtime-config-path", str(cfg)], rootfs, b"colour"),
+                            "empty-rootfs": ([], empty, b"is empty")}[case]
+    tid = case.replace("-", "")
+    res = run(ctd, "run", "--rm", *RUNTIME, *opts, "--rootfs", str(root), tid, "/bin/true")
     assert res.returncode != 0
-    assert b"empty" in res.stderr, res.stderr
-    run(ctd, "container", "rm", "norootfs")
-    assert_clean(ctd, "norootfs")
+    assert expected in res.stderr, res.stderr
+    run(ctd, "container", "rm", tid)
+    assert_clean(ctd, tid)
 
 
 def test_qemu_killed_under_a_running_task(env: tuple[PrivateContainerd, Path], detached: str) -> None:

@@ -1,0 +1,425 @@
+"""`runuvm`'s container commands (runc's verbs), as a client of the same task service containerd uses.
+
+`create` spawns a shim daemon (shim.main serve) whose socket and files live in --root/<id>, and sends
+it Create; every other command connects to that socket and sends one task-service call, so runuvm
+and containerd exercise one code path. --root/<id>/runuvm.json keeps what `state`/`list` report
+that the task service does not know (bundle, creation time). `run` and foreground `exec` relay the
+caller's stdio through FIFOs in --root/<id>, exactly as containerd's client does.
+
+Each command raises RunuvmError (a one-line message) for bad input; shim/cli.py prints it and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import any_pb2, empty_pb2
+
+from schemas.containerd import shim_pb2 as pb
+from shim.main import Flags, spawn_server
+from shim.stdio import _fd_ready, read_some, write_all
+from shim.ttrpc import Client, Code, TtrpcError
+
+SERVICE = "containerd.task.v2.Task"
+NAMESPACE = "runuvm"
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STATE = "runuvm.json"
+SOCKET = "shim.sock"
+CREATE_TIMEOUT_S = 600.0
+CALL_TIMEOUT_S = 120.0
+STATUS = {0: "unknown", 1: "created", 2: "running", 3: "stopped", 4: "paused", 5: "pausing"}
+PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+
+
+class RunuvmError(Exception):
+    """A command failed; the message names what and why, in one line."""
+
+
+def default_root() -> Path:
+    return Path("/run/uvmshim/runuvm") if os.geteuid() == 0 else Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / "runuvm"
+
+
+def check_id(cid: str) -> str:
+    if not ID_RE.fullmatch(cid) or ".." in cid:
+        raise RunuvmError(f"invalid container id {cid!r}: use 1-64 of [A-Za-z0-9_.-], starting with a letter or digit")
+    return cid
+
+
+def parse_signal(text: str) -> int:
+    """TERM, SIGTERM or 15."""
+    if text.isdigit():
+        num = int(text)
+    else:
+        name = text.upper() if text.upper().startswith("SIG") else f"SIG{text.upper()}"
+        try:
+            num = int(signal.Signals[name])
+        except KeyError:
+            raise RunuvmError(f"unknown signal {text!r}") from None
+    if not 1 <= num <= 64:
+        raise RunuvmError(f"signal {text!r} is out of range 1..64")
+    return num
+
+
+def rfc3339(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def read_bundle_spec(bundle: Path) -> dict[str, Any]:
+    """config.json of a bundle, as JSON (the shim validates it fully). Raises RunuvmError naming the problem."""
+    path = bundle / "config.json"
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunuvmError(f"bundle {bundle}: no config.json") from None
+    except OSError as e:
+        raise RunuvmError(f"bundle {bundle}: config.json: {e.strerror}") from None
+    except ValueError as e:
+        raise RunuvmError(f"bundle {bundle}: config.json is not valid JSON: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
+        raise RunuvmError(f"bundle {bundle}: config.json has no process")
+    return spec
+
+
+@dataclass
+class Stdio:
+    """FIFOs a foreground run/exec relays: the paths for the shim, and our ends."""
+
+    stdin: str
+    stdout: str
+    stderr: str
+
+
+class Runuvm:
+    def __init__(self, root: Path, debug: bool = False) -> None:
+        self.root = root
+        self.debug = debug
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _dir(self, cid: str) -> Path:
+        return self.root / check_id(cid)
+
+    def _saved(self, cid: str) -> dict[str, Any]:
+        try:
+            saved: dict[str, Any] = json.loads((self._dir(cid) / STATE).read_text())
+        except (OSError, ValueError):
+            raise RunuvmError(f"container {cid} does not exist") from None
+        return saved
+
+    async def _client(self, cid: str) -> Client:
+        self._saved(cid)
+        try:
+            return await Client.connect_unix(str(self._dir(cid) / SOCKET))
+        except TtrpcError:
+            raise RunuvmError(f"container {cid}: its shim is not running (use `delete --force`)") from None
+
+    async def _call(self, cid: str, method: str, req: Any, resp_type: Any, timeout: float | None = CALL_TIMEOUT_S) -> Any:
+        async with await self._client(cid) as client:
+            try:
+                return await client.call(SERVICE, method, req, resp_type, timeout=timeout)
+            except TtrpcError as e:
+                raise RunuvmError(f"container {cid}: {e.message}") from None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def create(self, cid: str, bundle: Path, pid_file: Path | None = None, stdio: Stdio | None = None,
+                     terminal: bool = False) -> int:
+        """Boot the container's UVM and create the container; its pid (in the UVM)."""
+        d = self._dir(cid)
+        bundle = bundle.resolve()
+        spec = read_bundle_spec(bundle)
+        if terminal or spec["process"].get("terminal"):
+            terminal = True
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            raise RunuvmError(f"container {cid} already exists") from None
+        try:
+            (d / STATE).write_text(json.dumps({"id": cid, "bundle": str(bundle), "created": time.time()}))
+            # The daemon works in --root/<id>: its state (uvmshim.json, the UVM's console log) goes there.
+            spawn_server(d / SOCKET, Flags(namespace=NAMESPACE, id=cid, debug=self.debug), None, cwd=d)
+            io = stdio or Stdio("", "", "")
+            req = pb.CreateTaskRequest(id=cid, bundle=str(bundle), terminal=terminal, stdin=io.stdin,
+                                       stdout=io.stdout, stderr=io.stderr)
+            resp = await self._call(cid, "Create", req, pb.CreateTaskResponse, timeout=CREATE_TIMEOUT_S)
+        except BaseException:
+            await self._remove(cid)
+            raise
+        if pid_file is not None:
+            pid_file.write_text(str(resp.pid))
+        return int(resp.pid)
+
+    async def start(self, cid: str) -> int:
+        return int((await self._call(cid, "Start", pb.StartRequest(id=cid), pb.StartResponse)).pid)
+
+    async def state(self, cid: str) -> dict[str, Any]:
+        """runc's state JSON: ociVersion, id, pid, status, bundle, rootfs, created, owner."""
+        saved = self._saved(cid)
+        try:
+            st = await self._call(cid, "State", pb.StateRequest(id=cid), pb.StateResponse)
+            status, pid = STATUS.get(st.status, "unknown"), st.pid
+        except RunuvmError:
+            status, pid = "stopped", 0  # the shim is gone: so is its VM
+        spec = read_bundle_spec(Path(saved["bundle"])) if Path(saved["bundle"], "config.json").exists() else {}
+        root = str((spec.get("root") or {}).get("path", ""))
+        return {"ociVersion": spec.get("ociVersion", "1.0.2"), "id": cid, "pid": pid, "status": status,
+                "bundle": saved["bundle"], "rootfs": root if os.path.isabs(root) else str(Path(saved["bundle"], root)),
+                "created": rfc3339(saved["created"]), "owner": ""}
+
+    async def list_all(self) -> list[dict[str, Any]]:
+        if not self.root.is_dir():
+            return []
+        return [await self.state(d.name) for d in sorted(self.root.iterdir()) if (d / STATE).exists()]
+
+    async def kill(self, cid: str, sig: int, all_processes: bool = False, exec_id: str = "") -> None:
+        await self._call(cid, "Kill", pb.KillRequest(id=cid, exec_id=exec_id, signal=sig, all=all_processes),
+                         empty_pb2.Empty)
+
+    async def pause(self, cid: str) -> None:
+        await self._call(cid, "Pause", pb.PauseRequest(id=cid), empty_pb2.Empty)
+
+    async def resume(self, cid: str) -> None:
+        await self._call(cid, "Resume", pb.ResumeRequest(id=cid), empty_pb2.Empty)
+
+    async def ps(self, cid: str) -> list[int]:
+        resp = await self._call(cid, "Pids", pb.PidsRequest(id=cid), pb.PidsResponse)
+        return [p.pid for p in resp.processes]
+
+    async def resize(self, cid: str, width: int, height: int, exec_id: str = "") -> None:
+        await self._call(cid, "ResizePty", pb.ResizePtyRequest(id=cid, exec_id=exec_id, width=width, height=height),
+                         empty_pb2.Empty)
+
+    async def exec_id_of(self, cid: str, pid: int | None) -> str:
+        """The exec id of the process with this pid ("" for the init or no pid)."""
+        if pid is None:
+            return ""
+        st = await self._call(cid, "State", pb.StateRequest(id=cid), pb.StateResponse)
+        if st.pid == pid:
+            return ""
+        raise RunuvmError(f"container {cid}: resize-tty --pid {pid}: only the init's terminal is known to runuvm")
+
+    async def update(self, cid: str, resources: dict[str, Any]) -> None:
+        res = any_pb2.Any(type_url=RESOURCES_URL, value=json.dumps(resources).encode())
+        await self._call(cid, "Update", pb.UpdateTaskRequest(id=cid, resources=res), empty_pb2.Empty)
+
+    async def wait(self, cid: str, exec_id: str = "") -> int:
+        resp = await self._call(cid, "Wait", pb.WaitRequest(id=cid, exec_id=exec_id), pb.WaitResponse, timeout=None)
+        return int(resp.exit_status)
+
+    async def delete(self, cid: str, force: bool = False) -> None:
+        """Remove a stopped (or created) container; --force kills a running one first."""
+        self._saved(cid)
+        try:
+            st = await self._call(cid, "State", pb.StateRequest(id=cid), pb.StateResponse)
+        except RunuvmError:
+            await self._remove(cid)  # its shim died: clean what it left
+            return
+        status = STATUS.get(st.status, "unknown")
+        if status in ("running", "paused", "pausing"):
+            if not force:
+                raise RunuvmError(f"container {cid} is {status}: stop it first, or use delete --force")
+            with contextlib.suppress(RunuvmError):
+                await self.kill(cid, signal.SIGKILL, all_processes=True)
+            await self.wait(cid)
+        await self._call(cid, "Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+        await self._remove(cid)
+
+    async def _remove(self, cid: str) -> None:
+        """Stop the shim daemon (Shutdown, or SIGKILL via leftovers), remove --root/<id>."""
+        from shim import leftovers
+
+        d = self._dir(cid)
+        sock = d / SOCKET
+        with contextlib.suppress(TtrpcError, OSError):
+            async with await Client.connect_unix(str(sock), timeout=2) as client:
+                await client.call(SERVICE, "Shutdown", pb.ShutdownRequest(id=cid, now=True), empty_pb2.Empty, timeout=60)
+        deadline = time.monotonic() + 30
+        while _daemon_pids(sock) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for pid in _daemon_pids(sock):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if d.exists():
+            leftovers.clean(d)
+            shutil.rmtree(d, ignore_errors=True)
+
+    # -- exec and run ---------------------------------------------------------------------------------
+
+    async def exec(self, cid: str, args: list[str], process_file: Path | None, terminal: bool, detach: bool,
+                   pid_file: Path | None) -> int:
+        """Run a process in the container: its exit code (foreground), or 0 once started (-d)."""
+        saved = self._saved(cid)
+        if process_file is not None:
+            try:
+                process = json.loads(process_file.read_text())
+            except (OSError, ValueError) as e:
+                raise RunuvmError(f"process file {process_file}: {e}") from None
+        else:
+            if not args:
+                raise RunuvmError("exec: give a command after --, or --process FILE")
+            process = dict(read_bundle_spec(Path(saved["bundle"]))["process"])
+            process["args"] = args
+        process["terminal"] = terminal
+        exec_id = f"exec-{secrets.token_hex(4)}"
+        d = self._dir(cid)
+        relay = None if detach else StdioRelay(d, exec_id, terminal)
+        io = relay.paths if relay else Stdio("", "", "")
+        spec = any_pb2.Any(type_url=PROCESS_SPEC_URL, value=json.dumps(process).encode())
+        try:
+            await self._call(cid, "Exec", pb.ExecProcessRequest(id=cid, exec_id=exec_id, terminal=terminal, spec=spec,
+                                                                 stdin=io.stdin, stdout=io.stdout, stderr=io.stderr),
+                             empty_pb2.Empty)
+            pid = int((await self._call(cid, "Start", pb.StartRequest(id=cid, exec_id=exec_id), pb.StartResponse)).pid)
+            if pid_file is not None:
+                pid_file.write_text(str(pid))
+            if relay is None:
+                return 0
+            return await relay.run(self.wait(cid, exec_id))
+        finally:
+            if relay is not None:
+                relay.close()
+                with contextlib.suppress(RunuvmError):
+                    await self._call(cid, "Delete", pb.DeleteRequest(id=cid, exec_id=exec_id), pb.DeleteResponse)
+
+    async def run(self, cid: str, bundle: Path, detach: bool, pid_file: Path | None, terminal: bool = False) -> int:
+        """create + start; in the foreground relay stdio, wait, delete, and return the exit code."""
+        if detach:
+            await self.create(cid, bundle, pid_file, terminal=terminal)
+            await self.start(cid)
+            return 0
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fifo_dir = self.root / f".fifo-{check_id(cid)}"
+        fifo_dir.mkdir(mode=0o700)
+        try:
+            relay = StdioRelay(fifo_dir, "init", terminal)
+            try:
+                await self.create(cid, bundle, pid_file, relay.paths, terminal)
+                await self.start(cid)
+                code = await relay.run(self.wait(cid))
+            finally:
+                relay.close()
+            await self.delete(cid, force=True)
+            return code
+        finally:
+            shutil.rmtree(fifo_dir, ignore_errors=True)
+
+
+async def _copy_out(fd: int, dest: int, stop: asyncio.Event) -> None:
+    """FIFO -> our stdout/stderr; once stop is set, return as soon as the FIFO is empty."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            if stop.is_set():
+                return
+            readable = asyncio.ensure_future(_fd_ready(fd, write=False))
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((readable, stopped), return_when=asyncio.FIRST_COMPLETED)
+            for f in (readable, stopped):
+                f.cancel()
+            continue
+        if not data:
+            return
+        await _write_blocking_ok(dest, data)
+
+
+async def _write_blocking_ok(fd: int, data: bytes) -> None:
+    """Write to our own stdout/stderr whatever it is (a pipe, a tty, a regular file)."""
+    try:
+        await write_all(fd, data, stall_timeout=3600)
+    except PermissionError:  # epoll refuses this kind of file: it never blocks anyway
+        os.write(fd, data)
+
+
+async def _read_input(fd: int) -> bytes:
+    """A chunk of our stdin without blocking the loop (regular files and /dev/null read directly)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and os.major(os.fstat(fd).st_rdev) == 1):
+        return os.read(fd, 65536)
+    os.set_blocking(fd, False)
+    try:
+        return await read_some(fd)
+    finally:
+        os.set_blocking(fd, True)
+
+
+def _daemon_pids(sock: Path) -> list[int]:
+    """The shim daemon serving sock (found by its -socket-fd flag and working directory)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/cwd") == str(sock.parent) and \
+                    b"shim.main" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+class StdioRelay:
+    """The caller's stdin/stdout/stderr relayed through FIFOs that the shim opens as containerd's."""
+
+    def __init__(self, directory: Path, name: str, terminal: bool) -> None:
+        self.paths = Stdio(*(str(directory / f"{name}-{s}") for s in ("stdin", "stdout", "stderr")))
+        if terminal:
+            self.paths.stderr = ""
+        for p in (self.paths.stdin, self.paths.stdout, self.paths.stderr):
+            if p:
+                os.mkfifo(p, 0o600)
+        # Our read ends, non-blocking so opening never waits for the shim.
+        self._out = [os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) for p in (self.paths.stdout, self.paths.stderr)
+                     if p]
+        self._fds = list(self._out)
+
+    async def run(self, waiter: Any) -> int:
+        """Copy stdin in and output out until the process exited and its output is drained; its exit code."""
+        stop = asyncio.Event()
+        dests = [sys.stdout.fileno(), sys.stderr.fileno()]
+        copies = [asyncio.create_task(_copy_out(fd, dest, stop)) for fd, dest in zip(self._out, dests, strict=False)]
+        feeder = asyncio.create_task(self._copy_in()) if self.paths.stdin else None
+        try:
+            code = await waiter
+            stop.set()  # Wait returned once the output was in the FIFOs: copy what is there, then stop
+            await asyncio.gather(*copies)
+            return int(code)
+        finally:
+            for t in (*copies, feeder):
+                if t is not None:
+                    t.cancel()
+            await asyncio.gather(*(t for t in (*copies, feeder) if t is not None), return_exceptions=True)
+
+    async def _copy_in(self) -> None:
+        # The shim opened its read end during create/exec: this open does not block.
+        fd = os.open(self.paths.stdin, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            while data := await _read_input(sys.stdin.fileno()):
+                await write_all(fd, data, stall_timeout=3600)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+def error_code(e: TtrpcError) -> str:
+    return Code(e.code).name

@@ -1,0 +1,127 @@
+"""A Python client of the `runuvm` command line, mirroring go-runhcs: each method runs the CLI and
+parses its JSON; a failure raises RunuvmCommandError with the exit status and runuvm's message
+(read from its JSON log line, since the client always passes --log-format json)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class RunuvmCommandError(Exception):
+    def __init__(self, args: list[str], status: int, message: str) -> None:
+        super().__init__(f"runuvm {' '.join(args)}: {message} (exit {status})")
+        self.args_ = args
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """runc's state: what `runuvm state` and `runuvm list --format json` print."""
+
+    id: str
+    pid: int
+    status: str
+    bundle: str
+    rootfs: str
+    created: str
+    owner: str = ""
+    oci_version: str = ""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ContainerState:
+        return cls(id=d["id"], pid=d["pid"], status=d["status"], bundle=d["bundle"], rootfs=d.get("rootfs", ""),
+                   created=d["created"], owner=d.get("owner", ""), oci_version=d.get("ociVersion", ""))
+
+
+@dataclass
+class Runuvm:
+    """Options common to every command (go-runhcs's Runhcs struct)."""
+
+    root: Path | None = None
+    log: Path | None = None
+    debug: bool = False
+    command: list[str] = field(default_factory=lambda: _default_command())
+
+    def _run(self, *args: str, input: bytes | None = None, timeout: float = 600) -> bytes:
+        argv = [*self.command, "--log-format", "json"]
+        if self.root is not None:
+            argv += ["--root", str(self.root)]
+        if self.log is not None:
+            argv += ["--log", str(self.log)]
+        if self.debug:
+            argv.append("--debug")
+        res = subprocess.run([*argv, *args], input=input, capture_output=True, timeout=timeout, check=False)
+        if res.returncode != 0:
+            raise RunuvmCommandError(list(args), res.returncode, _message(res.stderr))
+        return res.stdout
+
+    def create(self, cid: str, bundle: Path, pid_file: Path | None = None) -> None:
+        self._run("create", cid, "--bundle", str(bundle), *(["--pid-file", str(pid_file)] if pid_file else []))
+
+    def start(self, cid: str) -> None:
+        self._run("start", cid)
+
+    def exec(self, cid: str, args: builtins.list[str] | None = None, process_file: Path | None = None, detach: bool = False,
+             pid_file: Path | None = None) -> bytes:
+        """A process in the container; its output (foreground). Non-zero exit: RunuvmCommandError."""
+        opts = ["--detach"] * detach + (["--pid-file", str(pid_file)] if pid_file else [])
+        opts += ["--process", str(process_file)] if process_file else ["--", *(args or [])]
+        return self._run("exec", cid, *opts)
+
+    def kill(self, cid: str, signal: str | int = "SIGTERM", all_processes: bool = False) -> None:
+        self._run("kill", cid, str(signal), *(["--all"] if all_processes else []))
+
+    def delete(self, cid: str, force: bool = False) -> None:
+        self._run("delete", cid, *(["--force"] if force else []))
+
+    def list(self) -> builtins.list[ContainerState]:
+        return [ContainerState.from_json(d) for d in json.loads(self._run("list", "--format", "json"))]
+
+    def state(self, cid: str) -> ContainerState:
+        return ContainerState.from_json(json.loads(self._run("state", cid)))
+
+    def ps(self, cid: str) -> builtins.list[int]:
+        pids: builtins.list[int] = json.loads(self._run("ps", cid, "--format", "json"))
+        return pids
+
+    def pause(self, cid: str) -> None:
+        self._run("pause", cid)
+
+    def resume(self, cid: str) -> None:
+        self._run("resume", cid)
+
+    def resize_tty(self, cid: str, width: int, height: int, pid: int | None = None) -> None:
+        self._run("resize-tty", cid, str(width), str(height), *(["--pid", str(pid)] if pid else []))
+
+    def create_scratch(self, dest: Path) -> None:
+        self._run("create-scratch", str(dest))
+
+    def create_scratch_with_opts(self, dest: Path, size_gb: int, cache_path: Path | None = None) -> None:
+        self._run("create-scratch", str(dest), "--size-gb", str(size_gb),
+                  *(["--cache-path", str(cache_path)] if cache_path else []))
+
+
+def _default_command() -> list[str]:
+    exe = shutil.which("runuvm") or str(Path(sys.executable).parent / "runuvm")
+    return [exe]
+
+
+def _message(stderr: bytes) -> str:
+    """runuvm's error: the msg of its JSON line, else the last line of stderr."""
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "msg" in rec:
+            return str(rec["msg"])
+    return lines[-1] if lines else "failed"

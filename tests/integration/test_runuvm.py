@@ -1,0 +1,176 @@
+"""`runuvm`, the runc-style CLI, end to end: each container in its own UVM (QEMU under TCG here),
+owned by a shim daemon serving the task service under --root; and its Python client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas import oci
+from shim.containerd_env import processes_with_arg
+from shim.runuvm_client import Runuvm as Client
+from shim.runuvm_client import RunuvmCommandError
+from uvm.demo import busybox_rootfs
+
+pytestmark = pytest.mark.vm
+
+RUNUVM = str(Path(sys.executable).parent / "runuvm")
+ID_RULE = "use 1-64 of [A-Za-z0-9_.-], starting with a letter or digit"
+
+
+@pytest.fixture(scope="module")
+def env(suite_dir: Path, image_dir: Path) -> Iterator[tuple[Path, Path, dict[str, str]]]:
+    """(--root, a bundle whose init waits for a while, the environment runuvm runs with)."""
+    base = suite_dir / "runuvm"
+    root = base / "root"
+    bundle = base / "bundle"
+    bundle.mkdir(parents=True)
+    shutil.move(busybox_rootfs(base), bundle / "rootfs")
+    spec = oci.default_spec(["/bin/sh", "-c", "trap 'exit 143' TERM; while true; do sleep 0.2; done"], env=["PATH=/bin"])
+    (bundle / "config.json").write_text(json.dumps(spec.wire()))
+    environ = {**os.environ, "UVMSHIM_RUN_DIR": str(suite_dir / "run"), "UVMSHIM_IMAGE_DIR": str(image_dir)}
+    yield root, bundle, environ
+    left = list(root.iterdir()) if root.exists() else []
+    daemons = processes_with_arg("shim.main")
+    shutil.rmtree(base, ignore_errors=True)
+    assert not left, f"left under --root: {left}"
+    assert not daemons, f"shim daemons left: {daemons}"
+
+
+def runuvm(env: tuple[Path, Path, dict[str, str]], *args: str, input: bytes = b"",
+           log_format: str = "text") -> subprocess.CompletedProcess[bytes]:
+    root, _, environ = env
+    return subprocess.run([RUNUVM, "--root", str(root), "--log-format", log_format, *args], input=input,
+                          capture_output=True, env=environ, timeout=300, check=False)
+
+
+def state(env: tuple[Path, Path, dict[str, str]], cid: str) -> dict[str, object]:
+    res = runuvm(env, "state", cid)
+    assert res.returncode == 0, res.stderr
+    st: dict[str, object] = json.loads(res.stdout)
+    return st
+
+
+def bundle_with(env: tuple[Path, Path, dict[str, str]], tmp_path: Path, args: list[str]) -> Path:
+    """A bundle sharing the module's rootfs, with another init command."""
+    _, bundle, _ = env
+    b = tmp_path / "bundle"
+    b.mkdir()
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["args"] = args
+    spec["root"]["path"] = str(bundle / "rootfs")
+    (b / "config.json").write_text(json.dumps(spec))
+    return b
+
+
+def test_lifecycle_with_state_at_each_step(env: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    _, bundle, _ = env
+    pid_file = tmp_path / "pid"
+    res = runuvm(env, "create", "life1", "--bundle", str(bundle), "--pid-file", str(pid_file))
+    assert res.returncode == 0, res.stderr
+    st = state(env, "life1")
+    assert st["status"] == "created" and st["pid"] == int(pid_file.read_text()) > 0
+    assert (st["id"], st["bundle"], st["rootfs"]) == ("life1", str(bundle), str(bundle / "rootfs"))
+    assert runuvm(env, "start", "life1").returncode == 0
+    assert state(env, "life1")["status"] == "running"
+    again = runuvm(env, "start", "life1")
+    assert again.returncode == 1 and b"already started" in again.stderr, again.stderr
+    out = runuvm(env, "exec", "life1", "--", "/bin/sh", "-c", "echo from exec; exit 4")
+    assert (out.returncode, out.stdout) == (4, b"from exec\n"), out.stderr
+    assert len(json.loads(runuvm(env, "ps", "life1", "--format", "json").stdout)) >= 2
+    busy = runuvm(env, "delete", "life1")
+    assert busy.returncode == 1 and b"running" in busy.stderr and len(busy.stderr.splitlines()) == 1
+    assert runuvm(env, "pause", "life1").returncode == 0
+    assert state(env, "life1")["status"] == "paused"
+    assert runuvm(env, "resume", "life1").returncode == 0
+    assert runuvm(env, "kill", "life1").returncode == 0  # SIGTERM: the init's trap exits 143
+    for _ in range(300):
+        if state(env, "life1")["status"] == "stopped":
+            break
+    assert state(env, "life1")["status"] == "stopped"
+    assert runuvm(env, "delete", "life1").returncode == 0
+    gone = runuvm(env, "state", "life1")
+    assert gone.returncode == 1 and gone.stderr == b"runuvm: container life1 does not exist\n"
+
+
+def test_run_relays_output_and_exit_code(env: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    b = bundle_with(env, tmp_path, ["/bin/sh", "-c", "read line; echo out $line; echo err >&2; exit 3"])
+    res = runuvm(env, "run", "run1", "--bundle", str(b), input=b"stdin-line\n")
+    assert res.returncode == 3, res.stderr
+    assert res.stdout == b"out stdin-line\n"
+    assert res.stderr == b"err\n"
+    assert runuvm(env, "state", "run1").returncode == 1  # run without -d deletes the container
+
+
+def test_list_duplicate_and_delete_force(env: tuple[Path, Path, dict[str, str]]) -> None:
+    _, bundle, _ = env
+    assert runuvm(env, "run", "-d", "bg1", "--bundle", str(bundle)).returncode == 0
+    table = runuvm(env, "list").stdout.decode().splitlines()
+    assert table[0].split()[:3] == ["ID", "PID", "STATUS"]
+    assert table[1].split()[0] == "bg1" and table[1].split()[2] == "running"
+    listed = json.loads(runuvm(env, "list", "--format", "json").stdout)
+    assert [(s["id"], s["status"]) for s in listed] == [("bg1", "running")]
+    dup = runuvm(env, "create", "bg1", "--bundle", str(bundle))
+    assert dup.returncode == 1 and dup.stderr == b"runuvm: container bg1 already exists\n"
+    assert runuvm(env, "delete", "--force", "bg1").returncode == 0
+    assert json.loads(runuvm(env, "list", "--format", "json").stdout) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["state", "nope"], "container nope does not exist"),
+    (["start", "nope"], "container nope does not exist"),
+    (["kill", "nope"], "container nope does not exist"),
+    (["delete", "nope"], "container nope does not exist"),
+    (["create", "a/b", "--bundle", "."], f"invalid container id 'a/b': {ID_RULE}"),
+    (["create", "a..b", "--bundle", "."], f"invalid container id 'a..b': {ID_RULE}"),
+    (["kill", "x", "SIGNOPE"], "unknown signal 'SIGNOPE'"),
+])
+def test_bad_input(env: tuple[Path, Path, dict[str, str]], args: list[str], message: str) -> None:
+    res = runuvm(env, *args)
+    assert res.returncode == 1
+    assert res.stderr.decode() == f"runuvm: {message}\n"
+    as_json = runuvm(env, *args, log_format="json")
+    assert json.loads(as_json.stderr)["msg"] == message
+
+
+def test_bad_bundles(env: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    root, _, _ = env
+    res = runuvm(env, "create", "nocfg", "--bundle", str(tmp_path))
+    assert res.returncode == 1 and f"bundle {tmp_path}: no config.json".encode() in res.stderr
+    (tmp_path / "config.json").write_text("{not json")
+    res = runuvm(env, "create", "badjson", "--bundle", str(tmp_path))
+    assert res.returncode == 1 and b"config.json is not valid JSON" in res.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"process": {"args": []}, "root": {"path": "rootfs"}}))
+    res = runuvm(env, "create", "badspec", "--bundle", str(tmp_path))  # the shim's own validation
+    assert res.returncode == 1 and b"process.args" in res.stderr, res.stderr
+    assert not root.exists() or not list(root.iterdir())
+
+
+def test_python_client(env: tuple[Path, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    root, bundle, environ = env
+    for k in ("UVMSHIM_RUN_DIR", "UVMSHIM_IMAGE_DIR"):
+        monkeypatch.setenv(k, environ[k])
+    rt = Client(root=root, command=[RUNUVM])
+    rt.create("cli1", bundle)
+    assert rt.state("cli1").status == "created"
+    rt.start("cli1")
+    assert [s.id for s in rt.list()] == ["cli1"]
+    assert rt.exec("cli1", ["/bin/echo", "hi"]) == b"hi\n"
+    assert len(rt.ps("cli1")) >= 1
+    rt.pause("cli1")
+    assert rt.state("cli1").status == "paused"
+    rt.resume("cli1")
+    with pytest.raises(RunuvmCommandError) as e:
+        rt.delete("cli1")
+    assert e.value.status == 1 and "running" in e.value.message
+    rt.kill("cli1", "SIGKILL")
+    rt.delete("cli1", force=True)
+    with pytest.raises(RunuvmCommandError, match="does not exist"):
+        rt.state("cli1")
