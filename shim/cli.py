@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     rz.add_argument("width", type=int)
     rz.add_argument("height", type=int)
     rz.add_argument("--pid", type=int, default=None, help="an exec'd process (default: the init)")
+    u = sub.add_parser("uvm", help="look inside the UVMs of running shims (containerd's and runuvm's)")
+    usub = u.add_subparsers(dest="uvm_command", required=True)
+    ul = usub.add_parser("list", help="the UVM of every reachable shim")
+    ul.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    ue = usub.add_parser("exec", help="run a command in a UVM itself (not in its container)")
+    ue.add_argument("vm", help="VM id or task id")
+    ue.add_argument("args", nargs=argparse.REMAINDER)
     boot = sub.add_parser("boot", help="boot a debug UVM")
     boot.add_argument("--cpus", type=int, default=1)
     boot.add_argument("--memory", type=int, default=256, help="MiB")
@@ -138,7 +145,7 @@ async def _boot(args: argparse.Namespace) -> int:
 
 
 CONTAINER_COMMANDS = ("create", "run", "start", "pause", "resume", "state", "exec", "kill", "delete", "list", "ps",
-                      "resize-tty")
+                      "resize-tty", "uvm")
 
 
 async def _container_command(args: argparse.Namespace) -> int:
@@ -176,6 +183,21 @@ async def _container_command(args: argparse.Namespace) -> int:
     elif cmd == "ps":
         pids = await rt.ps(args.id)
         print(json.dumps(pids) if args.format == "json" else "\n".join(["PID", *map(str, pids)]))
+    elif cmd == "uvm" and args.uvm_command == "list":
+        vms = await rt.uvm_list()
+        if args.format == "json":
+            print(json.dumps(vms))
+        else:
+            print(f"{'VM':<28} {'STATE':<9} {'PID':<8} {'BOOT':<7} {'TASK':<24} ADDRESS")
+            for v in vms:
+                print(f"{v['vm']:<28} {v['state']:<9} {v['pid']:<8} {v['boot_seconds']:<7} "
+                      f"{v['namespace'] + '/' + v['task']:<24} {v['address']}")
+    elif cmd == "uvm":
+        argv = args.args[1:] if args.args[:1] == ["--"] else args.args
+        code, out, err = await rt.uvm_exec(args.vm, argv)
+        sys.stdout.buffer.write(out)
+        sys.stderr.buffer.write(err)
+        return code
     elif cmd == "resize-tty":
         await rt.resize(args.id, args.width, args.height, await rt.exec_id_of(args.id, args.pid))
     return 0

@@ -29,12 +29,15 @@ from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
 
+from schemas.containerd import diag_pb2
 from schemas.containerd import shim_pb2 as pb
 from shim.main import Flags, spawn_server
 from shim.stdio import _fd_ready, read_some, write_all
 from shim.ttrpc import Client, Code, TtrpcError
 
 SERVICE = "containerd.task.v2.Task"
+DIAG = "uvmshim.diag.v1.Diag"
+CONTAINERD_SOCKETS = Path("/run/containerd/s")
 NAMESPACE = "runuvm"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STATE = "runuvm.json"
@@ -258,6 +261,44 @@ class Runuvm:
         if d.exists():
             leftovers.clean(d)
             shutil.rmtree(d, ignore_errors=True)
+
+    # -- looking inside UVMs (hcsshim's shimdiag) -----------------------------------------------------
+
+    def _shim_sockets(self) -> list[Path]:
+        """Every shim daemon's socket: containerd's (/run/containerd/s/uvm-*) and ours (--root/*/shim.sock)."""
+        found = sorted(CONTAINERD_SOCKETS.glob("uvm-*.sock"))
+        if self.root.is_dir():
+            found += sorted(d / SOCKET for d in self.root.iterdir() if (d / SOCKET).exists())
+        return found
+
+    async def uvm_list(self) -> list[dict[str, Any]]:
+        """The UVMs of every reachable shim: address, namespace, task, VM id and state, QEMU pid."""
+        out = []
+        for sock in self._shim_sockets():
+            try:
+                async with await Client.connect_unix(str(sock), timeout=2) as client:
+                    info = await client.call(DIAG, "Info", diag_pb2.InfoRequest(), diag_pb2.InfoResponse, timeout=10)
+            except TtrpcError:
+                continue  # a stale socket, or a shim without the diag service
+            out.append({"address": str(sock), "namespace": info.namespace, "task": info.task_id, "vm": info.vm_id,
+                        "state": info.vm_state, "pid": info.hypervisor_pid, "backend": info.backend,
+                        "boot_seconds": round(info.boot_seconds, 3)})
+        return out
+
+    async def uvm_exec(self, vm: str, args: list[str], stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+        """Run a command in the UVM (by VM id or task id) itself: (exit code, stdout, stderr)."""
+        if not args:
+            raise RunuvmError("uvm exec: give a command")
+        for entry in await self.uvm_list():
+            if vm in (entry["vm"], entry["task"]) and entry["vm"]:
+                async with await Client.connect_unix(entry["address"]) as client:
+                    try:
+                        res = await client.call(DIAG, "ExecInUvm", diag_pb2.ExecInUvmRequest(args=args, stdin=stdin),
+                                                diag_pb2.ExecInUvmResponse, timeout=CALL_TIMEOUT_S)
+                    except TtrpcError as e:
+                        raise RunuvmError(f"uvm {vm}: {e.message}") from None
+                return res.exit_code, res.stdout, res.stderr
+        raise RunuvmError(f"uvm {vm}: no running UVM with that VM or task id (see `runuvm uvm list`)")
 
     # -- exec and run ---------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import DecodeError, Message
 
 from schemas.containerd import cgroups_v2_metrics_pb2 as cg2
-from schemas.containerd import runtimeoptions_pb2, types_task_pb2
+from schemas.containerd import diag_pb2, runtimeoptions_pb2, types_task_pb2
 from schemas.containerd import shim_pb2 as pb
 from schemas.shim_options import OptionsError, ShimOptions, find_config, load_options
 from shim.events import Publisher, timestamp
@@ -28,6 +28,7 @@ from uvm.container import ContainerStatistics
 log = logging.getLogger("uvmshim.service")
 
 SERVICE = "containerd.task.v2.Task"
+DIAG_SERVICE = "uvmshim.diag.v1.Diag"  # schemas/containerd/diag.proto: `runuvm uvm list|exec`
 VERSION = "uvmshim 0.1.0"
 RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
 
@@ -106,6 +107,8 @@ class TaskService:
         }
         for method, (req_type, handler) in table.items():
             server.register(SERVICE, method, req_type, self._edge(method, handler))
+        server.register(DIAG_SERVICE, "Info", diag_pb2.InfoRequest, self._edge("Info", self.diag_info))
+        server.register(DIAG_SERVICE, "ExecInUvm", diag_pb2.ExecInUvmRequest, self._edge("ExecInUvm", self.diag_exec))
 
     def _edge(self, method: str, handler: Callable[[Req], Awaitable[Message]]) -> Callable[[Req], Awaitable[Message]]:
         async def call(req: Req) -> Message:
@@ -206,6 +209,25 @@ class TaskService:
             return empty_pb2.Empty()
         self.shutdown_requested.set()
         return empty_pb2.Empty()
+
+    async def diag_info(self, req: diag_pb2.InfoRequest) -> diag_pb2.InfoResponse:
+        resp = diag_pb2.InfoResponse(namespace=self.namespace, task_id=self.shim_id)
+        vm = self.task.vm if self.task is not None and not self.task.deleted else None
+        if self.task is not None and vm is not None:
+            resp.bundle, resp.vm_id, resp.vm_state = str(self.task.bundle), vm.id, vm.state.value
+            resp.backend, resp.boot_seconds = vm.config.backend, vm.boot_seconds or 0.0
+            resp.hypervisor_pid = (vm.backend.pid if vm.backend is not None else None) or 0
+        return resp
+
+    async def diag_exec(self, req: diag_pb2.ExecInUvmRequest) -> diag_pb2.ExecInUvmResponse:
+        """A command in the UVM itself (not in the container), for looking inside (hcsshim's shimdiag exec)."""
+        if self.task is None or self.task.deleted or self.task.vm is None:
+            raise TtrpcError(Code.NOT_FOUND, f"shim {self.shim_id}: no UVM")
+        if not req.args:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "ExecInUvm: args must not be empty")
+        res = await self.task.vm.run(list(req.args), stdin=req.stdin, timeout=req.timeout_seconds or None)
+        code = res.exit_status if res.exit_status is not None else 128 + (res.signal or 0)
+        return diag_pb2.ExecInUvmResponse(exit_code=code, stdout=res.stdout, stderr=res.stderr, truncated=res.truncated)
 
     async def close(self) -> None:
         """Tear down whatever is left (the shim is going away), then flush the events."""

@@ -80,6 +80,13 @@ def test_lifecycle_with_state_at_each_step(env: tuple[Path, Path, dict[str, str]
     assert (st["id"], st["bundle"], st["rootfs"]) == ("life1", str(bundle), str(bundle / "rootfs"))
     assert runuvm(env, "start", "life1").returncode == 0
     assert state(env, "life1")["status"] == "running"
+    vms = [v for v in json.loads(runuvm(env, "uvm", "list", "--format", "json").stdout) if v["task"] == "life1"]
+    assert len(vms) == 1 and (vms[0]["vm"], vms[0]["state"], vms[0]["namespace"]) == ("runuvm.life1", "running", "runuvm")
+    assert vms[0]["pid"] > 0 and b"runuvm.life1" in runuvm(env, "uvm", "list").stdout
+    inside = runuvm(env, "uvm", "exec", "runuvm.life1", "--", "/bin/sh", "-c", "uname -r; exit 5")
+    assert inside.returncode == 5 and inside.stdout.strip(), inside  # in the UVM itself, not the container
+    none = runuvm(env, "uvm", "exec", "nope", "--", "true")
+    assert none.returncode == 1 and b"no running UVM" in none.stderr
     again = runuvm(env, "start", "life1")
     assert again.returncode == 1 and b"already started" in again.stderr, again.stderr
     out = runuvm(env, "exec", "life1", "--", "/bin/sh", "-c", "echo from exec; exit 4")
