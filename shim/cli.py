@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 USAGE_EPILOG = "Each container runs in its own utility VM; its shim daemon's files live in --root/<id>."
 
@@ -87,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--boot-timeout", type=float, default=60.0)
     boot.add_argument("--exec", dest="exec_cmd", default=None, help="command to run in the UVM (shell words)")
     boot.add_argument("--measure", action="store_true", help="print the boot time")
+    boot.add_argument("--share", action="append", default=[], metavar="HOST:GUEST",
+                      help="share a host directory over 9p, mounted at GUEST in the UVM (repeatable)")
+    boot.add_argument("--mount-scsi", action="append", default=[], metavar="PATH[:ro]",
+                      help="attach a disk image on virtio-scsi and mount it in the UVM (repeatable)")
+    boot.add_argument("--count", type=int, default=1, help="boot this many UVMs (measurements)")
+    boot.add_argument("--parallel", type=int, default=1, help="at most this many at once")
     scratch = sub.add_parser("create-scratch", help="create a sparse ext4 scratch disk image")
     scratch.add_argument("dest", type=Path)
     scratch.add_argument("--size-gb", type=int, default=20)
@@ -108,26 +115,52 @@ def _create_scratch(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _boot(args: argparse.Namespace) -> int:
+def _boot_config(args: argparse.Namespace) -> Any:
+    """The UvmConfig of `runuvm boot`. Raises ValueError naming the bad option."""
     from pydantic import ValidationError
 
-    from schemas.uvm_config import UvmConfig
+    from schemas.uvm_config import Share, UvmConfig
+
+    shares = []
+    for i, spec in enumerate(args.share):
+        host, sep, guest = spec.partition(":")
+        if not sep or not host or not guest.startswith("/"):
+            raise ValueError(f"--share {spec!r}: expected HOST_DIR:/GUEST/PATH")
+        if not Path(host).is_dir():
+            raise ValueError(f"--share {spec!r}: {host} is not a directory")
+        shares.append(Share(tag=f"share{i}", host_path=Path(host).resolve()))
+    try:
+        return UvmConfig(cpus=args.cpus, memory_mib=args.memory, kernel_args=args.kernel_args, accel=args.accel,
+                         boot_timeout=args.boot_timeout, backend=args.backend, libvirt_uri=args.libvirt_uri,
+                         shares=shares)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+async def _boot_one(args: argparse.Namespace, n: int) -> tuple[int, float]:
+    """Boot one UVM, mount what was asked, run --exec; (exit code, seconds to agent ready)."""
     from uvm.errors import UvmError
     from uvm.vm import UtilityVM
 
-    try:
-        config = UvmConfig(cpus=args.cpus, memory_mib=args.memory, kernel_args=args.kernel_args,
-                           accel=args.accel, boot_timeout=args.boot_timeout, backend=args.backend,
-                           libvirt_uri=args.libvirt_uri)
-    except ValidationError as e:
-        err = e.errors()[0]
-        print(f"runuvm boot: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
-        return 2
-    vm = UtilityVM(config)
+    vm = UtilityVM(_boot_config(args))
+    tag = f"[{n}] " if args.count > 1 else ""
     try:
         await vm.start()
+        boot = vm.boot_seconds or 0.0
         if args.measure:
-            print(f"boot: {vm.boot_seconds:.3f}s to agent ready", file=sys.stderr)
+            print(f"{tag}boot: {boot:.3f}s to agent ready ({vm.id})", file=sys.stderr)
+        for i, spec in enumerate(args.share):
+            guest = spec.partition(":")[2]
+            script = (f"modprobe -a 9pnet_virtio 9p && mkdir -p {shlex.quote(guest)} && mount -t 9p -o "
+                      f"trans=virtio,version=9p2000.L,msize=262144 share{i} {shlex.quote(guest)}")
+            res = await vm.run(["sh", "-c", script])
+            if res.exit_status != 0:
+                raise UvmError(f"--share {spec}: mount failed: {res.stderr.decode(errors='replace').strip()}")
+        for i, spec in enumerate(args.mount_scsi):
+            path, ro = (spec[:-3], True) if spec.endswith(":ro") else (spec, False)
+            disk = await vm.add_scsi_disk(path, f"/mnt/scsi{i}", readonly=ro)
+            print(f"{tag}scsi: {path} -> {disk.guest_path} ({disk.device})", file=sys.stderr)
         code = 0
         if args.exec_cmd:
             res = await vm.run(shlex.split(args.exec_cmd))
@@ -136,12 +169,38 @@ async def _boot(args: argparse.Namespace) -> int:
             code = res.exit_status if res.exit_status is not None else 128 + (res.signal or 0)
         await vm.shutdown()
         await vm.wait_timeout(30)
-        return code
+        return code, boot
     except UvmError as e:
-        print(f"runuvm boot: {e}", file=sys.stderr)
-        return 1
+        print(f"runuvm boot: {tag}{e}", file=sys.stderr)
+        return 1, 0.0
     finally:
         await vm.close()
+
+
+async def _boot(args: argparse.Namespace) -> int:
+    """`--count N --parallel P`: N UVMs, at most P booting at once; a summary of the boot times."""
+    try:
+        _boot_config(args)
+    except ValueError as e:
+        print(f"runuvm boot: {e}", file=sys.stderr)
+        return 2
+    if args.count < 1 or args.parallel < 1:
+        print("runuvm boot: --count and --parallel must be at least 1", file=sys.stderr)
+        return 2
+    gate = asyncio.Semaphore(args.parallel)
+
+    async def gated(n: int) -> tuple[int, float]:
+        async with gate:
+            return await _boot_one(args, n)
+
+    results = await asyncio.gather(*(gated(n) for n in range(args.count)))
+    if args.count > 1:
+        times = sorted(t for code, t in results if t)
+        failed = sum(1 for code, t in results if not t)
+        if times:
+            print(f"boot x{args.count} (parallel {args.parallel}): median {times[len(times) // 2]:.3f}s, "
+                  f"min {times[0]:.3f}s, max {times[-1]:.3f}s, {failed} failed", file=sys.stderr)
+    return max(code for code, _ in results)
 
 
 CONTAINER_COMMANDS = ("create", "run", "start", "pause", "resume", "state", "exec", "kill", "delete", "list", "ps",

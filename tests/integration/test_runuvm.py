@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,3 +182,29 @@ def test_python_client(env: tuple[Path, Path, dict[str, str]], monkeypatch: pyte
     rt.delete("cli1", force=True)
     with pytest.raises(RunuvmCommandError, match="does not exist"):
         rt.state("cli1")
+
+
+def test_boot_exec_share_and_scsi(env: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    """The debug VM: a host directory over 9p, a scratch disk on virtio-scsi, a command's output and code."""
+    _, _, environ = env
+    (tmp_path / "hello").write_text("from the host\n")
+    scratch = tmp_path / "scratch.img"
+    assert subprocess.run([RUNUVM, "create-scratch", str(scratch), "--size-gb", "1"], env=environ,
+                          capture_output=True, check=False).returncode == 0
+    res = subprocess.run([RUNUVM, "boot", "--measure", "--share", f"{tmp_path}:/mnt/host", "--mount-scsi", str(scratch),
+                          "--exec", "sh -c 'uname -r; cat /mnt/host/hello; ls /mnt/scsi0; exit 6'"],
+                         env=environ, capture_output=True, timeout=300, check=False)
+    assert res.returncode == 6, res.stderr
+    lines = res.stdout.decode().splitlines()
+    assert re.fullmatch(r"\d+\.\d+\.\d+-\S+", lines[0]) and lines[1:] == ["from the host", "lost+found"], lines
+    assert re.search(rb"boot: \d+\.\d+s to agent ready", res.stderr)
+    assert b"-> /mnt/scsi0 (/dev/sd" in res.stderr
+
+
+def test_boot_bad_options(env: tuple[Path, Path, dict[str, str]]) -> None:
+    _, _, environ = env
+    for args, message in ((["--share", "/nonexistent:/x"], b"/nonexistent is not a directory"),
+                          (["--share", "nocolon"], b"expected HOST_DIR:/GUEST/PATH"),
+                          (["--memory", "0"], b"memory_mib"), (["--count", "0"], b"at least 1")):
+        res = subprocess.run([RUNUVM, "boot", *args], env=environ, capture_output=True, timeout=60, check=False)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
