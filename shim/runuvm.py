@@ -33,7 +33,7 @@ from schemas.containerd import diag_pb2
 from schemas.containerd import shim_pb2 as pb
 from shim.main import Flags, spawn_server
 from shim.stdio import _fd_ready, read_some, write_all
-from shim.ttrpc import Client, Code, TtrpcError
+from shim.ttrpc import Client, TtrpcError
 
 SERVICE = "containerd.task.v2.Task"
 DIAG = "uvmshim.diag.v1.Diag"
@@ -461,6 +461,3 @@ class StdioRelay:
             os.close(fd)
         self._fds.clear()
 
-
-def error_code(e: TtrpcError) -> str:
-    return Code(e.code).name
