@@ -14,7 +14,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static e2fsprogs erofs-utils 
 .PHONY: help setup system-packages venv image proto demo test lint unit bench clean distclean
 
 help:
-	@echo "make demo   set up, build the guest image, boot a UVM and run a command in it"
+	@echo "make demo   set up, build the guest image, boot a UVM, run a command and a container, then ctr run --rm through containerd"
 	@echo "make test   set up, build the guest image, lint, run the whole test suite"
 	@echo "make bench  figures (boot time against raw-QEMU floors measured in the same run)"
 	@echo "make setup | image | lint | clean"
