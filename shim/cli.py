@@ -120,6 +120,7 @@ def _boot_config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
     from schemas.uvm_config import Share, UvmConfig
+    from schemas.validation import first_problem
 
     shares = []
     for i, spec in enumerate(args.share):
@@ -134,8 +135,7 @@ def _boot_config(args: argparse.Namespace) -> Any:
                          boot_timeout=args.boot_timeout, backend=args.backend, libvirt_uri=args.libvirt_uri,
                          shares=shares)
     except ValidationError as e:
-        err = e.errors()[0]
-        raise ValueError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise ValueError(first_problem(e, whole="")) from None
 
 
 async def _boot_one(args: argparse.Namespace, n: int) -> tuple[int, float]:
@@ -207,6 +207,11 @@ CONTAINER_COMMANDS = ("create", "run", "start", "pause", "resume", "state", "exe
                       "resize-tty", "uvm")
 
 
+def _command(words: list[str]) -> list[str]:
+    """A trailing command given as `-- ARGS...` (argparse keeps the `--` in a REMAINDER)."""
+    return words[1:] if words[:1] == ["--"] else words
+
+
 async def _container_command(args: argparse.Namespace) -> int:
     from shim.runuvm import Runuvm, default_root, parse_signal
 
@@ -225,8 +230,7 @@ async def _container_command(args: argparse.Namespace) -> int:
     elif cmd == "state":
         print(json.dumps(await rt.state(args.id), indent=2))
     elif cmd == "exec":
-        argv = args.args[1:] if args.args[:1] == ["--"] else args.args
-        return await rt.exec(args.id, argv, args.process, args.tty, args.detach, args.pid_file)
+        return await rt.exec(args.id, _command(args.args), args.process, args.tty, args.detach, args.pid_file)
     elif cmd == "kill":
         await rt.kill(args.id, parse_signal(args.signal), args.all)
     elif cmd == "delete":
@@ -252,8 +256,7 @@ async def _container_command(args: argparse.Namespace) -> int:
                 print(f"{v['vm']:<28} {v['state']:<9} {v['pid']:<8} {v['boot_seconds']:<7} "
                       f"{v['namespace'] + '/' + v['task']:<24} {v['address']}")
     elif cmd == "uvm":
-        argv = args.args[1:] if args.args[:1] == ["--"] else args.args
-        code, out, err = await rt.uvm_exec(args.vm, argv)
+        code, out, err = await rt.uvm_exec(args.vm, _command(args.args))
         sys.stdout.buffer.write(out)
         sys.stderr.buffer.write(err)
         return code

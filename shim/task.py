@@ -26,6 +26,7 @@ from schemas.containerd import events_task_pb2 as ev
 from schemas.containerd import mount_pb2
 from schemas.shim_options import ShimOptions
 from schemas.uvm_config import Share
+from schemas.validation import first_problem
 from shim import leftovers
 from shim import rootfs as host_rootfs
 from shim.events import timestamp
@@ -90,10 +91,8 @@ def parse_spec_json(data: bytes | str, what: str) -> oci.Spec:
 
 
 def validation_summary(e: ValidationError) -> str:
-    first = e.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "document"
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
+    return first_problem(e, whole="document") + more
 
 
 class TaskProcess:

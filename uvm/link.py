@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from schemas import agent as proto
 from schemas import agent_models as models
 from schemas import framing
+from schemas.validation import first_problem
 from uvm import errors
 from uvm.streams import CREDIT, InboundStream, OutboundStream
 
@@ -259,10 +260,8 @@ class AgentClient:
                 raise cls(body.code, f"{method}: {body.message}", method=method, vm_id=self.conn.name)
             return model.model_validate_json(payload)
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "payload"
             err = errors.GuestProtocolError(
-                f"agent link {self.conn.name}: invalid {method} response from the guest: {where}: {first['msg']}",
+                f"agent link {self.conn.name}: invalid {method} response from the guest: {first_problem(e)}",
                 vm_id=self.conn.name, method=method)
             self.conn.fail(err)
             raise err from None

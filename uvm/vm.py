@@ -30,6 +30,7 @@ from schemas import agent as proto
 from schemas import agent_models as models
 from schemas import oci
 from schemas.uvm_config import UvmConfig
+from schemas.validation import first_problem
 from uvm import builder, errors
 from uvm.backends.base import Backend, HypervisorExit
 from uvm.container import Container, ContainerState, Rootfs
@@ -380,9 +381,7 @@ class UtilityVM:
             else:
                 raise errors.GuestProtocolError(f"unknown notification {str(event)[:64]!r}")
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "payload"
-            raise errors.GuestProtocolError(f"invalid {str(event)[:64]} notification: {where}: {first['msg']}") from None
+            raise errors.GuestProtocolError(f"invalid {str(event)[:64]} notification: {first_problem(e)}") from None
 
     async def _with_stdio(self, op: str, method: str, params: dict[str, Any], container: str | None, terminal: bool,
                           stdin: bool, stdout: bool, stderr: bool) -> Process:
