@@ -105,13 +105,10 @@ def _runtime_config_path(data: bytes) -> str | None:
     from google.protobuf import any_pb2
     from google.protobuf.message import DecodeError
 
-    from schemas.containerd import runtimeoptions_pb2
+    from schemas.containerd.runtime_options import config_path
 
     try:
-        opts = any_pb2.Any.FromString(data)
-        if not opts.type_url.endswith("runtimeoptions.v1.Options"):
-            return None
-        return runtimeoptions_pb2.Options.FromString(opts.value).config_path or None
+        return config_path(any_pb2.Any.FromString(data))
     except DecodeError:
         raise UsageError("the runtime options on stdin do not decode") from None
 

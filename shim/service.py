@@ -16,8 +16,9 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import DecodeError, Message
 
 from schemas.containerd import cgroups_v2_metrics_pb2 as cg2
-from schemas.containerd import diag_pb2, runtimeoptions_pb2, types_task_pb2
+from schemas.containerd import diag_pb2, types_task_pb2
 from schemas.containerd import shim_pb2 as pb
+from schemas.containerd.runtime_options import config_path
 from schemas.shim_options import OptionsError, ShimOptions, find_config, load_options
 from shim.events import Publisher, timestamp
 from shim.task import INIT, Exited, Task
@@ -30,7 +31,6 @@ log = logging.getLogger("uvmshim.service")
 SERVICE = "containerd.task.v2.Task"
 DIAG_SERVICE = "uvmshim.diag.v1.Diag"  # schemas/containerd/diag.proto: `runuvm uvm list|exec`
 VERSION = "uvmshim 0.1.0"
-RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
 
 Req = TypeVar("Req", bound=Message)
 
@@ -55,10 +55,10 @@ def to_status(e: Exception) -> TtrpcError:
 
 def config_path_from(options: any_pb2.Any | None) -> str | None:
     """ConfigPath from containerd's runtime options (`ctr run --runtime-config-path`), if present."""
-    if options is None or not options.type_url.endswith(RUNTIME_OPTIONS):
+    if options is None:
         return None
     try:
-        return runtimeoptions_pb2.Options.FromString(options.value).config_path or None
+        return config_path(options)
     except DecodeError:
         raise TtrpcError(Code.INVALID_ARGUMENT, f"runtime options ({options.type_url}) do not decode") from None
 
