@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from shim.leftovers import process_cmdlines
 from uvm.demo import busybox_rootfs
 from uvm.errors import AlreadyStoppedError, StateError, UvmError
 
@@ -357,17 +358,7 @@ def mounts_under(path: Path) -> list[Path]:
 def processes_with_arg(arg: str) -> list[int]:
     """Pids of live processes other than this one with ``arg`` as one whole argument, e.g. our socket
     path: containerd's shims get it as `-address SOCK`. (Zombies have an empty cmdline: not counted.)"""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if arg.encode() in argv:
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid, cmdline in process_cmdlines() if arg.encode() in cmdline.split(b"\0")]
 
 
 def _kill_processes_with_arg(arg: str, grace: float = 5.0) -> None:

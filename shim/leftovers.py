@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,24 @@ def forget(bundle: Path) -> None:
         (bundle / STATE_FILE).unlink()
 
 
-def processes_using(run_dir: str) -> list[int]:
-    """Pids whose command line names a path inside run_dir (QEMU's sockets and logs live there)."""
-    needle = (run_dir.rstrip("/") + "/").encode()
-    pids = []
+def process_cmdlines() -> Iterator[tuple[int, bytes]]:
+    """(pid, NUL-separated command line) of every live process but this one; those that vanish
+    while we look are skipped."""
+    me = os.getpid()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit() or int(entry) == me:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if needle in f.read():
-                    pids.append(int(entry))
+                yield int(entry), f.read()
         except OSError:
             continue
-    return pids
+
+
+def processes_using(run_dir: str) -> list[int]:
+    """Pids whose command line names a path inside run_dir (QEMU's sockets and logs live there)."""
+    needle = (run_dir.rstrip("/") + "/").encode()
+    return [pid for pid, cmdline in process_cmdlines() if needle in cmdline]
 
 
 def kill_and_wait(pids: list[int]) -> None:

@@ -29,10 +29,11 @@ from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
 
-from schemas.containerd import diag_pb2
+from schemas.containerd import diag_pb2, types_task_pb2
 from schemas.containerd import shim_pb2 as pb
+from shim.leftovers import process_cmdlines
 from shim.main import Flags, spawn_server
-from shim.stdio import _fd_ready, read_some, write_all
+from shim.stdio import fd_ready, read_some, write_all
 from shim.ttrpc import Client, TtrpcError
 
 SERVICE = "containerd.task.v2.Task"
@@ -44,7 +45,6 @@ STATE = "runuvm.json"
 SOCKET = "shim.sock"
 CREATE_TIMEOUT_S = 600.0
 CALL_TIMEOUT_S = 120.0
-STATUS = {0: "unknown", 1: "created", 2: "running", 3: "stopped", 4: "paused", 5: "pausing"}
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
@@ -80,6 +80,14 @@ def parse_signal(text: str) -> int:
 
 def rfc3339(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def status_name(status: int) -> str:
+    """runc's word for containerd's task status (containerd.v1.types.Status)."""
+    try:
+        return types_task_pb2.Status.Name(status).lower()
+    except ValueError:
+        return "unknown"
 
 
 def read_bundle_spec(bundle: Path) -> dict[str, Any]:
@@ -176,7 +184,7 @@ class Runuvm:
         saved = self._saved(cid)
         try:
             st = await self._call(cid, "State", pb.StateRequest(id=cid), pb.StateResponse)
-            status, pid = STATUS.get(st.status, "unknown"), st.pid
+            status, pid = status_name(st.status), st.pid
         except RunuvmError:
             status, pid = "stopped", 0  # the shim is gone: so is its VM
         spec = read_bundle_spec(Path(saved["bundle"])) if Path(saved["bundle"], "config.json").exists() else {}
@@ -233,7 +241,7 @@ class Runuvm:
         except RunuvmError:
             await self._remove(cid)  # its shim died: clean what it left
             return
-        status = STATUS.get(st.status, "unknown")
+        status = status_name(st.status)
         if status in ("running", "paused", "pausing"):
             if not force:
                 raise RunuvmError(f"container {cid} is {status}: stop it first, or use delete --force")
@@ -369,7 +377,7 @@ async def _copy_out(fd: int, dest: int, stop: asyncio.Event) -> None:
         except BlockingIOError:
             if stop.is_set():
                 return
-            readable = asyncio.ensure_future(_fd_ready(fd, write=False))
+            readable = asyncio.ensure_future(fd_ready(fd, write=False))
             stopped = asyncio.ensure_future(stop.wait())
             await asyncio.wait((readable, stopped), return_when=asyncio.FIRST_COMPLETED)
             for f in (readable, stopped):
@@ -377,15 +385,7 @@ async def _copy_out(fd: int, dest: int, stop: asyncio.Event) -> None:
             continue
         if not data:
             return
-        await _write_blocking_ok(dest, data)
-
-
-async def _write_blocking_ok(fd: int, data: bytes) -> None:
-    """Write to our own stdout/stderr whatever it is (a pipe, a tty, a regular file)."""
-    try:
-        await write_all(fd, data, stall_timeout=3600)
-    except PermissionError:  # epoll refuses this kind of file: it never blocks anyway
-        os.write(fd, data)
+        await write_all(dest, data, stall_timeout=3600)
 
 
 async def _read_input(fd: int) -> bytes:
@@ -401,18 +401,15 @@ async def _read_input(fd: int) -> bytes:
 
 
 def _daemon_pids(sock: Path) -> list[int]:
-    """The shim daemon serving sock (found by its -socket-fd flag and working directory)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.readlink(f"/proc/{entry}/cwd") == str(sock.parent) and \
-                    b"shim.main" in Path(f"/proc/{entry}/cmdline").read_bytes():
-                pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
+    """The shim daemon serving sock: a `shim.main` process working in the socket's directory."""
+    return [pid for pid, cmdline in process_cmdlines() if b"shim.main" in cmdline and _cwd(pid) == str(sock.parent)]
+
+
+def _cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
 
 
 class StdioRelay:

@@ -27,7 +27,8 @@ CHUNK = 64 * 1024
 OUTPUT_STALL_S = 10.0  # a FIFO nobody drains for this long: the rest of that output is dropped
 
 
-async def _fd_ready(fd: int, write: bool, timeout: float | None = None) -> None:
+async def fd_ready(fd: int, write: bool, timeout: float | None = None) -> None:
+    """Wait until fd is writable (or readable); TimeoutError after timeout seconds."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
@@ -49,7 +50,7 @@ async def write_all(fd: int, data: bytes, stall_timeout: float = OUTPUT_STALL_S)
         try:
             view = view[os.write(fd, view):]
         except BlockingIOError:
-            await _fd_ready(fd, write=True, timeout=stall_timeout)
+            await fd_ready(fd, write=True, timeout=stall_timeout)
 
 
 async def read_some(fd: int, n: int = CHUNK) -> bytes:
@@ -59,7 +60,7 @@ async def read_some(fd: int, n: int = CHUNK) -> bytes:
     is only reported after a writer connected: Linux does not report HUP to a reader that has never
     seen a writer, so waiting first tells "no client yet" apart from end of file."""
     while True:
-        await _fd_ready(fd, write=False)
+        await fd_ready(fd, write=False)
         try:
             return os.read(fd, n)
         except BlockingIOError:
