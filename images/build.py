@@ -36,7 +36,8 @@ REPO = HERE.parent
 BUILD_FORMAT = "3"  # bump to invalidate every cached output when this script's logic changes
 
 KERNEL_META = "linux-image-amd64"
-ROOTFS_PACKAGES = ["python3.11-minimal", "libpython3.11-stdlib", "crun", "busybox-static"]
+# dropbear-bin: the SSH server of `runuvm boot --ssh` (started by the host through the agent, never at boot).
+ROOTFS_PACKAGES = ["python3.11-minimal", "libpython3.11-stdlib", "crun", "busybox-static", "dropbear-bin"]
 # Dependencies we never need in a guest that runs no maintainer scripts and no package manager.
 EXCLUDED_PACKAGES = {
     "debconf", "perl-base", "tzdata", "media-types", "mime-support", "readline-common", "dpkg",
@@ -415,7 +416,8 @@ def build_base(cache: Path, ktree: Path, kver: str, kkey: str) -> tuple[Path, st
     # Smoke test the tree: every binary the agent runs must load its libraries.
     # (crun itself needs /proc to run, so its libraries are checked through the dynamic loader.)
     for cmd in (["/usr/bin/python3.11", "-S", "-c", "import json, selectors, struct, signal, base64, ctypes"],
-                ["/lib64/ld-linux-x86-64.so.2", "--list", "/usr/bin/crun"]):
+                ["/lib64/ld-linux-x86-64.so.2", "--list", "/usr/bin/crun"],
+                ["/usr/sbin/dropbear", "-V"], ["/lib64/ld-linux-x86-64.so.2", "--list", "/usr/bin/dropbearkey"]):
         res = subprocess.run(["chroot", str(tmp), *cmd], capture_output=True, text=True, check=False)
         if res.returncode != 0 or "not found" in res.stdout:
             raise SystemExit(f"image build: rootfs smoke test {cmd} failed: {res.stdout}{res.stderr.strip()}")

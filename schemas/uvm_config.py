@@ -77,6 +77,13 @@ class UvmConfig(BaseModel):
     run_dir: Path = Field(default_factory=default_run_dir)
     state_dir: Path = Field(default_factory=default_state_dir)
     console_log: Path | None = None
+    # The serial console as a unix socket <run_dir>/<id>/console.sock that a user attaches to (`runuvm
+    # boot --console`); what the guest prints is still written to the console log. QEMU backend only.
+    console_socket: bool = False
+    # A virtio-net NIC on QEMU's user network (restricted: no route out of the VM) with tcp
+    # 127.0.0.1:<ssh_port> forwarded to the guest's port 22 (`runuvm boot --ssh`); 0 picks a free
+    # port. None: the VM has no network device. QEMU backend only.
+    ssh_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     kill_with_parent: bool = True
     shares: Annotated[list[Share], Field(max_length=16)] = Field(default_factory=list)
     scsi_controllers: Annotated[int, Field(ge=0, le=4)] = 1

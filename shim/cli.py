@@ -3,8 +3,10 @@
 Container commands with runc's meaning (create, start, run, exec, kill, delete, list, state, ps,
 pause, resume, resize-tty): each container is owned by a shim daemon serving containerd's task
 service on a socket under --root (shim/runuvm.py is the client). ``runuvm boot [--cpus N]
-[--memory MiB] [--kernel-args S] [--accel A] [--exec CMD]`` boots a debug UVM, runs CMD in it
-through the agent and exits with CMD's exit code. ``create-scratch`` makes ext4 scratch disks.
+[--memory MiB] [--kernel-args S] [--accel A] [--exec CMD] [--ssh] [--console]`` boots a debug UVM,
+runs CMD in it through the agent and exits with CMD's exit code; --ssh gives it an SSH server that
+``runuvm ssh VMID [CMD]`` reaches, --console attaches its serial console (shim/debugvm.py).
+``create-scratch`` makes ext4 scratch disks.
 Bad input: exit 1 and one line on stderr naming the problem (JSON with --log-format json).
 """
 
@@ -12,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import shlex
+import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 USAGE_EPILOG = "Each container runs in its own utility VM; its shim daemon's files live in --root/<id>."
+ESCAPE_NAME = "Ctrl-]"  # shim.debugvm.ESCAPE (not imported here: `runuvm --help` stays quick)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,8 +98,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="share a host directory over 9p, mounted at GUEST in the UVM (repeatable)")
     boot.add_argument("--mount-scsi", action="append", default=[], metavar="PATH[:ro]",
                       help="attach a disk image on virtio-scsi and mount it in the UVM (repeatable)")
+    boot.add_argument("--ssh", action="store_true",
+                      help="run an SSH server in the UVM, reachable on a free 127.0.0.1 port with a key made for it "
+                           "(see `runuvm ssh`); without --exec the UVM runs until Ctrl-C or SIGTERM")
+    boot.add_argument("--console", action="store_true",
+                      help=f"attach to the UVM's serial console (a shell); {ESCAPE_NAME} detaches and stops the UVM")
     boot.add_argument("--count", type=int, default=1, help="boot this many UVMs (measurements)")
     boot.add_argument("--parallel", type=int, default=1, help="at most this many at once")
+    ssh = sub.add_parser("ssh", help="run a command (or a shell) over SSH in a UVM booted with `runuvm boot --ssh`")
+    ssh.add_argument("vm", help="the VM id `runuvm boot --ssh` printed")
+    ssh.add_argument("args", nargs=argparse.REMAINDER, help="a command line, run by the UVM's shell (as ssh does)")
     scratch = sub.add_parser("create-scratch", help="create a sparse ext4 scratch disk image")
     scratch.add_argument("dest", type=Path)
     scratch.add_argument("--size-gb", type=int, default=20)
@@ -133,18 +147,32 @@ def _boot_config(args: argparse.Namespace) -> Any:
     try:
         return UvmConfig(cpus=args.cpus, memory_mib=args.memory, kernel_args=args.kernel_args, accel=args.accel,
                          boot_timeout=args.boot_timeout, backend=args.backend, libvirt_uri=args.libvirt_uri,
-                         shares=shares)
+                         shares=shares, ssh_port=0 if args.ssh else None, console_socket=args.console)
     except ValidationError as e:
         raise ValueError(first_problem(e, whole="")) from None
 
 
-async def _boot_one(args: argparse.Namespace, n: int) -> tuple[int, float]:
-    """Boot one UVM, mount what was asked, run --exec; (exit code, seconds to agent ready)."""
+@dataclass
+class BootRun:
+    """What the signal handler of `runuvm boot` needs to know."""
+
+    count: int
+    serving: int = 0  # UVMs up and waiting for the user to stop them (--ssh without --exec)
+    stop_signal: int | None = None
+    serving_at_stop: bool = False
+
+
+async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int, float]:
+    """Boot one UVM, mount what was asked, give SSH, run --exec or attach the console, or serve until
+    stopped; (exit code, seconds to agent ready). Stopping (also by Ctrl-C or SIGTERM, which cancel
+    this) removes the SSH access and shuts the UVM down gracefully."""
+    from shim import debugvm
     from uvm.errors import UvmError
-    from uvm.vm import UtilityVM
+    from uvm.vm import UtilityVM, VmState
 
     vm = UtilityVM(_boot_config(args))
     tag = f"[{n}] " if args.count > 1 else ""
+    access: debugvm.SshAccess | None = None
     try:
         await vm.start()
         boot = vm.boot_seconds or 0.0
@@ -161,12 +189,26 @@ async def _boot_one(args: argparse.Namespace, n: int) -> tuple[int, float]:
             path, ro = (spec[:-3], True) if spec.endswith(":ro") else (spec, False)
             disk = await vm.add_scsi_disk(path, f"/mnt/scsi{i}", readonly=ro)
             print(f"{tag}scsi: {path} -> {disk.guest_path} ({disk.device})", file=sys.stderr)
+        if args.ssh:
+            access = await debugvm.start_ssh(vm, args.root or _default_root())
+            print(f"{tag}{access.instructions()}", file=sys.stderr, flush=True)
         code = 0
         if args.exec_cmd:
             res = await vm.run(shlex.split(args.exec_cmd))
             sys.stdout.buffer.write(res.stdout)
             sys.stderr.buffer.write(res.stderr)
             code = res.exit_status if res.exit_status is not None else 128 + (res.signal or 0)
+        elif args.console:
+            code = await debugvm.attach_console(vm)
+        elif args.ssh:
+            print(f"{tag}VM {vm.id} runs until Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
+            run.serving += 1
+            try:
+                await vm.wait()  # a signal cancels this; the VM stopping by itself ends it too
+                print(f"{tag}VM {vm.id} stopped by itself", file=sys.stderr)
+                return 1, boot
+            finally:
+                run.serving -= 1
         await vm.shutdown()
         await vm.wait_timeout(30)
         return code, boot
@@ -174,11 +216,26 @@ async def _boot_one(args: argparse.Namespace, n: int) -> tuple[int, float]:
         print(f"runuvm boot: {tag}{e}", file=sys.stderr)
         return 1, 0.0
     finally:
+        if access is not None:
+            access.remove()
+        if vm.state is VmState.RUNNING:  # stopped by a signal or a failure: still a graceful stop
+            with contextlib.suppress(UvmError):
+                await vm.shutdown()
+                await vm.wait_timeout(30)
         await vm.close()
 
 
+def _default_root() -> Path:
+    from shim.runuvm import default_root
+
+    return default_root()
+
+
 async def _boot(args: argparse.Namespace) -> int:
-    """`--count N --parallel P`: N UVMs, at most P booting at once; a summary of the boot times."""
+    """`--count N --parallel P`: N UVMs, at most P booting at once; a summary of the boot times.
+
+    SIGINT, SIGTERM and SIGHUP cancel the boots (each UVM is torn down, its SSH access removed); the
+    exit code is then 0 if every UVM was up serving (--ssh: the way to stop it), else 128 + the signal."""
     try:
         _boot_config(args)
     except ValueError as e:
@@ -187,13 +244,37 @@ async def _boot(args: argparse.Namespace) -> int:
     if args.count < 1 or args.parallel < 1:
         print("runuvm boot: --count and --parallel must be at least 1", file=sys.stderr)
         return 2
+    if args.console and (args.count > 1 or args.exec_cmd):
+        print("runuvm boot: --console attaches one UVM's console: not with --count or --exec", file=sys.stderr)
+        return 2
     gate = asyncio.Semaphore(args.parallel)
+    run = BootRun(args.count)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def on_signal(signum: int) -> None:
+        if run.stop_signal is None:
+            run.stop_signal, run.serving_at_stop = signum, run.serving == run.count
+        main.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
 
     async def gated(n: int) -> tuple[int, float]:
         async with gate:
-            return await _boot_one(args, n)
+            return await _boot_one(args, n, run)
 
-    results = await asyncio.gather(*(gated(n) for n in range(args.count)))
+    try:
+        results = await asyncio.gather(*(gated(n) for n in range(args.count)))
+    except asyncio.CancelledError:
+        if run.stop_signal is None:
+            raise
+        main.uncancel()  # our own signal handler's cancellation, now handled: every UVM is down
+        return 0 if run.serving_at_stop else 128 + run.stop_signal
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
     if args.count > 1:
         times = sorted(t for code, t in results if t)
         failed = sum(1 for code, t in results if not t)
@@ -292,6 +373,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "boot":
         return asyncio.run(_boot(args))
+    if args.command == "ssh":
+        from shim.debugvm import ssh_command
+        from shim.runuvm import RunuvmError, default_root
+
+        try:
+            return ssh_command(args.root or default_root(), args.vm, _command(args.args))
+        except RunuvmError as e:
+            _report(args, str(e))
+            return 1
     if args.command == "create-scratch":
         return _create_scratch(args)
     parser.print_help()

@@ -29,7 +29,7 @@ from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
 
-from schemas.containerd import diag_pb2, types_task_pb2
+from schemas.containerd import diag_pb2, runc_options_pb2, types_task_pb2
 from schemas.containerd import shim_pb2 as pb
 from shim.leftovers import process_cmdlines
 from shim.main import Flags, spawn_server
@@ -217,13 +217,22 @@ class Runuvm:
                          empty_pb2.Empty)
 
     async def exec_id_of(self, cid: str, pid: int | None) -> str:
-        """The exec id of the process with this pid ("" for the init or no pid)."""
+        """The exec id of the process with this pid ("" for the init or no pid), from the Pids reply's
+        ProcessDetails (as containerd's runc shim gives them). Raises RunuvmError if no process has it."""
         if pid is None:
             return ""
         st = await self._call(cid, "State", pb.StateRequest(id=cid), pb.StateResponse)
         if st.pid == pid:
             return ""
-        raise RunuvmError(f"container {cid}: resize-tty --pid {pid}: only the init's terminal is known to runuvm")
+        resp = await self._call(cid, "Pids", pb.PidsRequest(id=cid), pb.PidsResponse)
+        for p in resp.processes:
+            if p.pid == pid and p.info.type_url == runc_options_pb2.ProcessDetails.DESCRIPTOR.full_name:
+                details = runc_options_pb2.ProcessDetails.FromString(p.info.value)
+                if details.exec_id:
+                    return str(details.exec_id)
+        if any(p.pid == pid for p in resp.processes):
+            raise RunuvmError(f"container {cid}: resize-tty --pid {pid}: not the init nor an exec'd process")
+        raise RunuvmError(f"container {cid}: resize-tty --pid {pid}: no such process in the container")
 
     async def update(self, cid: str, resources: dict[str, Any]) -> None:
         res = any_pb2.Any(type_url=RESOURCES_URL, value=json.dumps(resources).encode())
@@ -388,7 +397,7 @@ async def _copy_out(fd: int, dest: int, stop: asyncio.Event) -> None:
         await write_all(dest, data, stall_timeout=3600)
 
 
-async def _read_input(fd: int) -> bytes:
+async def read_input(fd: int) -> bytes:
     """A chunk of our stdin without blocking the loop (regular files and /dev/null read directly)."""
     mode = os.fstat(fd).st_mode
     if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and os.major(os.fstat(fd).st_rdev) == 1):
@@ -448,7 +457,7 @@ class StdioRelay:
         # The shim opened its read end during create/exec: this open does not block.
         fd = os.open(self.paths.stdin, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            while data := await _read_input(sys.stdin.fileno()):
+            while data := await read_input(sys.stdin.fileno()):
                 await write_all(fd, data, stall_timeout=3600)
         finally:
             os.close(fd)

@@ -16,7 +16,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import DecodeError, Message
 
 from schemas.containerd import cgroups_v2_metrics_pb2 as cg2
-from schemas.containerd import diag_pb2, types_task_pb2
+from schemas.containerd import diag_pb2, runc_options_pb2, types_task_pb2
 from schemas.containerd import shim_pb2 as pb
 from schemas.containerd.runtime_options import config_path
 from schemas.shim_options import OptionsError, ShimOptions, find_config, load_options
@@ -74,6 +74,12 @@ def metrics(s: ContainerStatistics) -> any_pb2.Any:
         memory_events=cg2.MemoryEvents(oom=c.oom_events, oom_kill=c.oom_kills),
         io=cg2.IOStat(usage=[cg2.IOEntry(rbytes=c.io_rbytes, wbytes=c.io_wbytes, rios=c.io_rios, wios=c.io_wios)]))
     return any_pb2.Any(type_url=m.DESCRIPTOR.full_name, value=m.SerializeToString())
+
+
+def process_details(exec_id: str) -> any_pb2.Any:
+    """containerd.runc.v1.ProcessDetails{exec_id} as an Any (typeurl names it by its full proto name)."""
+    details = runc_options_pb2.ProcessDetails(exec_id=exec_id)
+    return any_pb2.Any(type_url=details.DESCRIPTOR.full_name, value=details.SerializeToString())
 
 
 def exited_fields(exited: Exited | None) -> dict[str, Any]:
@@ -158,8 +164,12 @@ class TaskService:
         return pb.DeleteResponse(pid=pid, **exited_fields(exited))
 
     async def pids(self, req: pb.PidsRequest) -> pb.PidsResponse:
-        pids = await self._task(req.id).pids()
-        return pb.PidsResponse(processes=[types_task_pb2.ProcessInfo(pid=p) for p in pids])
+        """Every pid of the container; an exec'd one carries its exec id in info, as runc's shim does."""
+        task = self._task(req.id)
+        pids = await task.pids()
+        execs = task.exec_ids()
+        return pb.PidsResponse(processes=[types_task_pb2.ProcessInfo(pid=p, info=process_details(execs[p]))
+                                          if p in execs else types_task_pb2.ProcessInfo(pid=p) for p in pids])
 
     async def pause(self, req: pb.PauseRequest) -> empty_pb2.Empty:
         await self._task(req.id).pause()

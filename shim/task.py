@@ -320,6 +320,10 @@ class Task:
     async def pids(self) -> list[int]:
         return await self._live_container("pids").process_list()
 
+    def exec_ids(self) -> dict[int, str]:
+        """pid -> exec id of the started exec processes that have not exited."""
+        return {p.pid: exec_id for exec_id, p in self.procs.items() if exec_id != INIT and p.pid and p.exited is None}
+
     async def stats(self) -> ContainerStatistics:
         return await self._live_container("stats").statistics()
 

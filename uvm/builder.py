@@ -6,8 +6,10 @@ accelerator usable) and resolves defaults; it does no I/O beyond those checks an
 
 from __future__ import annotations
 
+import errno
 import json
 import shlex
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,8 @@ class LaunchSpec:
     scsi_controllers: int = 1
     backend: str = "qemu"
     libvirt_uri: str = "qemu:///system"
+    console_socket: bool = False  # the serial console on <run_dir>/console.sock (and still logged)
+    ssh_port: int | None = None  # host loopback port forwarded to the guest's port 22 (a NIC only when set)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -109,6 +113,22 @@ def host_tsc_khz() -> int | None:
     return None
 
 
+def loopback_port(port: int) -> int:
+    """port (0: a free one) after checking it can be bound on 127.0.0.1 now. Raises ConfigError.
+
+    QEMU binds it again a moment later: another process taking it in between makes the start fail
+    with QEMU's own words. (A narrow window. QEMU can bind port 0 itself, but then tells the port only
+    through the human monitor's `info usernet`; choosing it here keeps the backends unaware of SSH.)
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            why = "in use" if e.errno == errno.EADDRINUSE else e.strerror
+            raise ConfigError(f"ssh_port {port}: cannot listen on 127.0.0.1:{port}: {why}", ssh_port=port) from None
+        return int(s.getsockname()[1])
+
+
 def build(config: UvmConfig) -> LaunchSpec:
     """The launch description for config on this host. Raises ConfigError naming what is wrong."""
     kernel, initrd, rootfs, image_id = resolve_image(config)
@@ -138,6 +158,10 @@ def build(config: UvmConfig) -> LaunchSpec:
         if "," in str(host):
             raise ConfigError(f"share {share.tag}: {host}: a ',' in the path cannot be passed to QEMU")
         shares.append(share.model_copy(update={"host_path": host}))
+    if config.backend != "qemu" and (config.ssh_port is not None or config.console_socket):
+        what = "ssh_port (user-network port forwarding)" if config.ssh_port is not None else "console_socket"
+        raise ConfigError(f"{what}: only the qemu backend supports it, not {config.backend}", backend=config.backend)
+    ssh_port = loopback_port(config.ssh_port) if config.ssh_port is not None else None
     run_dir = config.run_dir.absolute() / config.id
     if len(str(run_dir / "agent.sock")) > 100:
         raise ConfigError(f"run_dir {config.run_dir}: too long for unix sockets (keep it under ~80 chars)")
@@ -150,5 +174,6 @@ def build(config: UvmConfig) -> LaunchSpec:
         console_log=config.console_log.absolute() if config.console_log else None,
         kill_with_parent=config.kill_with_parent, image_id=image_id, shares=tuple(shares),
         extra_ports=tuple(config.extra_ports), scsi_controllers=config.scsi_controllers,
-        backend=config.backend, libvirt_uri=config.libvirt_uri,
+        backend=config.backend, libvirt_uri=config.libvirt_uri, console_socket=config.console_socket,
+        ssh_port=ssh_port,
     )

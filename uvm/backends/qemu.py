@@ -27,6 +27,7 @@ QMP_QUIT_TIMEOUT_S = 1.0
 QMP_REFUSED_RETRIES = 200  # 10 ms apart
 QMP_DISK_TIMEOUT_S = 15.0
 EXIT_AFTER_KILL_S = 10.0
+CONSOLE_SOCKET = "console.sock"  # in the run directory, with UvmConfig.console_socket
 
 
 def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
@@ -44,7 +45,8 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", spec.cmdline,
-        "-chardev", f"file,id=console,path={console}",
+        "-chardev", (f"socket,id=console,path={run_dir / CONSOLE_SOCKET},server=on,wait=off,logfile={console}"
+                     if spec.console_socket else f"file,id=console,path={console}"),
         "-serial", "chardev:console",
         "-drive", f"if=none,id=rootfs,file={spec.rootfs},format=raw,readonly=on",
         "-device", "virtio-blk-device,drive=rootfs",
@@ -58,6 +60,10 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
     for name in spec.extra_ports:
         argv += ["-chardev", f"socket,id=port-{name},path={run_dir / f'port-{name}.sock'},server=on,wait=off",
                  "-device", f"virtserialport,chardev=port-{name},name={name}"]
+    if spec.ssh_port is not None:
+        # restrict=on: the guest reaches nothing outside the VM; the forwarded port still reaches it.
+        argv += ["-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+                 "-device", "virtio-net-device,netdev=net0"]
     for n, share in enumerate(spec.shares):
         ro = ",readonly=on" if share.readonly else ""
         argv += ["-fsdev", f"local,id=fs{n},path={share.host_path},security_model=none{ro}",

@@ -1,0 +1,170 @@
+"""`runuvm`'s ways into a VM, end to end under TCG: `boot --ssh` with `runuvm ssh` and paramiko,
+`boot --console` driven through piped stdin, and `resize-tty --pid` of an exec'd process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas import oci
+from shim.containerd_env import processes_with_arg
+from tests.conftest import _qemu_processes_under
+from uvm.demo import busybox_rootfs
+from uvm.ssh import connect
+
+pytestmark = pytest.mark.vm
+
+RUNUVM = str(Path(sys.executable).parent / "runuvm")
+
+Env = tuple[Path, Path, dict[str, str]]  # (--root, run dir, environment)
+
+
+@pytest.fixture(scope="module")
+def env(suite_dir: Path, image_dir: Path) -> Iterator[Env]:
+    base = suite_dir / "runuvm-debug"
+    root = base / "root"
+    base.mkdir()
+    environ = {**os.environ, "UVMSHIM_RUN_DIR": str(suite_dir / "run"), "UVMSHIM_IMAGE_DIR": str(image_dir),
+               "UVMSHIM_STATE_DIR": str(suite_dir / "state")}
+    yield root, suite_dir / "run", environ
+    left = [p for p in root.rglob("*") if p.name != ".boot"] if root.exists() else []
+    daemons = processes_with_arg("shim.main")
+    shutil.rmtree(base, ignore_errors=True)
+    assert not left, f"left under --root: {left}"
+    assert not daemons, f"shim daemons left: {daemons}"
+
+
+def runuvm(env: Env, *args: str, input: bytes = b"", timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    root, _, environ = env
+    return subprocess.run([RUNUVM, "--root", str(root), *args], input=input, capture_output=True, env=environ,
+                          timeout=timeout, check=False)
+
+
+def assert_vm_gone(env: Env, vm_id: str) -> None:
+    root, run, _ = env
+    assert not (root / ".boot" / vm_id).exists(), "the SSH access (private key) was left behind"
+    assert not (run / vm_id).exists(), f"run directory left: {list((run / vm_id).iterdir())}"
+    assert not [p for p in _qemu_processes_under(run) if vm_id in p], "QEMU left running"
+
+
+def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
+    root, _, environ = env
+    boot = subprocess.Popen([RUNUVM, "--root", str(root), "boot", "--ssh"], env=environ, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert boot.stderr is not None
+        said = b""
+        deadline = time.monotonic() + 240
+        while b"runs until Ctrl-C" not in said:
+            line = boot.stderr.readline()
+            assert line and time.monotonic() < deadline, f"boot --ssh ended early: {said!r}"
+            said += line
+        m = re.search(rb"VM (\S+): SSH on 127\.0\.0\.1:(\d+) as root, key (\S+)\n", said)
+        assert m, said
+        vm_id, port, key = m.group(1).decode(), int(m.group(2)), Path(m.group(3).decode())
+        assert key == root / ".boot" / vm_id / "id_ed25519"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+        record = json.loads((key.parent / "ssh.json").read_text())
+        assert (record["vm"], record["port"], record["key"], record["pid"]) == (vm_id, port, str(key), boot.pid)
+        assert f"[127.0.0.1]:{port} {record['host_key']}" in (key.parent / "known_hosts").read_text()
+
+        # paramiko, the host key pinned to the one the guest reported
+        client = connect(port, key, record["host_key"])
+        try:
+            _, out, err = client.exec_command("uname -r; echo to-stderr >&2; ip -4 addr show eth0; exit 3")
+            assert out.channel.recv_exit_status() == 3
+            lines = out.read().decode()
+            assert re.match(r"\d+\.\d+\.\d+-\S+\n", lines) and "inet 10.0.2.15/24" in lines, lines
+            assert err.read() == b"to-stderr\n"
+        finally:
+            client.close()
+
+        # runuvm ssh: output, exit status, stdin
+        res = runuvm(env, "ssh", vm_id, "echo", "hello from", "$((40 + 2));", "exit", "4")
+        assert (res.returncode, res.stdout, res.stderr) == (4, b"hello from 42\n", b""), res
+        res = runuvm(env, "ssh", vm_id, "--", "wc", "-c", input=b"12345")
+        assert (res.returncode, res.stdout.strip()) == (0, b"5"), res
+    finally:
+        boot.send_signal(signal.SIGTERM)
+        code = boot.wait(timeout=120)
+    assert code == 0, boot.stderr.read() if boot.stderr else b""
+    assert_vm_gone(env, vm_id)
+    gone = runuvm(env, "ssh", vm_id, "true")
+    assert gone.returncode == 1 and gone.stderr.startswith(f"runuvm: ssh {vm_id}: no VM with that id".encode())
+
+
+def test_ssh_with_a_bad_vm_id(env: Env) -> None:
+    res = runuvm(env, "ssh", "uvm-nosuch", "true", timeout=60)
+    assert res.returncode == 1 and res.stdout == b""
+    assert res.stderr.decode().startswith("runuvm: ssh uvm-nosuch: no VM with that id was booted with "
+                                          "`runuvm boot --ssh`") and res.stderr.count(b"\n") == 1, res.stderr
+    res = runuvm(env, "ssh", "../etc", "true", timeout=60)
+    assert (res.returncode, res.stderr) == (1, b"runuvm: ssh: '../etc' is not a VM id\n")
+
+
+def test_boot_console_with_piped_stdin(env: Env) -> None:
+    res = runuvm(env, "boot", "--console", input=b"echo console-$((6*7)); tty\nexit 7\n")
+    assert res.returncode == 7, res.stderr
+    out = res.stdout.decode().replace("\r", "")
+    assert "\nconsole-42\n/dev/ttyS0\n" in out, out
+    m = re.search(r"console of VM (\S+): Ctrl-\] detaches", res.stderr.decode())
+    assert m, res.stderr
+    assert_vm_gone(env, m.group(1))
+    # Ctrl-] detaches at once (what follows it is not sent); the VM is stopped all the same
+    res = runuvm(env, "boot", "--console", input=b"echo one\n\x1decho two\n")
+    assert res.returncode == 0, res.stderr
+    assert b"two" not in res.stdout
+    m = re.search(r"console of VM (\S+):", res.stderr.decode())
+    assert m, res.stderr
+    assert_vm_gone(env, m.group(1))
+
+
+def test_boot_console_refuses_count_and_exec(env: Env) -> None:
+    for extra in (["--count", "2"], ["--exec", "true"]):
+        res = runuvm(env, "boot", "--console", *extra, timeout=60)
+        assert res.returncode == 2 and b"--console attaches one UVM's console" in res.stderr, res.stderr
+
+
+def test_resize_tty_of_an_exec_by_pid(env: Env, tmp_path: Path) -> None:
+    root, _, _ = env
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.move(busybox_rootfs(tmp_path), bundle / "rootfs")
+    spec = oci.default_spec(["/bin/sh", "-c", "trap 'exit 143' TERM; while true; do sleep 0.2; done"], env=["PATH=/bin"])
+    (bundle / "config.json").write_text(json.dumps(spec.wire()))
+    pid_file = tmp_path / "exec.pid"
+    try:
+        assert runuvm(env, "run", "-d", "rz1", "--bundle", str(bundle)).returncode == 0
+        watcher = "while true; do stty size > /tmp/size.new && mv /tmp/size.new /tmp/size; sleep 0.1; done"
+        res = runuvm(env, "exec", "-d", "-t", "--pid-file", str(pid_file), "rz1", "--", "/bin/sh", "-c", watcher)
+        assert res.returncode == 0, res.stderr
+        pid = int(pid_file.read_text())
+        res = runuvm(env, "resize-tty", "rz1", "123", "45", "--pid", str(pid))
+        assert res.returncode == 0, res.stderr
+        size = b""
+        for _ in range(100):
+            size = runuvm(env, "exec", "rz1", "--", "/bin/cat", "/tmp/size").stdout.strip()
+            if size == b"45 123":
+                break
+            time.sleep(0.2)
+        assert size == b"45 123"
+        init = json.loads(runuvm(env, "state", "rz1").stdout)["pid"]
+        bad = runuvm(env, "resize-tty", "rz1", "80", "24", "--pid", "999999")
+        assert (bad.returncode, bad.stderr) == (
+            1, b"runuvm: container rz1: resize-tty --pid 999999: no such process in the container\n")
+        assert init != pid
+    finally:
+        assert runuvm(env, "delete", "--force", "rz1").returncode == 0
+    assert not (root / "rz1").exists()
