@@ -257,7 +257,7 @@ def raw_terminal(fd: int) -> Iterator[None]:
     """fd's terminal in raw mode (every key, Ctrl-C included, goes through), restored afterwards."""
     saved = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)  # not tty's default TCSAFLUSH: keys typed already are kept
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
@@ -358,8 +358,9 @@ class ConsoleRelay:
         tasks: list[asyncio.Task[object]] = []
         loop = asyncio.get_running_loop()
         try:
-            await self._wait_for_prompt()
+            # Raw before the prompt shows: keys typed meanwhile wait unechoed in our terminal's buffer.
             with raw_terminal(self.stdin_fd) if self.interactive else contextlib.nullcontext():
+                await self._wait_for_prompt()
                 if self.interactive:
                     loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
                 out = loop.create_task(self._copy_out(), name=f"{self.vm.id}-console-out")

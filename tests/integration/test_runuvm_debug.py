@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -168,3 +169,51 @@ def test_resize_tty_of_an_exec_by_pid(env: Env, tmp_path: Path) -> None:
     finally:
         assert runuvm(env, "delete", "--force", "rz1").returncode == 0
     assert not (root / "rz1").exists()
+
+
+def test_boot_console_on_a_terminal(env: Env) -> None:
+    """On a terminal: raw mode while attached (restored after), the console sized like the terminal,
+    Ctrl-C to the guest's foreground job, Ctrl-] to detach."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    root, _, environ = env
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    before = termios.tcgetattr(slave)
+    boot = subprocess.Popen([RUNUVM, "--root", str(root), "boot", "--console"], env={**environ, "TERM": "xterm"},
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    seen = b""
+    start = 0  # read_until looks for its marker in what came after this offset
+
+    def read_until(marker: bytes, timeout: float = 120) -> None:
+        nonlocal seen, start
+        deadline = time.monotonic() + timeout
+        while marker not in seen[start:]:
+            assert time.monotonic() < deadline, f"no {marker!r} in {seen[-2000:]!r}"
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 65536)
+        start = seen.index(marker, start) + len(marker)
+
+    try:
+        read_until(b":~# ")
+        os.write(master, b"stty size; sleep 100\r")
+        read_until(b"33 101")
+        os.write(master, b"\x03")  # raw mode: Ctrl-C goes to the guest and interrupts its sleep
+        read_until(b":~# ", timeout=60)
+        os.write(master, b"echo after-$((1+1))\r")
+        read_until(b"after-2")
+        os.write(master, b"\x1d")
+        assert boot.wait(timeout=120) == 0
+        assert termios.tcgetattr(slave) == before, "the terminal was left in raw mode"
+    finally:
+        if boot.poll() is None:
+            boot.kill()
+            boot.wait()
+        os.close(master)
+        os.close(slave)
+    m = re.search(rb"console of VM (\S+):", seen)
+    assert m, seen
+    assert_vm_gone(env, m.group(1).decode())

@@ -1,0 +1,215 @@
+"""The pure parts of `runuvm boot --ssh/--console` and `resize-tty --pid`: config and QEMU arguments,
+keys and the guest's host key answer, the published SSH record, the console's escape and end of input,
+and the ProcessDetails a Pids reply carries."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import stat
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.containerd import runc_options_pb2
+from schemas.uvm_config import UvmConfig
+from shim import debugvm
+from shim.runuvm import RunuvmError
+from shim.service import process_details
+from uvm import builder
+from uvm.backends.qemu import qemu_argv
+from uvm.errors import ConfigError
+from uvm.ssh import ClientKey, SshError, known_hosts_line, parse_host_key
+from uvm.testing import make_test_config
+
+ED25519_BLOB = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + bytes(range(32))
+HOST_KEY = "ssh-ed25519 " + base64.b64encode(ED25519_BLOB).decode()
+
+
+# -- config, builder, QEMU arguments ---------------------------------------------------------------
+
+@pytest.mark.parametrize("port", [-1, 65536])
+def test_ssh_port_out_of_range_is_rejected(port: int) -> None:
+    with pytest.raises(ValidationError, match="ssh_port"):
+        UvmConfig(ssh_port=port)
+
+
+def test_no_nic_and_a_file_console_by_default(tmp_path: Path) -> None:
+    spec = builder.build(make_test_config(tmp_path))
+    assert spec.ssh_port is None and not spec.console_socket
+    argv = " ".join(qemu_argv(spec, tmp_path))
+    assert "-netdev" not in argv and "virtio-net" not in argv
+    assert f"file,id=console,path={tmp_path / 'console.log'}" in argv
+
+
+def test_ssh_port_zero_becomes_a_free_loopback_port_forwarded_to_22(tmp_path: Path) -> None:
+    spec = builder.build(make_test_config(tmp_path, ssh_port=0))
+    assert spec.ssh_port is not None and 1024 <= spec.ssh_port <= 65535
+    argv = qemu_argv(spec, tmp_path)
+    netdev = argv[argv.index("-netdev") + 1]
+    assert netdev == f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
+    assert "virtio-net-device,netdev=net0" in argv
+
+
+def test_ssh_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"ssh_port {port}: cannot listen on 127.0.0.1:{port}: in use"):
+            builder.build(make_test_config(tmp_path, ssh_port=port))
+
+
+def test_console_socket_keeps_the_console_log(tmp_path: Path) -> None:
+    spec = builder.build(make_test_config(tmp_path, console_socket=True))
+    argv = qemu_argv(spec, tmp_path)
+    chardev = argv[argv.index("-serial") - 1]
+    assert chardev == (f"socket,id=console,path={tmp_path / 'console.sock'},server=on,wait=off,"
+                       f"logfile={tmp_path / 'console.log'}")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("ssh_port", 0, "ssh_port (user-network port forwarding): only the qemu backend supports it, not libvirt"),
+    ("console_socket", True, "console_socket: only the qemu backend supports it, not libvirt"),
+])
+def test_libvirt_refuses_ssh_and_console(tmp_path: Path, field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        builder.build(make_test_config(tmp_path, backend="libvirt", **{field: value}))
+    assert str(e.value) == message
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+def test_client_key_pair_loads_in_paramiko_and_is_written_0600(tmp_path: Path) -> None:
+    import paramiko
+
+    key = ClientKey.generate("runuvm@vm1")
+    kind, b64, comment = key.public_line.split(" ")
+    assert (kind, comment) == ("ssh-ed25519", "runuvm@vm1")
+    path = tmp_path / "id"
+    key.write_private(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = paramiko.Ed25519Key.from_private_key_file(str(path))
+    assert loaded.get_base64() == b64
+    with pytest.raises(SshError, match="cannot create"):
+        key.write_private(path)  # never overwrites
+
+
+def test_host_key_answer_is_checked() -> None:
+    assert parse_host_key(f"{HOST_KEY} root@uvm-1\n".encode()) == HOST_KEY
+    assert parse_host_key(HOST_KEY.encode()) == HOST_KEY
+    rsa_blob = base64.b64encode(struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 31) + bytes(33)).decode()
+    for bad in (b"", b"hello", f"{HOST_KEY}\n{HOST_KEY}".encode(), f"ssh-rsa {HOST_KEY[12:]}".encode(),
+                f"ssh-ed25519 {rsa_blob}".encode(), HOST_KEY.encode() + b" " + b"x" * 200):
+        with pytest.raises(SshError):
+            parse_host_key(bad)
+
+
+def test_known_hosts_line_is_what_openssh_expects() -> None:
+    assert known_hosts_line(2222, HOST_KEY) == f"[127.0.0.1]:2222 {HOST_KEY}"
+
+
+# -- the published record ---------------------------------------------------------------------------
+
+def test_publish_then_find_then_remove(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    access = debugvm.publish_ssh(root, "uvm-1", 4022, ClientKey.generate("c"), HOST_KEY)
+    d = root / ".boot" / "uvm-1"
+    assert access.directory == d and sorted(p.name for p in d.iterdir()) == ["id_ed25519", "known_hosts", "ssh.json"]
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700 and stat.S_IMODE(access.key.stat().st_mode) == 0o600
+    record = debugvm.find_ssh(root, "uvm-1")
+    assert (record.vm, record.port, record.key, record.host_key, record.pid) == (
+        "uvm-1", 4022, str(d / "id_ed25519"), HOST_KEY, os.getpid())
+    assert "runuvm ssh uvm-1" in access.instructions() and f"UserKnownHostsFile={d / 'known_hosts'}" in access.instructions()
+    access.remove()
+    with pytest.raises(RunuvmError, match=r"ssh uvm-1: no VM with that id .* \(none is running\)$"):
+        debugvm.find_ssh(root, "uvm-1")
+
+
+def test_find_names_the_running_vms(tmp_path: Path) -> None:
+    debugvm.publish_ssh(tmp_path, "uvm-a", 4022, ClientKey.generate("c"), HOST_KEY)
+    with pytest.raises(RunuvmError, match=r"ssh uvm-b: no VM with that id .* \(running: uvm-a\)$"):
+        debugvm.find_ssh(tmp_path, "uvm-b")
+
+
+@pytest.mark.parametrize("vm_id", ["../x", "a/b", "", ".boot", "-x"])
+def test_find_refuses_what_is_not_a_vm_id(tmp_path: Path, vm_id: str) -> None:
+    with pytest.raises(RunuvmError, match="is not a VM id"):
+        debugvm.find_ssh(tmp_path, vm_id)
+
+
+def test_a_killed_boot_is_swept(tmp_path: Path) -> None:
+    access = debugvm.publish_ssh(tmp_path, "uvm-k", 4022, ClientKey.generate("c"), HOST_KEY)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    record = access.record.model_copy(update={"pid": dead.pid})
+    (access.directory / "ssh.json").write_text(record.model_dump_json())
+    with pytest.raises(RunuvmError, match=r"ssh uvm-k: that VM is gone \(its `runuvm boot` process was killed\)"):
+        debugvm.find_ssh(tmp_path, "uvm-k")
+    assert not access.directory.exists()
+
+
+def test_a_reused_pid_is_not_the_owner(tmp_path: Path) -> None:
+    access = debugvm.publish_ssh(tmp_path, "uvm-r", 4022, ClientKey.generate("c"), HOST_KEY)
+    record = access.record.model_copy(update={"pid_start": access.record.pid_start + 1})
+    (access.directory / "ssh.json").write_text(record.model_dump_json())
+    assert debugvm.sweep_stale(tmp_path) == ["uvm-r"]
+
+
+def test_sweep_keeps_fresh_partial_directories_and_removes_old_ones(tmp_path: Path) -> None:
+    partial = tmp_path / ".boot" / ".uvm-p-1234"
+    partial.mkdir(parents=True)
+    assert debugvm.sweep_stale(tmp_path) == [] and partial.exists()
+    old = debugvm.STALE_PARTIAL_S + 10
+    os.utime(partial, (os.stat(partial).st_atime - old, os.stat(partial).st_mtime - old))
+    debugvm.sweep_stale(tmp_path)
+    assert not partial.exists()
+
+
+def test_an_unreadable_record_is_swept(tmp_path: Path) -> None:
+    d = tmp_path / ".boot" / "uvm-x"
+    d.mkdir(parents=True)
+    (d / "ssh.json").write_text(json.dumps({"vm": "uvm-x", "port": "22"}))
+    assert debugvm.sweep_stale(tmp_path) == ["uvm-x"]
+
+
+def test_record_is_strict() -> None:
+    good = {"vm": "uvm-1", "port": 22, "key": "/k", "host_key": HOST_KEY, "pid": 1, "pid_start": 0}
+    debugvm.SshRecord.model_validate(good)
+    for change in ({"port": 0}, {"vm": "../x"}, {"host_key": "ssh-rsa AAAA"}, {"extra": 1}, {"port": "22"}):
+        with pytest.raises(ValidationError):
+            debugvm.SshRecord.model_validate({**good, **change})
+
+
+# -- the console ------------------------------------------------------------------------------------
+
+def test_escape_splits_the_input() -> None:
+    assert debugvm.split_at_escape(b"ls\n") == (b"ls\n", False)
+    assert debugvm.split_at_escape(b"ls\n\x1dexit\n") == (b"ls\n", True)
+    assert debugvm.split_at_escape(b"\x1d") == (b"", True)
+
+
+def test_end_of_input_finishes_the_last_line() -> None:
+    assert debugvm.end_of_input(b"echo hi\n") == b"\x04"
+    assert debugvm.end_of_input(b"echo hi") == b"\n\x04"
+    assert debugvm.end_of_input(b"") == b"\x04"
+
+
+def test_console_shell_prompt_names_the_vm() -> None:
+    proc = debugvm.console_shell("uvm-7")
+    assert proc.args == ["cttyhack", "sh"] and "PS1=uvm-7:\\w# " in proc.env
+    assert debugvm.prompt_of("uvm-7") == b"uvm-7:~# "
+
+
+# -- resize-tty --pid: Pids reply info ----------------------------------------------------------------
+
+def test_process_details_as_runc_shim_sends_them() -> None:
+    info = process_details("exec-1")
+    assert info.type_url == "containerd.runc.v1.ProcessDetails"
+    assert info.value == b"\x0a\x06exec-1"
+    assert runc_options_pb2.ProcessDetails.FromString(info.value).exec_id == "exec-1"
