@@ -3,13 +3,14 @@
 SSH. `boot --ssh` gives the VM a NIC on QEMU's restricted user network with a free 127.0.0.1 port
 forwarded to the guest's port 22 (UvmConfig.ssh_port), starts the guest's dropbear with a key pair
 made for this VM (uvm/ssh.py), then publishes how to reach it in --root/.boot/<vm id>/ (mode 0700):
-``ssh.json`` (VM id, port, key path, the pinned host key, the boot process), ``id_ed25519`` (0600)
-and ``known_hosts`` (for OpenSSH's ssh). The directory appears whole (renamed into place) and goes
-when the VM stops, on every path the boot process controls (the end of --exec, Ctrl-C, SIGTERM, a
-failure); one whose boot process was killed outright is removed by the next `runuvm ssh` or
-`boot --ssh` that looks. `.boot` cannot clash with a container's directory: ids start with a letter
-or digit. `runuvm ssh VMID [CMD...]` reads the record and runs CMD (or a shell) over paramiko; it is
-synchronous, as paramiko is.
+``ssh.json`` (VM id, port, key path, the pinned host key, the boot process), ``id_ed25519`` (0600),
+``known_hosts`` (for OpenSSH's ssh) and ``uvmshim.json`` (the VM's run directory, as shim.leftovers
+records a shim's). The directory appears whole (renamed into place) and goes when the VM stops, on
+every path the boot process controls (the end of --exec, Ctrl-C, SIGTERM, a failure); when the boot
+process was killed outright, the next `runuvm ssh` or `boot --ssh` that looks removes it, and with
+shim.leftovers what the VM left (a QEMU still running, its run directory). `.boot` cannot clash
+with a container's directory: ids start with a letter or digit. `runuvm ssh VMID [CMD...]` reads
+the record and runs CMD (or a shell) over paramiko; it is synchronous, as paramiko is.
 
 Console. `boot --console` puts the serial console on a unix socket (UvmConfig.console_socket; QEMU
 still writes the console log), starts a shell on ttyS0 through the agent (busybox cttyhack makes
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas import oci
 from schemas.uvm_config import ID_RE
+from shim import leftovers
 from shim.runuvm import RunuvmError, read_input
 from shim.stdio import write_all
 from uvm.backends.qemu import CONSOLE_SOCKET
@@ -119,8 +121,14 @@ class SshAccess:
                 f"  ssh -i {self.key} -p {r.port} -o UserKnownHostsFile={self.directory / KNOWN_HOSTS} root@127.0.0.1")
 
 
+def _remove_stale(directory: Path) -> None:
+    """What a killed boot left: its QEMU (dying of the parent-death signal, or not), run directory, record."""
+    leftovers.clean(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def sweep_stale(root: Path) -> list[str]:
-    """Remove the records of VMs whose boot process is gone (killed outright); their VM ids."""
+    """Remove what VMs whose boot process is gone (killed outright) left; their VM ids."""
     base = boot_dir(root)
     if not base.is_dir():
         return []
@@ -129,14 +137,14 @@ def sweep_stale(root: Path) -> list[str]:
         if d.name.startswith("."):  # being published, or left by a boot killed while publishing
             with contextlib.suppress(OSError):
                 if time.time() - d.stat().st_mtime > STALE_PARTIAL_S:
-                    shutil.rmtree(d, ignore_errors=True)
+                    _remove_stale(d)
             continue
         try:
             stale = not owner_alive(read_record(d))
         except (OSError, ValidationError):
             stale = True
         if stale:
-            shutil.rmtree(d, ignore_errors=True)
+            _remove_stale(d)
             removed.append(d.name)
     return removed
 
@@ -146,8 +154,9 @@ def running_ssh_vms(root: Path) -> list[str]:
     return sorted(d.name for d in base.iterdir() if not d.name.startswith(".")) if base.is_dir() else []
 
 
-def publish_ssh(root: Path, vm_id: str, port: int, key: ClientKey, host_key: str) -> SshAccess:
-    """Write --root/.boot/<vm_id>/ whole (built under a hidden name, then renamed). Raises SshError."""
+def publish_ssh(root: Path, vm_id: str, port: int, key: ClientKey, host_key: str, run_dir: Path | None = None) -> SshAccess:
+    """Write --root/.boot/<vm_id>/ whole (built under a hidden name, then renamed), with the VM's run
+    directory recorded as a dead shim's would be (shim.leftovers), for sweep_stale. Raises SshError."""
     base = boot_dir(root)
     final = base / vm_id
     tmp = base / f".{vm_id}-{secrets.token_hex(4)}"
@@ -160,6 +169,8 @@ def publish_ssh(root: Path, vm_id: str, port: int, key: ClientKey, host_key: str
         record = SshRecord(vm=vm_id, port=port, key=str(final / KEY), host_key=host_key, pid=os.getpid(),
                            pid_start=process_start(os.getpid()) or 0)
         (tmp / RECORD).write_text(record.model_dump_json())
+        if run_dir is not None:
+            leftovers.record(tmp, {"vm_id": vm_id, "run_dir": str(run_dir), "backend": "qemu"})
         os.rename(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,7 +187,7 @@ async def start_ssh(vm: UtilityVM, root: Path) -> SshAccess:
     sweep_stale(root)
     key = ClientKey.generate(f"runuvm@{vm.id}")
     host_key = await enable_ssh(vm, key)
-    return publish_ssh(root, vm.id, vm.spec.ssh_port, key, host_key)
+    return publish_ssh(root, vm.id, vm.spec.ssh_port, key, host_key, vm.spec.run_dir)
 
 
 # -- SSH: `runuvm ssh VMID [CMD...]` ---------------------------------------------------------------

@@ -59,21 +59,30 @@ def assert_vm_gone(env: Env, vm_id: str) -> None:
     assert not [p for p in _qemu_processes_under(run) if vm_id in p], "QEMU left running"
 
 
-def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
+def boot_with_ssh(env: Env) -> tuple[subprocess.Popen[bytes], str, int, Path]:
+    """`runuvm boot --ssh`, once it says the VM serves: (its process, VM id, port, private key)."""
     root, _, environ = env
     boot = subprocess.Popen([RUNUVM, "--root", str(root), "boot", "--ssh"], env=environ, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert boot.stderr is not None
+    said = b""
+    deadline = time.monotonic() + 240
+    while b"runs until Ctrl-C" not in said:
+        line = boot.stderr.readline()
+        if not line or time.monotonic() > deadline:
+            boot.kill()
+            boot.wait()
+            pytest.fail(f"boot --ssh ended early: {said!r}")
+        said += line
+    m = re.search(rb"VM (\S+): SSH on 127\.0\.0\.1:(\d+) as root, key (\S+)\n", said)
+    assert m, said
+    return boot, m.group(1).decode(), int(m.group(2)), Path(m.group(3).decode())
+
+
+def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
+    root, _, _ = env
+    boot, vm_id, port, key = boot_with_ssh(env)
     try:
-        assert boot.stderr is not None
-        said = b""
-        deadline = time.monotonic() + 240
-        while b"runs until Ctrl-C" not in said:
-            line = boot.stderr.readline()
-            assert line and time.monotonic() < deadline, f"boot --ssh ended early: {said!r}"
-            said += line
-        m = re.search(rb"VM (\S+): SSH on 127\.0\.0\.1:(\d+) as root, key (\S+)\n", said)
-        assert m, said
-        vm_id, port, key = m.group(1).decode(), int(m.group(2)), Path(m.group(3).decode())
         assert key == root / ".boot" / vm_id / "id_ed25519"
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
         assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
@@ -104,6 +113,24 @@ def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
     assert_vm_gone(env, vm_id)
     gone = runuvm(env, "ssh", vm_id, "true")
     assert gone.returncode == 1 and gone.stderr.startswith(f"runuvm: ssh {vm_id}: no VM with that id".encode())
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_boot_ssh_leaves_nothing_when_interrupted_or_killed(env: Env, how: str) -> None:
+    """Ctrl-C stops the VM and removes the key at once; after SIGKILL (QEMU dies with its parent) the
+    next `runuvm ssh` finds the VM gone and removes what was left."""
+    boot, vm_id, port, key = boot_with_ssh(env)
+    assert key.exists()
+    if how == "ctrl-c":
+        boot.send_signal(signal.SIGINT)
+        assert boot.wait(timeout=120) == 0
+    else:
+        boot.kill()
+        boot.wait()
+        gone = runuvm(env, "ssh", vm_id, "true")
+        assert (gone.returncode, gone.stderr) == (
+            1, f"runuvm: ssh {vm_id}: that VM is gone (its `runuvm boot` process was killed)\n".encode())
+    assert_vm_gone(env, vm_id)
 
 
 def test_ssh_with_a_bad_vm_id(env: Env) -> None:

@@ -11,6 +11,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,32 @@ def test_a_killed_boot_is_swept(tmp_path: Path) -> None:
     with pytest.raises(RunuvmError, match=r"ssh uvm-k: that VM is gone \(its `runuvm boot` process was killed\)"):
         debugvm.find_ssh(tmp_path, "uvm-k")
     assert not access.directory.exists()
+
+
+def test_what_a_killed_boot_left_is_removed_with_its_record(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run" / "uvm-q"
+    run_dir.mkdir(parents=True)
+    # stands for the VM's QEMU: a process naming a path in the run directory on its command line
+    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{run_dir}/qmp.sock"])
+    try:
+        access = debugvm.publish_ssh(tmp_path, "uvm-q", 4022, ClientKey.generate("c"), HOST_KEY, run_dir)
+        assert json.loads((access.directory / "uvmshim.json").read_text())["run_dir"] == str(run_dir)
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        (access.directory / "ssh.json").write_text(access.record.model_copy(update={"pid": dead.pid}).model_dump_json())
+        assert debugvm.sweep_stale(tmp_path) == ["uvm-q"]
+        assert qemu.wait(timeout=10) == -9
+        assert not run_dir.exists() and not access.directory.exists()
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+def test_a_live_boot_is_left_alone(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run" / "uvm-l"
+    run_dir.mkdir(parents=True)
+    access = debugvm.publish_ssh(tmp_path, "uvm-l", 4022, ClientKey.generate("c"), HOST_KEY, run_dir)
+    assert debugvm.sweep_stale(tmp_path) == [] and access.directory.exists() and run_dir.exists()
 
 
 def test_a_reused_pid_is_not_the_owner(tmp_path: Path) -> None:
