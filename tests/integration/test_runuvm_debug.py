@@ -119,7 +119,7 @@ def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
 def test_boot_ssh_leaves_nothing_when_interrupted_or_killed(env: Env, how: str) -> None:
     """Ctrl-C stops the VM and removes the key at once; after SIGKILL (QEMU dies with its parent) the
     next `runuvm ssh` finds the VM gone and removes what was left."""
-    boot, vm_id, port, key = boot_with_ssh(env)
+    boot, vm_id, _, key = boot_with_ssh(env)
     assert key.exists()
     if how == "ctrl-c":
         boot.send_signal(signal.SIGINT)
