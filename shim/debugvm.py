@@ -244,6 +244,7 @@ def interactive_shell(client: paramiko.SSHClient, fd: int = 0, out_fd: int = 1) 
             chan.resize_pty(width=c, height=r)
 
     previous = signal.signal(signal.SIGWINCH, on_winch)
+    fd_closed = False
     try:
         with contextlib.closing(chan), raw_terminal(fd):
             while True:
@@ -256,9 +257,12 @@ def interactive_shell(client: paramiko.SSHClient, fd: int = 0, out_fd: int = 1) 
                 if fd in ready:
                     data = os.read(fd, 4096)
                     if not data:
+                        fd_closed = True
                         break
                     chan.sendall(data)
-            return exit_code(chan.recv_exit_status()) if chan.exit_status_ready() else 0
+            if fd_closed:
+                return 0  # our input ended: the shell was left, not finished
+            return exit_code(chan.recv_exit_status())  # sent with (or just after) the end of its output
     finally:
         signal.signal(signal.SIGWINCH, previous)
 

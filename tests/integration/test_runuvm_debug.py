@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -79,6 +80,38 @@ def boot_with_ssh(env: Env) -> tuple[subprocess.Popen[bytes], str, int, Path]:
     return boot, m.group(1).decode(), int(m.group(2)), Path(m.group(3).decode())
 
 
+def on_a_terminal(env: Env, args: list[str], ready: bytes, keys: bytes, size: tuple[int, int]) -> tuple[bytes, int]:
+    """runuvm ARGS on a new pty of size (rows, cols): once ready shows, type keys; (output, exit code)."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    root, _, environ = env
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
+    proc = subprocess.Popen([RUNUVM, "--root", str(root), *args], env=environ, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        typed = False
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                with contextlib.suppress(OSError):
+                    seen += os.read(master, 65536)
+            if not typed and ready in seen:
+                os.write(master, keys)
+                typed = True
+        return seen, proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
+
+
 def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
     root, _, _ = env
     boot, vm_id, port, key = boot_with_ssh(env)
@@ -106,6 +139,9 @@ def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
         assert (res.returncode, res.stdout, res.stderr) == (4, b"hello from 42\n", b""), res
         res = runuvm(env, "ssh", vm_id, "--", "wc", "-c", input=b"12345")
         assert (res.returncode, res.stdout.strip()) == (0, b"5"), res
+        # runuvm ssh without a command: a shell on a pty sized like our terminal
+        seen, code = on_a_terminal(env, ["ssh", vm_id], b"# ", b"stty size; exit 5\r", (40, 120))
+        assert code == 5 and b"\r\n40 120\r\n" in seen, seen
     finally:
         boot.send_signal(signal.SIGTERM)
         code = boot.wait(timeout=120)
