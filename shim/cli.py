@@ -204,9 +204,10 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
             print(f"{tag}VM {vm.id} runs until Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
             run.serving += 1
             try:
-                await vm.wait()  # a signal cancels this; the VM stopping by itself ends it too
-                print(f"{tag}VM {vm.id} stopped by itself", file=sys.stderr)
-                return 1, boot
+                # A signal cancels this. The guest powering off ends it too (a VM that died raises).
+                ended = await vm.wait()
+                print(f"{tag}VM {vm.id} stopped ({ended.reason})", file=sys.stderr)
+                return 0, boot
             finally:
                 run.serving -= 1
         await vm.shutdown()
