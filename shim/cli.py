@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         except RunuvmError as e:
             _report(args, str(e))
             return 1
+        except KeyboardInterrupt:  # Ctrl-C while a command runs (a shell gets it as a key instead)
+            return 130
     if args.command == "create-scratch":
         return _create_scratch(args)
     parser.print_help()
