@@ -131,6 +131,9 @@ def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
             lines = out.read().decode()
             assert re.match(r"\d+\.\d+\.\d+-\S+\n", lines) and "inet 10.0.2.15/24" in lines, lines
             assert err.read() == b"to-stderr\n"
+            # restrict=on: the guest cannot reach the host, even the port forwarded to it
+            _, out, err = client.exec_command(f"nc -w 3 10.0.2.2 {port} </dev/null")
+            assert out.channel.recv_exit_status() == 1 and b"Connection refused" in err.read()
         finally:
             client.close()
 
