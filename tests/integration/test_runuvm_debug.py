@@ -41,10 +41,28 @@ def env(suite_dir: Path, image_dir: Path) -> Iterator[Env]:
                "UVMSHIM_STATE_DIR": str(suite_dir / "state")}
     yield root, suite_dir / "run", environ
     left = [p for p in root.rglob("*") if p.name != ".boot"] if root.exists() else []
-    daemons = processes_with_arg("shim.main")
+    daemons = [pid for pid in processes_with_arg("shim.main") if _cwd(pid).startswith(str(base))]  # ours only
     shutil.rmtree(base, ignore_errors=True)
     assert not left, f"left under --root: {left}"
     assert not daemons, f"shim daemons left: {daemons}"
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """A runuvm still running after a failed check: SIGTERM (it cleans up), SIGKILL if that hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
 
 
 def runuvm(env: Env, *args: str, input: bytes = b"", timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
@@ -71,8 +89,7 @@ def boot_with_ssh(env: Env) -> tuple[subprocess.Popen[bytes], str, int, Path]:
     while b"runs until Ctrl-C" not in said:
         line = boot.stderr.readline()
         if not line or time.monotonic() > deadline:
-            boot.kill()
-            boot.wait()
+            stop(boot)
             pytest.fail(f"boot --ssh ended early: {said!r}")
         said += line
     m = re.search(rb"VM (\S+): SSH on 127\.0\.0\.1:(\d+) as root, key (\S+)\n", said)
@@ -105,9 +122,7 @@ def on_a_terminal(env: Env, args: list[str], ready: bytes, keys: bytes, size: tu
                 typed = True
         return seen, proc.wait(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         os.close(master)
         os.close(slave)
 
@@ -198,10 +213,15 @@ def test_boot_console_with_piped_stdin(env: Env) -> None:
     assert_vm_gone(env, m.group(1))
 
 
-def test_boot_console_refuses_count_and_exec(env: Env) -> None:
+def test_boot_refuses_what_it_cannot_do(env: Env) -> None:
+    root, run, _ = env
     for extra in (["--count", "2"], ["--exec", "true"]):
         res = runuvm(env, "boot", "--console", *extra, timeout=60)
         assert res.returncode == 2 and b"--console attaches one UVM's console" in res.stderr, res.stderr
+    res = runuvm(env, "boot", "--ssh", "--backend", "libvirt", timeout=120)
+    assert res.returncode == 1 and res.stderr.endswith(
+        b"ssh_port (user-network port forwarding): only the qemu backend supports it, not libvirt\n"), res.stderr
+    assert not list(run.iterdir()) and not list((root / ".boot").glob("*"))
 
 
 def test_resize_tty_of_an_exec_by_pid(env: Env, tmp_path: Path) -> None:
@@ -265,8 +285,10 @@ def test_boot_console_on_a_terminal(env: Env) -> None:
 
     try:
         read_until(b":~# ")
-        os.write(master, b"stty size; sleep 100\r")
+        # The child says when it runs: by then it is the terminal's foreground job (ash's job control)
+        os.write(master, b"stty size; sh -c 'echo sleep-$((1+1)); exec sleep 100'\r")
         read_until(b"33 101")
+        read_until(b"sleep-2")
         os.write(master, b"\x03")  # raw mode: Ctrl-C goes to the guest and interrupts its sleep
         read_until(b":~# ", timeout=60)
         os.write(master, b"echo after-$((1+1))\r")
@@ -275,9 +297,7 @@ def test_boot_console_on_a_terminal(env: Env) -> None:
         assert boot.wait(timeout=120) == 0
         assert termios.tcgetattr(slave) == before, "the terminal was left in raw mode"
     finally:
-        if boot.poll() is None:
-            boot.kill()
-            boot.wait()
+        stop(boot)
         os.close(master)
         os.close(slave)
     m = re.search(rb"console of VM (\S+):", seen)
