@@ -49,6 +49,11 @@ class LaunchSpec:
     scsi_controllers: int = 1
     backend: str = "qemu"
     libvirt_uri: str = "qemu:///system"
+    # Guest RAM in a file (templates): shared (the template writes it) or private copy-on-write
+    # (a clone); incoming: the saved device state a clone starts from instead of booting.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    incoming: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -27,10 +27,14 @@ ROOTFS = Rootfs(share="shares", path="busybox")
 ENV = ["PATH=/bin", "HOME=/root"]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vm(make_config_module: Callable[..., UvmConfig], busybox_rootfs: Path) -> AsyncIterator[UtilityVM]:
-    v = UtilityVM(make_config_module(shares=[Share(tag="shares", host_path=busybox_rootfs.parent)], memory_mib=384))
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["cold", "template"])
+async def vm(request: pytest.FixtureRequest, make_config_module: Callable[..., UvmConfig],
+             busybox_rootfs: Path) -> AsyncIterator[UtilityVM]:
+    """The module's UVM, booted cold, then (second round) cloned from a template of the same shape."""
+    v = UtilityVM(make_config_module(shares=[Share(tag="shares", host_path=busybox_rootfs.parent)], memory_mib=384,
+                                     start=request.param))
     await v.start()
+    assert v.started_from == request.param, v.start_note
     try:
         yield v
     finally:
