@@ -145,6 +145,7 @@ async def test_pause_resume_statistics_processes(vm: UtilityVM, busybox_rootfs: 
     c = await make_container(vm, "sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.$$; "
                              "mv /tmp/n.$$ /tmp/counter-$(hostname); done", hostname="pausetest")
     counter_file = busybox_rootfs / "tmp" / "counter-pausetest"
+    counter_file.unlink(missing_ok=True)  # the module runs twice (cold, then a clone) on one rootfs
 
     async def read_counter() -> int:
         for _ in range(100):
