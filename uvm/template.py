@@ -193,6 +193,32 @@ def list_templates(config: UvmConfig) -> list[dict[str, Any]]:
     return out
 
 
+WARMUP_ROOT = "/run/uvmshim/warmup"
+
+
+async def _warm_up(vm: Any) -> None:
+    """One throwaway container (busybox from the guest image, bind-mounted read-only) run to its end
+    and deleted: what the guest initialises on its first container (crun's state, the cgroup and
+    namespace paths, the agent's create path) is then ready in every clone."""
+    from schemas import oci
+    from uvm.container import Rootfs
+
+    setup = (f"mkdir -p {WARMUP_ROOT}/bin && mount --bind /usr/bin {WARMUP_ROOT}/bin && "
+             f"mount -o remount,bind,ro {WARMUP_ROOT}/bin")
+    res = await vm.run(["sh", "-c", setup])
+    if res.exit_status != 0:
+        raise TemplateError(f"template warm-up: {res.stderr.decode(errors='replace').strip()}")
+    c = await vm.create_container("template-warmup", oci.default_spec(["/bin/busybox", "true"], env=["PATH=/bin"]),
+                                  Rootfs(path=WARMUP_ROOT), stdout=False, stderr=False)
+    await c.start()
+    status = await c.wait_timeout(60)
+    await c.close()
+    res = await vm.run(["sh", "-c", f"umount {WARMUP_ROOT}/bin && rm -rf {WARMUP_ROOT}"])
+    if status.exit_code != 0 or res.exit_status != 0:
+        raise TemplateError(f"template warm-up container: exit {status.exit_code}; "
+                            f"{res.stderr.decode(errors='replace').strip()}")
+
+
 @contextlib.contextmanager
 def _locked(root: Path, key: str) -> Iterator[None]:
     """One builder per key across processes (waits for another builder, bounded)."""
@@ -265,6 +291,7 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
                 assert vm.spec is not None
                 cmdline = vm.spec.cmdline
                 await vm.agent_client("prepare template").prepare_template()
+                await _warm_up(vm)
                 await vm.save_state(work / STATE)
             finally:
                 await vm.close()

@@ -556,8 +556,12 @@ class Runtime(DiskMixin):
             if status != 0:
                 raise err(proto.E_INTERNAL, f"prepare_template: {' '.join(argv)}: {out.strip()}")
         self.share_modules_loaded = True
-        import binascii  # noqa: F401  (what a clone's resume_clone uses: loaded once, here)
+        # Modules a clone's first requests import (resume_clone, create, tty consoles): loaded here,
+        # once, they are in every clone's memory already.
+        import _socket  # noqa: F401
+        import binascii  # noqa: F401
         import fcntl  # noqa: F401
+        import shutil  # noqa: F401
         import struct  # noqa: F401
         return {}
 
