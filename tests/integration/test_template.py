@@ -175,3 +175,30 @@ def test_cli_template_build_list_boot_rm(suite_dir: Path, image_dir: Path, tmp_p
     assert json.loads(runuvm("template", "list", "--format", "json").stdout) == []
     assert not Path(rows[0]["memory_file"]).exists()
     assert_no_leftovers(suite_dir)
+
+
+async def test_auto_builds_in_the_background_when_configured(config: Callable[..., UvmConfig]) -> None:
+    from shim.leftovers import process_cmdlines
+
+    cfg = config(start="auto", template_autobuild=True, kernel_args="uvm.test=autobuild")
+    vm = UtilityVM(cfg)
+    try:
+        await vm.start()
+        assert vm.started_from == "cold" and "not built" in vm.start_note
+    finally:
+        await vm.close()
+
+    def builders() -> list[int]:
+        return [pid for pid, argv in process_cmdlines() if b"uvm.template" in argv and b"uvm.test=autobuild" in argv]
+
+    for _ in range(360):  # the detached builder (another process: no event to await) ends once the template is saved
+        if not builders():
+            break
+        await asyncio.sleep(0.5)
+    assert not builders()
+    vm = UtilityVM(cfg)
+    try:
+        await vm.start()
+        assert vm.started_from == "template", vm.start_note
+    finally:
+        await vm.close()
