@@ -276,10 +276,11 @@ def ctr_argv(ctd: PrivateContainerd, *args: str) -> list[str]:
     return ["ctr", "--address", str(ctd.address), "--namespace", ctd.namespace, *args]
 
 
-def ctr_run_date(ctd: PrivateContainerd, rootfs: Path, cid: str, timeout: float = 180.0) -> dict[str, float]:
+def ctr_run_date(ctd: PrivateContainerd, rootfs: Path, cid: str, timeout: float = 180.0,
+                 extra: tuple[str, ...] = ()) -> dict[str, float]:
     """One `ctr run --rm ... date`: seconds from spawning ctr to the first byte on its stdout and to its
     exit, and the guest's clock (what date printed) minus the host's wall clock at the spawn."""
-    argv = ctr_argv(ctd, "run", "--rm", "--runtime", SHIM_RUNTIME, "--rootfs", str(rootfs), cid, *DATE_ARGV)
+    argv = ctr_argv(ctd, "run", "--rm", "--runtime", SHIM_RUNTIME, *extra, "--rootfs", str(rootfs), cid, *DATE_ARGV)
     wall0, t0 = time.time(), time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
@@ -508,6 +509,36 @@ def shim_figures(tmp: Path, run_dir: Path, state_dir: Path, f0_argv: list[str], 
     return {"ctr_run": run, "actions": actions, "idle_pss": pss}
 
 
+def ctr_template_figures(tmp: Path, run_dir: Path, state_dir: Path, n: int) -> dict[str, object]:
+    """`ctr run --rm ... date` to workload with start = "template" against cold, interleaved (after a
+    warm-up of each: the first template run builds the template)."""
+    memdir = Path("/dev/shm") / f"uvm-bench-ctr-{os.getpid()}"
+    base = Path(tempfile.mkdtemp(prefix="uvmcb-", dir="/tmp"))
+    cfg = base / "template.toml"
+    cfg.write_text(f'[uvm]\nstart = "template"\ntemplate_memory_dir = "{memdir}"\n')
+    runs: dict[str, list[float]] = {"cold": [], "template": []}
+    try:
+        rootfs = busybox_rootfs(base)
+        with shim_environ(run_dir, state_dir), PrivateContainerd(base / "c", extra_path=[SHIM_BINARY.parent]) as ctd:
+            ctr_run_date(ctd, rootfs, "coldwarm")
+            ctr_run_date(ctd, rootfs, "tmplwarm", extra=("--runtime-config-path", str(cfg)))
+            for i in range(n):
+                runs["cold"].append(ctr_run_date(ctd, rootfs, f"cold{i}")["first_byte_s"])
+                runs["template"].append(ctr_run_date(ctd, rootfs, f"tmpl{i}",
+                                                     extra=("--runtime-config-path", str(cfg)))["first_byte_s"])
+                print(f"  ctr run {i + 1}: cold {runs['cold'][-1]:.2f}s  from a template {runs['template'][-1]:.2f}s",
+                      flush=True)
+    finally:
+        from uvm import template
+
+        for row in template.list_templates(UvmConfig(state_dir=state_dir)):
+            template.remove(Path(row["path"]))
+        shutil.rmtree(memdir, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+    cold, tmpl = median(runs["cold"]), median(runs["template"])
+    return {"cold_s": cold, "template_s": tmpl, "ratio": tmpl / cold, "n": n, "runs": runs}
+
+
 def print_shim_figures(shim: dict[str, Any]) -> None:
     run, act, pss = shim["ctr_run"], shim["actions"], shim["idle_pss"]
     print(f"containerd: `ctr run --rm` of date to workload {run['ctr_run_to_workload_s']:.2f}s (first stdout byte; "
@@ -566,11 +597,15 @@ def main() -> int:
     ap.add_argument("--no-disks", dest="disks", action="store_false", help="skip the disk figures")
     ap.add_argument("--no-libvirt", dest="libvirt", action="store_false", help="skip the libvirt figures")
     ap.add_argument("--no-shim", dest="shim", action="store_false", help="skip the containerd shim figures")
-    ap.add_argument("--only", choices=("shim",), help="run only this section (with the floors it compares against)")
+    ap.add_argument("--no-template", dest="template", action="store_false", help="skip the template figures")
+    ap.add_argument("--only", choices=("shim", "template"),
+                    help="run only this section (with the floors it compares against)")
     args = ap.parse_args()
     if args.only:
         args.link = args.libvirt = args.disks = False
         args.boot_loop = 0
+        args.shim = args.only == "shim"
+        args.template = args.only == "template"
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
         tmp = Path(t)
         run_dir, state_dir = tmp / "run", tmp / "state"
@@ -638,6 +673,20 @@ def main() -> int:
             shim = shim_figures(tmp, run_dir, state_dir, f0_argv, args.n)
             print_shim_figures(shim)
             summary["shim"] = shim
+        if args.template:
+            import template_figures as templates  # bench/ (this script's directory) is on sys.path
+
+            print(f"templates: clone start interleaved with F0 (n={args.n}), idle PSS, density", flush=True)
+            base = Path(tempfile.mkdtemp(prefix="uvmtb-", dir="/tmp"))
+            try:
+                tf = asyncio.run(templates.figures(tmp, run_dir, state_dir, lambda: time_to_ready(f0_argv), args.n,
+                                                   busybox_rootfs(base)))
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+            print("templates: `ctr run --rm` from a template against cold, interleaved", flush=True)
+            tf["ctr"] = ctr_template_figures(tmp, run_dir, state_dir, args.n)
+            templates.print_figures(tf)
+            summary["template"] = tf
         if args.boot_loop:
             print(f"boot loop: {args.boot_loop} UVM boots, deadline {args.boot_timeout:g}s each", flush=True)
             hangs, failures, times = asyncio.run(boot_loop(args.boot_loop, run_dir, state_dir, args.boot_timeout))

@@ -42,10 +42,14 @@ DELETE = "delete_container"      # {id} -> {}
 SCSI_MOUNT = "scsi_mount"        # {controller, lun, path|null, fstype, options, readonly} -> {device, path}
 SCSI_UNMOUNT = "scsi_unmount"    # {path} -> {}
 SCSI_UNPLUG = "scsi_unplug"      # {controller, lun} -> {}
+# Templates (uvm/template.py): warm a VM before it is saved; make a clone its own machine.
+PREPARE_TEMPLATE = "prepare_template"  # {} -> {}: load what containers need, nothing container-specific
+RESUME_CLONE = "resume_clone"    # {vm_id, time_ns, entropy (base64, 32-512 bytes)} -> {}
+MAX_ENTROPY = 512
 
 METHODS = (HELLO, PING, SHUTDOWN, RUN, EXEC, SIGNAL, RESIZE, CREATE, START, KILL, PAUSE, RESUME, STATE, LIST,
-           PROCESSES, UPDATE, STATS, DELETE, SCSI_MOUNT, SCSI_UNMOUNT, SCSI_UNPLUG)
-CAPABILITIES = ("ping", "shutdown", "run", "exec", "containers", "streams", "scsi", "overlay")
+           PROCESSES, UPDATE, STATS, DELETE, SCSI_MOUNT, SCSI_UNMOUNT, SCSI_UNPLUG, PREPARE_TEMPLATE, RESUME_CLONE)
+CAPABILITIES = ("ping", "shutdown", "run", "exec", "containers", "streams", "scsi", "overlay", "clone")
 
 # Notifications (guest -> host).
 EVENT_LOG = "log"

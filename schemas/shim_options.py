@@ -11,6 +11,8 @@ accel = "auto"              # auto | kvm | tcg
 image = "/srv/uvmshim/images"
 boot_timeout = 60
 backend = "qemu"            # qemu | libvirt
+start = "cold"              # cold | template | auto: clone each task's UVM from a saved template
+template_autobuild = false  # with auto: build a missing template in the background
 ```
 
 Found through containerd's runtime options (`ConfigPath`, i.e. `ctr run --runtime-config-path`), else
@@ -32,7 +34,8 @@ from schemas.uvm_config import UvmConfig
 DEFAULT_PATH = Path("/etc/uvmshim/config.toml")
 # The UvmConfig fields an operator sets in the file; ids, shares, directories come from the task.
 UVM_KEYS = frozenset({"cpus", "memory_mib", "image", "kernel", "initrd", "rootfs", "kernel_args", "accel",
-                      "boot_timeout", "backend", "libvirt_uri", "qemu_binary", "tb_size_mib", "scsi_controllers"})
+                      "boot_timeout", "backend", "libvirt_uri", "qemu_binary", "tb_size_mib", "scsi_controllers",
+                      "start", "template_autobuild", "template_dir", "template_memory_dir", "state_dir"})
 
 
 class OptionsError(ValueError):

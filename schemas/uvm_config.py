@@ -76,6 +76,13 @@ class UvmConfig(BaseModel):
     tb_size_mib: Annotated[int, Field(ge=16, le=4096)] | None = None
     run_dir: Path = Field(default_factory=default_run_dir)
     state_dir: Path = Field(default_factory=default_state_dir)
+    # Fast start (uvm/template.py): "template" clones a saved VM of the same image and shape,
+    # building the template first when there is none; "auto" clones when a valid template exists,
+    # else boots cold (and builds one in the background if template_autobuild).
+    start: Literal["cold", "template", "auto"] = "cold"
+    template_autobuild: bool = False
+    template_dir: Path | None = Field(default=None, description="default: <state_dir>/templates")
+    template_memory_dir: Path = Path("/dev/shm/uvmshim-templates")
     console_log: Path | None = None
     # The serial console as a unix socket <run_dir>/<id>/console.sock that a user attaches to (`runuvm
     # boot --console`); what the guest prints is still written to the console log. QEMU backend only.

@@ -103,11 +103,27 @@ def _parser() -> argparse.ArgumentParser:
                            "(see `runuvm ssh`); without --exec the UVM runs until Ctrl-C or SIGTERM")
     boot.add_argument("--console", action="store_true",
                       help=f"attach to the UVM's serial console (a shell); {ESCAPE_NAME} detaches and stops the UVM")
+    boot.add_argument("--start", choices=("cold", "template", "auto"), default="cold",
+                      help="clone from a template of this image and shape (built first if missing: 'template')")
     boot.add_argument("--count", type=int, default=1, help="boot this many UVMs (measurements)")
     boot.add_argument("--parallel", type=int, default=1, help="at most this many at once")
     ssh = sub.add_parser("ssh", help="run a command (or a shell) over SSH in a UVM booted with `runuvm boot --ssh`")
     ssh.add_argument("vm", help="the VM id `runuvm boot --ssh` printed")
     ssh.add_argument("args", nargs=argparse.REMAINDER, help="a command line, run by the UVM's shell (as ssh does)")
+    t = sub.add_parser("template", help="UVM templates that clones start from (build, list, rm)")
+    tsub = t.add_subparsers(dest="template_command", required=True)
+    tb = tsub.add_parser("build", help="build (or rebuild with --force) the template of a VM shape")
+    tb.add_argument("--cpus", type=int, default=1)
+    tb.add_argument("--memory", type=int, default=256, help="MiB")
+    tb.add_argument("--kernel-args", default="")
+    tb.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    tb.add_argument("--config", type=Path, default=None, help="the shim's TOML config: its [uvm] shape, for containers")
+    tb.add_argument("--force", action="store_true")
+    tl = tsub.add_parser("list", help="templates and whether each is usable")
+    tl.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    tr = tsub.add_parser("rm", help="remove templates (running clones are not affected)")
+    tr.add_argument("keys", nargs="*")
+    tr.add_argument("--all", action="store_true")
     scratch = sub.add_parser("create-scratch", help="create a sparse ext4 scratch disk image")
     scratch.add_argument("dest", type=Path)
     scratch.add_argument("--size-gb", type=int, default=20)
@@ -147,7 +163,8 @@ def _boot_config(args: argparse.Namespace) -> Any:
     try:
         return UvmConfig(cpus=args.cpus, memory_mib=args.memory, kernel_args=args.kernel_args, accel=args.accel,
                          boot_timeout=args.boot_timeout, backend=args.backend, libvirt_uri=args.libvirt_uri,
-                         shares=shares, ssh_port=0 if args.ssh else None, console_socket=args.console)
+                         shares=shares, start=args.start, ssh_port=0 if args.ssh else None,
+                         console_socket=args.console)
     except ValidationError as e:
         raise ValueError(first_problem(e, whole="")) from None
 
@@ -177,7 +194,8 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
         await vm.start()
         boot = vm.boot_seconds or 0.0
         if args.measure:
-            print(f"{tag}boot: {boot:.3f}s to agent ready ({vm.id})", file=sys.stderr)
+            how = "cloned from a template" if vm.started_from == "template" else "cold boot"
+            print(f"{tag}boot: {boot:.3f}s to agent ready ({vm.id}, {how})", file=sys.stderr)
         for i, spec in enumerate(args.share):
             guest = spec.partition(":")[2]
             script = (f"modprobe -a 9pnet_virtio 9p && mkdir -p {shlex.quote(guest)} && mount -t 9p -o "
@@ -285,6 +303,57 @@ async def _boot(args: argparse.Namespace) -> int:
     return max(code for code, _ in results)
 
 
+def _template_config(args: argparse.Namespace) -> Any:
+    from schemas.uvm_config import Share, UvmConfig
+
+    if args.config is None:
+        return UvmConfig(cpus=args.cpus, memory_mib=args.memory, kernel_args=args.kernel_args, accel=args.accel)
+    from schemas.shim_options import load_options
+    from shim.task import SHARE_TAG
+
+    # The shape the shim gives a container's UVM: its config plus the rootfs share.
+    return load_options(args.config).uvm_config(shares=[Share(tag=SHARE_TAG, host_path=Path("/"))])
+
+
+async def _template(args: argparse.Namespace) -> int:
+    """`runuvm template build|list|rm`."""
+    from schemas.uvm_config import UvmConfig
+    from uvm import template
+    from uvm.errors import UvmError
+
+    if args.template_command == "build":
+        try:
+            config = _template_config(args)
+            t = await template.build(config, force=args.force)
+        except (UvmError, ValueError) as e:
+            print(f"runuvm template build: {e}", file=sys.stderr)
+            return 1
+        print(f"{t.key}: {t.path} (memory {t.memory}, built in {t.meta.build_seconds:.1f}s)")
+        return 0
+    rows = template.list_templates(UvmConfig())
+    if args.template_command == "list":
+        if args.format == "json":
+            print(json.dumps(rows, indent=1))
+        else:
+            print(f"{'KEY':<22}{'VALID':<7}{'CPUS':<6}{'MEMORY':<8}PATH / PROBLEM")
+            for r in rows:
+                print(f"{r['key']:<22}{'yes' if r['valid'] else 'no':<7}{r.get('cpus') or '-'!s:<6}"
+                      f"{r.get('memory_mib') or '-'!s:<8}{r['path'] if r['valid'] else r['problem']}")
+        return 0
+    known = {r["key"]: Path(r["path"]) for r in rows}
+    if not args.all and not args.keys:
+        print("runuvm template rm: name templates (KEY...) or --all", file=sys.stderr)
+        return 2
+    unknown = [k for k in args.keys if k not in known]
+    if unknown:
+        print(f"runuvm template rm: no template {unknown[0]}", file=sys.stderr)
+        return 1
+    for key in (known if args.all else args.keys):
+        template.remove(known[key])
+        print(f"removed {key}")
+    return 0
+
+
 CONTAINER_COMMANDS = ("create", "run", "start", "pause", "resume", "state", "exec", "kill", "delete", "list", "ps",
                       "resize-tty", "uvm")
 
@@ -374,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "boot":
         return asyncio.run(_boot(args))
+    if args.command == "template":
+        return asyncio.run(_template(args))
     if args.command == "ssh":
         from shim.debugvm import ssh_command
         from shim.runuvm import RunuvmError, default_root

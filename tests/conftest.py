@@ -36,12 +36,39 @@ def suite_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="uvmt-", dir="/tmp"))
     (d / "run").mkdir()
     (d / "state").mkdir()
+    shm = template_memory_dir(d)
     yield d
     leaked_files = sorted(str(p) for p in (d / "run").rglob("*"))
     leaked_procs = _qemu_processes_under(d)
+    orphans = orphan_template_files(d)
     shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(shm, ignore_errors=True)
     assert not leaked_procs, f"QEMU processes left behind: {leaked_procs}"
     assert not leaked_files, f"files left in the run directory: {leaked_files}"
+    assert not orphans, f"template files no template owns: {orphans}"
+
+
+def template_memory_dir(suite_dir: Path) -> Path:
+    """The suite's own directory for template RAM (tmpfs), removed at the end."""
+    return Path("/dev/shm") / suite_dir.name
+
+
+def orphan_template_files(suite_dir: Path) -> list[str]:
+    """Template memory files and work directories that no valid template refers to (leaks)."""
+    from uvm import template
+
+    owned = set()
+    root = suite_dir / "state" / "templates"
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.name.startswith(".") and entry.is_dir():
+            return [f"unfinished template build {entry}"]
+        if entry.is_dir():
+            try:
+                owned.add(template.check(entry).memory)
+            except template.TemplateError:
+                pass
+    shm = template_memory_dir(suite_dir)
+    return sorted(str(p) for p in (shm.iterdir() if shm.is_dir() else []) if p not in owned)
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +85,7 @@ def _config_factory(suite_dir: Path, image_dir: Path) -> Callable[..., UvmConfig
         kw.setdefault("state_dir", suite_dir / "state")
         kw.setdefault("image", image_dir)
         kw.setdefault("boot_timeout", 60.0)
+        kw.setdefault("template_memory_dir", template_memory_dir(suite_dir))
         return UvmConfig(**kw)
 
     return make

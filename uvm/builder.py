@@ -53,6 +53,11 @@ class LaunchSpec:
     libvirt_uri: str = "qemu:///system"
     console_socket: bool = False  # the serial console on <run_dir>/console.sock (and still logged)
     ssh_port: int | None = None  # host loopback port forwarded to the guest's port 22 (a NIC only when set)
+    # Guest RAM in a file (templates): shared (the template writes it) or private copy-on-write
+    # (a clone); incoming: the saved device state a clone starts from instead of booting.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    incoming: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 

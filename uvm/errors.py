@@ -143,3 +143,7 @@ class NotStoppedError(AgentError, StateError):
 
 class InvalidIdError(AgentError, InvalidArgumentError):
     """The container id is not acceptable (path characters, length)."""
+
+
+class TemplateError(UvmError):
+    """A template could not be built, saved or loaded (the VM falls back to a cold boot where it can)."""

@@ -280,6 +280,13 @@ class AgentClient:
     async def shutdown(self) -> None:
         await self.request(proto.SHUTDOWN, {}, models.Empty)
 
+    async def prepare_template(self) -> None:
+        await self.request(proto.PREPARE_TEMPLATE, {}, models.Empty)
+
+    async def resume_clone(self, vm_id: str, time_ns: int, entropy: bytes) -> None:
+        await self.request(proto.RESUME_CLONE, {"vm_id": vm_id, "time_ns": time_ns,
+                                                "entropy": base64.b64encode(entropy).decode()}, models.Empty)
+
     async def run(
         self,
         argv: Sequence[str],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -40,6 +41,7 @@ from uvm.scsi import MappedDisk, ScsiManager
 
 SHUTDOWN_REQUEST_TIMEOUT_S = 2.0
 CONSOLE_TAIL_LINES = 30
+CLONE_TIMEOUT_S = 20.0
 
 BackendFactory = Callable[[builder.LaunchSpec], Backend]
 
@@ -68,7 +70,7 @@ class VmExit:
 
 def classify_exit(hv: HypervisorExit, requested: str | None) -> str:
     """shutdown | terminated | poweroff | died, from how QEMU ended and what we asked for."""
-    if requested == "terminate":
+    if requested in ("terminate", "save"):
         return "terminated"
     if hv.shutdown_reason == "guest-shutdown" and hv.exit_status == 0:
         return "shutdown" if requested == "shutdown" else "poweroff"
@@ -87,8 +89,12 @@ def default_backend(spec: builder.LaunchSpec) -> Backend:
 
 
 class UtilityVM:
-    def __init__(self, config: UvmConfig, backend_factory: BackendFactory | None = None) -> None:
+    def __init__(self, config: UvmConfig, backend_factory: BackendFactory | None = None,
+                 spec_update: Mapping[str, Any] | None = None) -> None:
         self.config = config
+        self._spec_update = dict(spec_update or {})
+        self.started_from = "cold"  # or "template" (a clone)
+        self.start_note = ""  # why a template was not used, when one was asked for
         self.id = config.id
         self.log = logging.getLogger(f"uvm.{self.id}")
         self._backend_factory = backend_factory or default_backend
@@ -143,6 +149,59 @@ class UtilityVM:
         except BaseException:
             self.state = VmState.CREATED  # nothing was started
             raise
+        if self._spec_update:
+            spec = dataclasses.replace(spec, **self._spec_update)
+        if self.config.start != "cold" and not self._spec_update:
+            from uvm import template
+
+            tmpl = await self._find_template(spec)
+            if tmpl is not None:
+                try:
+                    await self._launch(tmpl.clone_spec(spec), t0, clone=True)
+                    self.started_from = "template"
+                    return
+                except errors.StartError as e:
+                    if self._closing:
+                        raise
+                    self.start_note = f"template {tmpl.key} failed to load: {e.message.splitlines()[0]}"
+                    self.log.warning("%s: booting cold", self.start_note)
+                    await asyncio.to_thread(template.remove, tmpl.path)  # rebuilt on the next use
+                    self._reset_after_failed_start()
+        await self._launch(spec, t0, clone=False)
+
+    async def _find_template(self, spec: builder.LaunchSpec) -> Any:
+        """The template to clone from, or None (with a warning naming why) to boot cold."""
+        from uvm import template
+
+        try:
+            return await asyncio.to_thread(template.find, self.config, spec)
+        except errors.TemplateError as e:
+            problem = e
+        if self.config.start == "template" and spec.backend == "qemu":
+            if not problem.context.get("missing"):
+                self.log.warning("%s: rebuilding it", problem)
+            try:
+                return await template.build(self.config, force=True)
+            except errors.TemplateError as e:
+                problem = e
+        elif self.config.template_autobuild and spec.backend == "qemu":
+            template.build_in_background(self.config)
+        self.start_note = f"no usable template: {problem}"
+        self.log.warning("%s: booting cold", self.start_note)
+        return None
+
+    def _reset_after_failed_start(self) -> None:
+        """Forget a failed attempt (everything of it was released) so start can try again cold."""
+        self.backend = self._conn = self.agent = self.hello = None
+        self._watcher = None
+        self._exit = None
+        self._stop_requested = None
+        self._start_failed = False
+        self._link_lost = None
+        self._link_kill = None
+        self.state = VmState.STARTING
+
+    async def _launch(self, spec: builder.LaunchSpec, t0: float, *, clone: bool) -> None:
         self.spec = spec
         backend = self._backend_factory(spec)
         self.backend = backend
@@ -150,7 +209,9 @@ class UtilityVM:
         try:
             if self._closing:
                 raise errors.ClosedError(f"VM {self.id}: closed while starting", vm_id=self.id)
-            async with asyncio.timeout(self.config.boot_timeout):
+            # A clone that is not up well within a cold boot's time will not be: boot cold instead.
+            timeout = min(self.config.boot_timeout, CLONE_TIMEOUT_S) if clone else self.config.boot_timeout
+            async with asyncio.timeout(timeout):
                 await backend.launch(spec)
                 self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.id}-watch")
                 reader, writer = await backend.connect_agent()
@@ -158,7 +219,14 @@ class UtilityVM:
                 self._conn.on_fail = self._on_link_lost
                 self._conn.start()
                 self.agent = AgentClient(self._conn)
-                self.hello = await self.agent.hello()
+                if clone:
+                    # The clone's kernel carries the template's random state, clock and name: the
+                    # agent takes the host's in the request that follows hello (sent at once).
+                    hello, _ = await asyncio.gather(
+                        self.agent.hello(), self.agent.resume_clone(self.id, time.time_ns(), os.urandom(64)))
+                else:
+                    hello = await self.agent.hello()
+                self.hello = hello
             if self._closing:
                 raise errors.ClosedError(f"VM {self.id}: closed while starting", vm_id=self.id)
         except BaseException as e:
@@ -168,8 +236,8 @@ class UtilityVM:
             raise self._start_error(e) from (None if isinstance(e, asyncio.CancelledError) else e)
         self.boot_seconds = time.monotonic() - t0
         self.state = VmState.RUNNING
-        self.log.info("started in %.2fs (agent v%d, kernel %s, accel %s)", self.boot_seconds,
-                      self.hello.version, self.hello.kernel, spec.accel)
+        self.log.info("started%s in %.2fs (agent v%d, kernel %s, accel %s)", " from a template" if clone else "",
+                      self.boot_seconds, hello.version, hello.kernel, spec.accel)
 
     async def _abort_start(self, cause: BaseException, t0: float) -> None:
         self._start_failed = True
@@ -325,6 +393,24 @@ class UtilityVM:
             self.state = VmState.CLOSED
 
     # -- operations in the UVM -----------------------------------------------------------------
+
+    async def save_state(self, dest: Path) -> None:
+        """Save this running VM as a template (uvm/template.py): the link is closed first, so the
+        guest agent waits for a new host; the hypervisor is stopped and left for close()."""
+        self._check_started("save")
+        if self.state is not VmState.RUNNING or self.backend is None:
+            raise errors.NotRunningError(f"VM {self.id}: save: {self.state.value}", vm_id=self.id)
+        save = getattr(self.backend, "save_state", None)
+        if save is None:
+            raise errors.TemplateError(f"VM {self.id}: the {self.backend.name} backend cannot save templates")
+        self._stop_requested = "save"
+        if self._conn is not None:
+            await self._conn.aclose(errors.LinkError(f"VM {self.id}: saved as a template", vm_id=self.id))
+        await save(dest)
+
+    def agent_client(self, op: str) -> AgentClient:
+        """The agent of a running VM (raises NotRunningError/ClosedError otherwise)."""
+        return self._client(op)
 
     def _client(self, op: str) -> AgentClient:
         self._check_started(op)

@@ -21,7 +21,9 @@ from uvm.scratch import create_scratch
 from uvm.testing import FakeBackend, FakeBackendFactory, make_test_config
 from uvm.vm import UtilityVM, VmState
 
-BACKENDS = ["fake", pytest.param("qemu", marks=pytest.mark.vm), pytest.param("libvirt", marks=pytest.mark.vm)]
+# "clone": the qemu backend starting from a template (built on first use, then cloned).
+BACKENDS = ["fake", pytest.param("qemu", marks=pytest.mark.vm), pytest.param("clone", marks=pytest.mark.vm),
+            pytest.param("libvirt", marks=pytest.mark.vm)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -34,6 +36,8 @@ def new_vm(request: pytest.FixtureRequest, make_config: Callable[..., UvmConfig]
     if kind == "libvirt":
         request.getfixturevalue("libvirtd")
         return lambda: UtilityVM(make_config(backend="libvirt", boot_timeout=120))
+    if kind == "clone":
+        return lambda: UtilityVM(make_config(start="template"))
     return lambda: UtilityVM(make_config())
 
 
@@ -41,6 +45,7 @@ def new_vm(request: pytest.FixtureRequest, make_config: Callable[..., UvmConfig]
 async def vm(new_vm: Callable[[], UtilityVM], suite_dir: Path) -> AsyncIterator[UtilityVM]:
     v = new_vm()
     await v.start()
+    assert v.started_from == ("template" if v.config.start == "template" else "cold"), v.start_note
     try:
         yield v
     finally:

@@ -27,10 +27,14 @@ ROOTFS = Rootfs(share="shares", path="busybox")
 ENV = ["PATH=/bin", "HOME=/root"]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vm(make_config_module: Callable[..., UvmConfig], busybox_rootfs: Path) -> AsyncIterator[UtilityVM]:
-    v = UtilityVM(make_config_module(shares=[Share(tag="shares", host_path=busybox_rootfs.parent)], memory_mib=384))
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["cold", "template"])
+async def vm(request: pytest.FixtureRequest, make_config_module: Callable[..., UvmConfig],
+             busybox_rootfs: Path) -> AsyncIterator[UtilityVM]:
+    """The module's UVM, booted cold, then (second round) cloned from a template of the same shape."""
+    v = UtilityVM(make_config_module(shares=[Share(tag="shares", host_path=busybox_rootfs.parent)], memory_mib=384,
+                                     start=request.param))
     await v.start()
+    assert v.started_from == request.param, v.start_note
     try:
         yield v
     finally:
@@ -141,6 +145,7 @@ async def test_pause_resume_statistics_processes(vm: UtilityVM, busybox_rootfs: 
     c = await make_container(vm, "sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.$$; "
                              "mv /tmp/n.$$ /tmp/counter-$(hostname); done", hostname="pausetest")
     counter_file = busybox_rootfs / "tmp" / "counter-pausetest"
+    counter_file.unlink(missing_ok=True)  # the module runs twice (cold, then a clone) on one rootfs
 
     async def read_counter() -> int:
         for _ in range(100):

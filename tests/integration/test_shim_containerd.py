@@ -348,3 +348,30 @@ def test_twenty_sequential_runs_leave_nothing(env: tuple[PrivateContainerd, Path
         assert (res.returncode, res.stdout) == (0, f"{tid}\n".encode()), res.stderr
     assert_clean(ctd, *ids)
     assert not mounts_under(ctd.base_dir / "state")
+
+
+def test_runs_from_a_template(env: tuple[PrivateContainerd, Path], tmp_path: Path, suite_dir: Path) -> None:
+    """start = "template" in the runtime config: the first run builds the template, then each task's
+    UVM is a clone (the shim says so in containerd's log); the template outlives the tasks."""
+    from shim.task import vm_id_for
+    from tests.conftest import template_memory_dir
+    from uvm import template
+
+    ctd, rootfs = env
+    cfg = tmp_path / "uvm.toml"
+    tdir = tmp_path / "templates"
+    cfg.write_text(f'[uvm]\nstart = "template"\ntemplate_dir = "{tdir}"\n'
+                   f'template_memory_dir = "{template_memory_dir(suite_dir)}"\n')
+    ids = ["tmpl1", "tmpl2"]
+    for tid in ids:
+        res = run(ctd, "run", "--rm", *RUNTIME, "--runtime-config-path", str(cfg), "--rootfs", str(rootfs), tid,
+                  "/bin/sh", "-c", f"echo {tid} from $(hostname)")
+        # No hostname in the spec: the container sees its UVM's, which a clone takes at resume.
+        assert (res.returncode, res.stdout) == (0, f"{tid} from {vm_id_for(ctd.namespace, tid)}\n".encode()), res.stderr
+    log = ctd.log_path.read_text(errors="replace")
+    for tid in ids:
+        assert re.search(rf"uvm\.{ctd.namespace}\.{tid}: started from a template", log), ctd.log_tail()
+    assert_clean(ctd, *ids)
+    templates = [Path(p) for p in tdir.iterdir() if p.is_dir()]
+    assert len(templates) == 1
+    template.remove(templates[0])

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 from pathlib import Path
@@ -21,22 +22,30 @@ from qemu.qmp.protocol import ConnectError
 
 from uvm.backends.base import HypervisorExit, create_run_dir
 from uvm.builder import LaunchSpec
-from uvm.errors import DiskError, StartError
+from uvm.errors import DiskError, StartError, TemplateError
 
 QMP_QUIT_TIMEOUT_S = 1.0
 QMP_REFUSED_RETRIES = 200  # 10 ms apart
 QMP_DISK_TIMEOUT_S = 15.0
 EXIT_AFTER_KILL_S = 10.0
 CONSOLE_SOCKET = "console.sock"  # in the run directory, with UvmConfig.console_socket
+MIGRATE_MAX_BANDWIDTH = 1 << 40
 
 
 def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
     """The qemu-system command line for spec (microvm, virtio-mmio devices)."""
     console = spec.console_log or run_dir / "console.log"
+    machine = "microvm"
+    memory: list[str] = []
+    if spec.memory_file is not None:
+        machine += ",memory-backend=ram"
+        memory = ["-object", f"memory-backend-file,id=ram,size={spec.memory_mib}M,mem-path={spec.memory_file},"
+                             f"share={'on' if spec.memory_shared else 'off'}"]
     argv = [
         spec.qemu_binary,
         "-name", f"uvmshim-{spec.vm_id}",
-        "-machine", "microvm",
+        "-machine", machine,
+        *memory,
         "-accel", f"tcg,tb-size={spec.tb_size_mib}" if spec.accel == "tcg" and spec.tb_size_mib else spec.accel,
         "-cpu", spec.cpu_model,
         "-smp", str(spec.cpus),
@@ -68,6 +77,8 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
         ro = ",readonly=on" if share.readonly else ""
         argv += ["-fsdev", f"local,id=fs{n},path={share.host_path},security_model=none{ro}",
                  "-device", f"virtio-9p-device,fsdev=fs{n},mount_tag={share.tag}"]
+    if spec.incoming is not None:
+        argv += ["-incoming", "defer"]
     return argv
 
 
@@ -125,6 +136,62 @@ class QemuBackend:
             qemu_log.close()
         self._exit_task = asyncio.get_running_loop().create_task(self._watch_exit(), name=f"{spec.vm_id}-qemu-exit")
         await self._connect_qmp()
+        if spec.incoming is not None:
+            await self._load_incoming(spec.incoming)
+
+    # -- templates: save a stopped VM's device state, start a clone from it ----------------------
+
+    async def _migration_call(self, what: str, cmd: str, args: dict[str, object] | None = None) -> object:
+        from qemu.qmp import ExecuteError
+
+        if self._qmp is None or not self._alive():
+            raise TemplateError(f"VM {self.spec.vm_id}: {what}: QEMU is not running", vm_id=self.spec.vm_id)
+        try:
+            return await asyncio.wait_for(self._qmp.execute(cmd, args), QMP_DISK_TIMEOUT_S)
+        except ExecuteError as e:
+            raise TemplateError(f"VM {self.spec.vm_id}: {what}: {cmd}: {e}", vm_id=self.spec.vm_id) from None
+        except (TimeoutError, QMPError, OSError, EOFError) as e:
+            raise TemplateError(f"VM {self.spec.vm_id}: {what}: {cmd} failed: {e!r}", vm_id=self.spec.vm_id) from None
+
+    async def _set_ignore_shared(self, what: str) -> None:
+        # Guest RAM lives in the template's memory file: only device state goes through the stream.
+        await self._migration_call(what, "migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+
+    async def _load_incoming(self, state: Path) -> None:
+        """Load a template's device state into this (paused, -incoming defer) QEMU and let it run."""
+        what = f"load template state {state}"
+        await self._set_ignore_shared(what)
+        await self._migration_call(what, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
+        # QEMU 7.2 exits when an incoming stream fails to load; once loaded, the VM is paused as the
+        # template was when saved, and runs on `cont`.
+        while True:
+            status = await self._migration_call(what, "query-status")
+            if not isinstance(status, dict) or status.get("status") != "inmigrate":
+                break
+            await asyncio.sleep(0.005)
+        if not isinstance(status, dict) or status.get("status") != "paused":
+            raise TemplateError(f"VM {self.spec.vm_id}: {what}: the VM is {status!r} after loading",
+                                vm_id=self.spec.vm_id)
+        await self._migration_call(what, "cont")
+
+    async def save_state(self, dest: Path) -> None:
+        """Stop the guest and write its device state to dest (RAM stays in the shared memory file)."""
+        what = f"save template state to {dest}"
+        await self._migration_call(what, "stop")
+        await self._set_ignore_shared(what)
+        # QEMU 7.2 caps migration at 128 MiB/s by default: lift the cap for a local file.
+        await self._migration_call(what, "migrate-set-parameters", {"max-bandwidth": MIGRATE_MAX_BANDWIDTH})
+        await self._migration_call(what, "migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"})
+        while True:
+            info = await self._migration_call(what, "query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                detail = info.get("error-desc", status) if isinstance(info, dict) else status
+                raise TemplateError(f"VM {self.spec.vm_id}: {what}: migration {detail}", vm_id=self.spec.vm_id)
+            await asyncio.sleep(0.01)
 
     async def _connect_qmp(self) -> None:
         sock = self.run_dir / "qmp.sock"

@@ -38,6 +38,8 @@ EV_READ = select.EPOLLIN
 EV_WRITE = select.EPOLLOUT
 SYSFS_PORTS = "/sys/class/virtio-ports"
 PORT_WAIT_S = 10.0
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 
 
 def log(msg: str) -> None:
@@ -146,6 +148,7 @@ class Agent:
             proto.SHUTDOWN: self.do_shutdown,
             proto.RUN: self.do_run,
             proto.EXEC: self.do_exec,
+            proto.RESUME_CLONE: self.do_resume_clone,
         }
         for method, name in ((proto.SIGNAL, "signal_process"), (proto.RESIZE, "resize_console"),
                              (proto.CREATE, "create_container"), (proto.START, "start_container"),
@@ -154,7 +157,8 @@ class Agent:
                              (proto.LIST, "list_containers"), (proto.PROCESSES, "container_processes"),
                              (proto.UPDATE, "update_container"), (proto.STATS, "container_stats"),
                              (proto.DELETE, "delete_container"), (proto.SCSI_MOUNT, "scsi_mount"),
-                             (proto.SCSI_UNMOUNT, "scsi_unmount"), (proto.SCSI_UNPLUG, "scsi_unplug")):
+                             (proto.SCSI_UNMOUNT, "scsi_unmount"), (proto.SCSI_UNPLUG, "scsi_unplug"),
+                             (proto.PREPARE_TEMPLATE, "prepare_template")):
             self.handlers[method] = self._runtime_handler(name)
 
     @property
@@ -335,6 +339,40 @@ class Agent:
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             raise RequestError(proto.E_INVALID, "seq must be a non-negative integer")
         return {"seq": seq}
+
+    def do_resume_clone(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        """Make a VM restored from a template its own machine: fresh randomness, the host's wall
+        clock, its own name. The kernel's random state was copied from the template with its RAM."""
+        import binascii  # C modules, already loaded in a template (prepare_template)
+        import fcntl
+        import struct
+
+        vm_id, time_ns, entropy = params.get("vm_id"), params.get("time_ns"), params.get("entropy")
+        if not isinstance(vm_id, str) or not 0 < len(vm_id) <= 64 or "/" in vm_id:
+            raise RequestError(proto.E_INVALID, "vm_id must be a VM id")
+        if not isinstance(time_ns, int) or isinstance(time_ns, bool) or time_ns <= 0:
+            raise RequestError(proto.E_INVALID, "time_ns must be a positive integer")
+        try:
+            seed = binascii.a2b_base64(entropy) if isinstance(entropy, str) else b""
+        except binascii.Error:
+            seed = b""
+        if not 32 <= len(seed) <= proto.MAX_ENTROPY:
+            raise RequestError(proto.E_INVALID, f"entropy must be 32-{proto.MAX_ENTROPY} bytes of base64")
+        try:
+            fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                # RNDADDENTROPY credits the host's bytes, RNDRESEEDCRNG makes the generator use them
+                # now (otherwise a clone keeps the template's stream until the next timed reseed).
+                fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+                fcntl.ioctl(fd, RNDRESEEDCRNG)
+            finally:
+                os.close(fd)
+            time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
+            with open("/proc/sys/kernel/hostname", "w") as f:  # sethostname without importing socket
+                f.write(vm_id)
+        except OSError as e:
+            raise RequestError(proto.E_INTERNAL, f"resume_clone: {e}") from None
+        return {}
 
     def do_shutdown(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
         if os.getpid() != 1:  # power_off kills every process and unmounts: only ever as the UVM's init

@@ -39,6 +39,7 @@ CONTAINERS_DIR = "/run/uvmshim/containers"
 SHARES_DIR = "/run/uvmshim/shares"
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_PARENT = "uvmshim"
+SHARE_MODULES = ["modprobe", "-a", "9pnet_virtio", "9p"]
 EXIT_GRACE_S = 2.0
 TIOCSWINSZ = 0x5414
 TIOCSCTTY = 0x540E
@@ -373,6 +374,7 @@ class Runtime(DiskMixin):
         self.remembered_exits: dict[int, int] = {}  # pid -> status of pids reaped before we knew them
         self.cgroups_ready = False
         self.mounted_shares: set[str] = set()
+        self.share_modules_loaded = False
         self.unreported: set[GuestProcess] = set()  # exited, exit not yet reported (grace timers)
 
     # -- reaping --------------------------------------------------------------------------------
@@ -541,6 +543,28 @@ class Runtime(DiskMixin):
             raise err(proto.E_INTERNAL, f"cgroup set-up: {e}") from None
         self.cgroups_ready = True
 
+    def prepare_template(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        """Do now what every container's first request would: cgroups, kernel modules, crun paged in.
+
+        Nothing container-specific: a VM saved after this is a template every clone can start from."""
+        if self.containers or self.processes:
+            raise err(proto.E_INVALID, "prepare_template: the VM already runs containers or processes")
+        self.ensure_cgroups()
+        self.ensure_disk_modules()
+        for argv in (SHARE_MODULES, ["crun", "--version"]):
+            status, out = self.agent.run_blocking(argv)
+            if status != 0:
+                raise err(proto.E_INTERNAL, f"prepare_template: {' '.join(argv)}: {out.strip()}")
+        self.share_modules_loaded = True
+        # Modules a clone's first requests import (resume_clone, create, tty consoles): loaded here,
+        # once, they are in every clone's memory already.
+        import _socket  # noqa: F401
+        import binascii  # noqa: F401
+        import fcntl  # noqa: F401
+        import shutil  # noqa: F401
+        import struct  # noqa: F401
+        return {}
+
     def create_container(self, req_id: int, params: dict[str, Any]) -> None:
         cid = valid_id(params.get("id"))
         if cid in self.containers:
@@ -643,12 +667,14 @@ class Runtime(DiskMixin):
     def mount_share(self, tag: str, mnt: str) -> None:
         """Mount the 9p share tag (loading 9p on first use). Blocking: shares are mounted once."""
         os.makedirs(mnt, exist_ok=True)
-        for argv in (["modprobe", "-a", "9pnet_virtio", "9p"],
-                     ["mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,msize=262144,cache=none", tag, mnt]):
+        steps = [] if self.share_modules_loaded else [SHARE_MODULES]
+        steps.append(["mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,msize=262144,cache=none", tag, mnt])
+        for argv in steps:
             status, out = self.agent.run_blocking(argv)
             if status != 0:
                 raise err(proto.E_INVALID, f"share {tag}: {' '.join(argv[:1])} failed: {out.strip()}")
         self.mounted_shares.add(tag)
+        self.share_modules_loaded = True
 
     def crun_with_stdio(self, args: list[str], cid: str, bundle: str, tag: str,
                         sids: tuple[int | None, int | None, int | None, bool],

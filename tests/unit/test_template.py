@@ -1,0 +1,103 @@
+"""Template keys and validity checks, without a VM: what makes a template stale or corrupt."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from schemas.uvm_config import Share
+from uvm import template
+from uvm.builder import LaunchSpec
+from uvm.errors import TemplateError
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> LaunchSpec:
+    files = {}
+    for name in ("kernel", "initrd", "rootfs"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+    return LaunchSpec(vm_id="vm1", kernel=files["kernel"], initrd=files["initrd"], rootfs=files["rootfs"],
+                      cmdline="console=ttyS0 quiet uvm.id=vm1", cpus=1, memory_mib=256, accel="tcg",
+                      cpu_model="qemu64", tb_size_mib=None, qemu_binary="true", run_dir=tmp_path / "run",
+                      console_log=None, kill_with_parent=True, image_id="img1")
+
+
+def test_key_ignores_the_vm_id_and_host_paths_but_not_the_shape(spec: LaunchSpec, tmp_path: Path) -> None:
+    key = template.template_key(template.key_inputs(spec))
+    same = dataclasses.replace(spec, vm_id="vm2", cmdline="console=ttyS0 quiet uvm.id=vm2", run_dir=tmp_path / "r2",
+                               shares=(Share(tag="rootfs", host_path=tmp_path),))
+    other_share_dir = dataclasses.replace(same, shares=(Share(tag="rootfs", host_path=tmp_path / "run"),))
+    assert template.template_key(template.key_inputs(same)) != key  # a 9p device more: another machine
+    assert template.template_key(template.key_inputs(other_share_dir)) == template.template_key(
+        template.key_inputs(same))  # the host directory behind a share is the clone's own
+    for change in ({"cpus": 2}, {"memory_mib": 512}, {"cmdline": "console=ttyS0 uvm.id=vm1"},
+                   {"tb_size_mib": 32}, {"extra_ports": ("bench",)}, {"scsi_controllers": 2}):
+        assert template.template_key(template.key_inputs(dataclasses.replace(spec, **change))) != key, change  # type: ignore[arg-type]
+    os.utime(spec.kernel, ns=(time.time_ns(), time.time_ns() + 10**9))  # the kernel file changed
+    assert template.template_key(template.key_inputs(spec)) != key
+
+
+def _fake_template(root: Path, spec: LaunchSpec, memory: Path) -> Path:
+    inputs = template.key_inputs(spec)
+    key = template.template_key(inputs)
+    path = root / key
+    path.mkdir(parents=True)
+    (path / template.STATE).write_bytes(b"QEVM state")
+    memory.write_bytes(b"\0" * 4096)
+    meta = template.TemplateMeta(
+        format=template.FORMAT, key=key, inputs=inputs, cmdline=spec.cmdline, vm_id="t", memory_file=memory,
+        memory_identity=template._file_identity(memory), state_sha256=hashlib.sha256(b"QEVM state").hexdigest(),
+        state_size=10, created=0.0, build_seconds=1.0)
+    (path / template.META).write_text(meta.model_dump_json())
+    return path
+
+
+def test_check_detects_every_kind_of_damage(spec: LaunchSpec, tmp_path: Path) -> None:
+    memory = tmp_path / "mem"
+    path = _fake_template(tmp_path / "templates", spec, memory)
+    inputs = template.key_inputs(spec)
+    assert template.check(path, inputs).memory == memory
+    with pytest.raises(TemplateError, match="not built"):
+        template.check(tmp_path / "templates" / "nope")
+    with pytest.raises(TemplateError, match="stale: cpus"):
+        template.check(path, {**inputs, "cpus": 4})
+    (path / template.STATE).write_bytes(b"QEVM")
+    with pytest.raises(TemplateError, match="corrupt: state file is 4 bytes"):
+        template.check(path)
+    (path / template.STATE).write_bytes(b"QEVM stale")  # same size, other content
+    with pytest.raises(TemplateError, match="content changed"):
+        template.check(path)
+    (path / template.STATE).write_bytes(b"QEVM state")
+    memory.write_bytes(b"\1" * 4096)
+    with pytest.raises(TemplateError, match="memory file .* changed"):
+        template.check(path)
+    memory.unlink()
+    with pytest.raises(TemplateError, match="missing"):
+        template.check(path)
+    (path / template.META).write_text("{not json")
+    with pytest.raises(TemplateError, match="corrupt meta.json"):
+        template.check(path)
+
+
+def test_list_and_remove(spec: LaunchSpec, tmp_path: Path) -> None:
+    from schemas.uvm_config import UvmConfig
+
+    memory = tmp_path / "mem"
+    path = _fake_template(tmp_path / "templates", spec, memory)
+    config = UvmConfig(template_dir=tmp_path / "templates")
+    rows = template.list_templates(config)
+    assert [(r["key"], r["valid"]) for r in rows] == [(path.name, True)]
+    template.remove(path)
+    assert not path.exists() and not memory.exists()
+    assert template.list_templates(config) == []
+
+
+def test_no_room_is_named(tmp_path: Path) -> None:
+    with pytest.raises(TemplateError, match="MiB free"):
+        template._check_room(tmp_path, 1 << 40)

@@ -1,0 +1,358 @@
+"""Templates: a UVM booted once, agent ready, saved; clones start from it in a fraction of a boot.
+
+A template belongs to one (image, VM shape): its key hashes the image files' identities, the QEMU
+binary's and every config field that shapes the machine (cpus, memory, accelerator, kernel command
+line, shares' tags, ports, SCSI controllers). It is two files:
+
+* guest RAM in a memory-backend-file under ``template_memory_dir`` (tmpfs, /dev/shm by default):
+  written by the template's QEMU with ``share=on``; every clone maps it ``share=off``, i.e. private
+  copy-on-write, so what clones only read stays shared between them;
+* the device state (tens of KB) saved with ``x-ignore-shared`` migration, plus ``meta.json`` (the
+  key's inputs, the state file's sha256, the memory file's identity) under ``<template_dir>/<key>``.
+
+A clone loads the device state with ``-incoming defer`` + ``migrate-incoming``, reconnects to the
+agent, and makes itself its own machine (``resume_clone``: kernel entropy reseeded from the host,
+wall clock set, hostname = its VM id). A template whose files do not match its meta is corrupt:
+never resumed, removed, rebuilt. Lookups and builds are safe across processes (one flock per key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from schemas.uvm_config import Share, UvmConfig
+from uvm import builder
+from uvm.errors import TemplateError
+
+FORMAT = "1"
+META = "meta.json"
+STATE = "state"
+LOCK_WAIT_S = 600.0
+log = logging.getLogger("uvm.template")
+
+
+def template_dir(config: UvmConfig) -> Path:
+    return (config.template_dir or config.state_dir / "templates").absolute()
+
+
+def _file_identity(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def key_inputs(spec: builder.LaunchSpec) -> dict[str, Any]:
+    """What a template depends on: change any of it and the template no longer fits."""
+    qemu = shutil.which(spec.qemu_binary) or spec.qemu_binary
+    try:
+        qemu_id = _file_identity(Path(qemu).resolve())
+    except OSError as e:
+        raise TemplateError(f"QEMU binary {spec.qemu_binary}: {e.strerror}") from None
+    return {
+        "format": FORMAT,
+        "image": [spec.image_id, *(_file_identity(p) for p in (spec.kernel, spec.initrd, spec.rootfs))],
+        "qemu": qemu_id,
+        "cpus": spec.cpus, "memory_mib": spec.memory_mib, "accel": spec.accel, "cpu_model": spec.cpu_model,
+        "tb_size_mib": spec.tb_size_mib,
+        # The VM id is part of the boot command line; a clone takes its own at resume.
+        "cmdline": " ".join(w for w in spec.cmdline.split() if not w.startswith("uvm.id=")),
+        "shares": [[s.tag, s.readonly] for s in spec.shares],
+        "extra_ports": list(spec.extra_ports), "scsi_controllers": spec.scsi_controllers,
+        # A NIC (ssh_port) is a device the saved state must have; its host port is the clone's own.
+        **({"nic": True} if spec.ssh_port is not None else {}),
+    }
+
+
+def template_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class TemplateMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str
+    key: str
+    inputs: dict[str, Any]
+    cmdline: str
+    vm_id: str
+    memory_file: Path
+    memory_identity: list[Any]
+    state_sha256: str
+    state_size: int
+    created: float
+    build_seconds: float
+
+
+@dataclass(frozen=True)
+class Template:
+    key: str
+    path: Path  # <template_dir>/<key>
+    meta: TemplateMeta
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+    @property
+    def memory(self) -> Path:
+        return self.meta.memory_file
+
+    def clone_spec(self, spec: builder.LaunchSpec) -> builder.LaunchSpec:
+        """spec started from this template: the template's command line, its RAM copy-on-write."""
+        return dataclasses.replace(spec, cmdline=self.meta.cmdline, memory_file=self.memory, memory_shared=False,
+                                   incoming=self.state)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check(path: Path, inputs: dict[str, Any] | None = None) -> Template:
+    """The template at path if its files match its meta (and inputs, when given). Raises
+    TemplateError naming what is missing, stale or corrupt."""
+    try:
+        raw = (path / META).read_bytes()
+    except FileNotFoundError:
+        raise TemplateError(f"template {path.name}: not built", missing=True) from None
+    except OSError as e:
+        raise TemplateError(f"template {path.name}: {META}: {e.strerror}") from None
+    try:
+        meta = TemplateMeta.model_validate_json(raw)
+    except ValidationError as e:
+        raise TemplateError(f"template {path.name}: corrupt {META}: {e.errors()[0]['msg']}") from None
+    if meta.format != FORMAT or meta.key != path.name:
+        raise TemplateError(f"template {path.name}: format {meta.format} key {meta.key}: not this version's")
+    if inputs is not None and meta.inputs != inputs:
+        changed = sorted(k for k in inputs.keys() | meta.inputs.keys() if inputs.get(k) != meta.inputs.get(k))
+        raise TemplateError(f"template {path.name}: stale: {', '.join(changed)} changed since it was built")
+    state = path / STATE
+    try:
+        size = state.stat().st_size
+        if size != meta.state_size:
+            raise TemplateError(f"template {path.name}: corrupt: state file is {size} bytes, was {meta.state_size}")
+        if _sha256(state) != meta.state_sha256:
+            raise TemplateError(f"template {path.name}: corrupt: state file content changed since it was saved")
+        memory = _file_identity(meta.memory_file)
+    except FileNotFoundError as e:
+        raise TemplateError(f"template {path.name}: {e.filename} is missing (tmpfs cleared by a reboot?)") from None
+    except OSError as e:
+        raise TemplateError(f"template {path.name}: {e.filename}: {e.strerror}") from None
+    if memory != meta.memory_identity:
+        raise TemplateError(f"template {path.name}: memory file {meta.memory_file} changed since it was saved")
+    return Template(path.name, path, meta)
+
+
+def find(config: UvmConfig, spec: builder.LaunchSpec) -> Template:
+    """The valid template for spec, or TemplateError saying why there is none."""
+    if spec.backend != "qemu":
+        raise TemplateError(f"templates need the qemu backend (this VM uses {spec.backend})")
+    inputs = key_inputs(spec)
+    return check(template_dir(config) / template_key(inputs), inputs)
+
+
+def remove(path: Path) -> None:
+    """Remove a template (its memory file too). Running clones keep their own mapping."""
+    with contextlib.suppress(OSError, ValidationError):
+        meta = TemplateMeta.model_validate_json((path / META).read_bytes())
+        meta.memory_file.unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def list_templates(config: UvmConfig) -> list[dict[str, Any]]:
+    out = []
+    root = template_dir(config)
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not path.is_dir() or path.name.startswith("."):
+            continue
+        row: dict[str, Any] = {"key": path.name, "path": str(path)}
+        try:
+            t = check(path)
+            row.update(valid=True, memory_file=str(t.memory), memory_mib=t.meta.inputs.get("memory_mib"),
+                       cpus=t.meta.inputs.get("cpus"), created=t.meta.created, build_seconds=t.meta.build_seconds)
+        except TemplateError as e:
+            row.update(valid=False, problem=str(e))
+        out.append(row)
+    return out
+
+
+WARMUP_ROOT = "/run/uvmshim/warmup"
+
+
+async def _warm_up(vm: Any) -> None:
+    """One throwaway container (busybox from the guest image, bind-mounted read-only) run to its end
+    and deleted: what the guest initialises on its first container (crun's state, the cgroup and
+    namespace paths, the agent's create path) is then ready in every clone."""
+    from schemas import oci
+    from uvm.container import Rootfs
+
+    setup = (f"mkdir -p {WARMUP_ROOT}/bin && mount --bind /usr/bin {WARMUP_ROOT}/bin && "
+             f"mount -o remount,bind,ro {WARMUP_ROOT}/bin")
+    res = await vm.run(["sh", "-c", setup])
+    if res.exit_status != 0:
+        raise TemplateError(f"template warm-up: {res.stderr.decode(errors='replace').strip()}")
+    c = await vm.create_container("template-warmup", oci.default_spec(["/bin/busybox", "true"], env=["PATH=/bin"]),
+                                  Rootfs(path=WARMUP_ROOT), stdout=False, stderr=False)
+    await c.start()
+    status = await c.wait_timeout(60)
+    await c.close()
+    res = await vm.run(["sh", "-c", f"umount {WARMUP_ROOT}/bin && rm -rf {WARMUP_ROOT}"])
+    if status.exit_code != 0 or res.exit_status != 0:
+        raise TemplateError(f"template warm-up container: exit {status.exit_code}; "
+                            f"{res.stderr.decode(errors='replace').strip()}")
+
+
+@contextlib.contextmanager
+def _locked(root: Path, key: str) -> Iterator[None]:
+    """One builder per key across processes (waits for another builder, bounded)."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TemplateError(f"template {key}: another process has been building it for {LOCK_WAIT_S:g}s")
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_room(memdir: Path, memory_mib: int) -> None:
+    try:
+        memdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.statvfs(memdir)
+    except OSError as e:
+        raise TemplateError(f"template memory directory {memdir}: {e.strerror}") from None
+    free_mib = st.f_bavail * st.f_frsize >> 20
+    if free_mib < memory_mib:
+        raise TemplateError(f"template memory directory {memdir}: {free_mib} MiB free, a {memory_mib} MiB guest "
+                            "needs that much room", free_mib=free_mib)
+
+
+async def build(config: UvmConfig, *, force: bool = False) -> Template:
+    """Boot a VM of config's image and shape, warm it, save it as the template. Returns the valid
+    template (another process's, if it built one meanwhile). Raises TemplateError; leaves nothing
+    behind on failure (no QEMU, no memory file, no partial template)."""
+    from uvm.vm import UtilityVM
+
+    spec = await asyncio.to_thread(builder.build, config)
+    if spec.backend != "qemu":
+        raise TemplateError(f"templates need the qemu backend (this VM uses {spec.backend})")
+    inputs = key_inputs(spec)
+    key = template_key(inputs)
+    root = template_dir(config)
+    final = root / key
+    cm = _locked(root, key)
+    await asyncio.to_thread(cm.__enter__)  # held until the end: one builder per key
+    try:
+        if not force:
+            with contextlib.suppress(TemplateError):
+                return check(final, inputs)
+        await asyncio.to_thread(_check_room, config.template_memory_dir, config.memory_mib)
+        bid = secrets.token_hex(4)
+        memory = config.template_memory_dir.absolute() / f"{key}-{bid}.mem"
+        work = root / f".{key}-{bid}"
+        work.mkdir(mode=0o700)
+        t0 = time.monotonic()
+        try:
+            shares = []
+            for n, share in enumerate(config.shares):  # same devices, placeholder directories
+                (work / f"share{n}").mkdir()
+                shares.append(Share(tag=share.tag, host_path=work / f"share{n}", readonly=share.readonly))
+            tconfig = config.model_copy(update={
+                "id": f"template-{bid}", "shares": shares, "start": "cold", "console_log": work / "console.log"})
+            vm = UtilityVM(tconfig, spec_update={"memory_file": memory, "memory_shared": True})
+            try:
+                await vm.start()
+                if vm.hello is None or "clone" not in vm.hello.capabilities:
+                    raise TemplateError("the guest image's agent cannot resume clones (rebuild it: make image)")
+                assert vm.spec is not None
+                cmdline = vm.spec.cmdline
+                await vm.agent_client("prepare template").prepare_template()
+                await _warm_up(vm)
+                await vm.save_state(work / STATE)
+            finally:
+                await vm.close()
+            (work / "console.log").unlink(missing_ok=True)
+            for n in range(len(shares)):
+                (work / f"share{n}").rmdir()
+            meta = TemplateMeta(
+                format=FORMAT, key=key, inputs=inputs, cmdline=cmdline, vm_id=tconfig.id, memory_file=memory,
+                memory_identity=_file_identity(memory), state_sha256=_sha256(work / STATE),
+                state_size=(work / STATE).stat().st_size, created=time.time(), build_seconds=time.monotonic() - t0)
+            (work / META).write_text(meta.model_dump_json(indent=1))
+            if final.exists():
+                remove(final)
+            work.rename(final)
+        except BaseException as e:
+            shutil.rmtree(work, ignore_errors=True)
+            memory.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise TemplateError(f"template {key}: no room left: {e}") from None
+            if isinstance(e, TemplateError) or not isinstance(e, Exception):
+                raise
+            raise TemplateError(f"template {key}: build failed: {e}") from e
+        log.info("template %s built in %.2fs (%s)", key, meta.build_seconds, memory)
+        return Template(key, final, meta)
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def build_in_background(config: UvmConfig) -> None:
+    """Start a detached builder for config's template (auto start: this VM boots cold meanwhile).
+    Its own lock makes concurrent requests for the same key build once."""
+    import subprocess
+    import sys
+
+    try:
+        subprocess.Popen([sys.executable, "-m", "uvm.template", config.model_dump_json()],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True, cwd="/")
+    except OSError as e:
+        log.warning("cannot start a background template build: %s", e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m uvm.template CONFIG_JSON``: build the template for that UVM config."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m uvm.template CONFIG_JSON", file=sys.stderr)
+        return 2
+    try:
+        config = UvmConfig.model_validate_json(args[0])
+        t = asyncio.run(build(config))
+    except (TemplateError, ValidationError) as e:
+        print(f"template: {e}", file=sys.stderr)
+        return 1
+    print(t.path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
