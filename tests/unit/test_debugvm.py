@@ -240,3 +240,17 @@ def test_process_details_as_runc_shim_sends_them() -> None:
     assert info.type_url == "containerd.runc.v1.ProcessDetails"
     assert info.value == b"\x0a\x06exec-1"
     assert runc_options_pb2.ProcessDetails.FromString(info.value).exec_id == "exec-1"
+
+
+# -- templates --------------------------------------------------------------------------------------
+
+def test_a_nic_is_part_of_a_template_key_but_not_its_port(tmp_path: Path) -> None:
+    from uvm import template
+
+    plain = template.key_inputs(builder.build(make_test_config(tmp_path)))
+    with_nic = template.key_inputs(builder.build(make_test_config(tmp_path, ssh_port=0)))
+    other_port = template.key_inputs(builder.build(make_test_config(tmp_path, ssh_port=0)))
+    assert "nic" not in plain and with_nic["nic"] is True  # templates without a NIC keep their keys
+    assert template.template_key(with_nic) == template.template_key(other_port) != template.template_key(plain)
+    console = template.key_inputs(builder.build(make_test_config(tmp_path, console_socket=True)))
+    assert template.template_key(console) == template.template_key(plain)  # only the chardev's host side
