@@ -22,11 +22,11 @@ from qemu.qmp.protocol import ConnectError
 
 from uvm.backends.base import HypervisorExit, create_run_dir
 from uvm.builder import LaunchSpec
-from uvm.errors import DiskError, StartError, TemplateError
+from uvm.errors import DiskError, StartError, TemplateError, UvmError
 
 QMP_QUIT_TIMEOUT_S = 1.0
 QMP_REFUSED_RETRIES = 200  # 10 ms apart
-QMP_DISK_TIMEOUT_S = 15.0
+QMP_CALL_TIMEOUT_S = 15.0
 EXIT_AFTER_KILL_S = 10.0
 CONSOLE_SOCKET = "console.sock"  # in the run directory, with UvmConfig.console_socket
 MIGRATE_MAX_BANDWIDTH = 1 << 40
@@ -141,50 +141,41 @@ class QemuBackend:
 
     # -- templates: save a stopped VM's device state, start a clone from it ----------------------
 
-    async def _migration_call(self, what: str, cmd: str, args: dict[str, object] | None = None) -> object:
-        from qemu.qmp import ExecuteError
-
-        if self._qmp is None or not self._alive():
-            raise TemplateError(f"VM {self.spec.vm_id}: {what}: QEMU is not running", vm_id=self.spec.vm_id)
-        try:
-            return await asyncio.wait_for(self._qmp.execute(cmd, args), QMP_DISK_TIMEOUT_S)
-        except ExecuteError as e:
-            raise TemplateError(f"VM {self.spec.vm_id}: {what}: {cmd}: {e}", vm_id=self.spec.vm_id) from None
-        except (TimeoutError, QMPError, OSError, EOFError) as e:
-            raise TemplateError(f"VM {self.spec.vm_id}: {what}: {cmd} failed: {e!r}", vm_id=self.spec.vm_id) from None
-
     async def _set_ignore_shared(self, what: str) -> None:
         # Guest RAM lives in the template's memory file: only device state goes through the stream.
-        await self._migration_call(what, "migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+        await self._qmp_call(what, "migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]}, error=TemplateError)
 
     async def _load_incoming(self, state: Path) -> None:
         """Load a template's device state into this (paused, -incoming defer) QEMU and let it run."""
         what = f"load template state {state}"
         await self._set_ignore_shared(what)
-        await self._migration_call(what, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
+        await self._qmp_call(what, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"},
+                             error=TemplateError)
         # QEMU 7.2 exits when an incoming stream fails to load; once loaded, the VM is paused as the
         # template was when saved, and runs on `cont`.
         while True:
-            status = await self._migration_call(what, "query-status")
+            status = await self._qmp_call(what, "query-status", error=TemplateError)
             if not isinstance(status, dict) or status.get("status") != "inmigrate":
                 break
             await asyncio.sleep(0.005)
         if not isinstance(status, dict) or status.get("status") != "paused":
             raise TemplateError(f"VM {self.spec.vm_id}: {what}: the VM is {status!r} after loading",
                                 vm_id=self.spec.vm_id)
-        await self._migration_call(what, "cont")
+        await self._qmp_call(what, "cont", error=TemplateError)
 
     async def save_state(self, dest: Path) -> None:
         """Stop the guest and write its device state to dest (RAM stays in the shared memory file)."""
         what = f"save template state to {dest}"
-        await self._migration_call(what, "stop")
+        await self._qmp_call(what, "stop", error=TemplateError)
         await self._set_ignore_shared(what)
         # QEMU 7.2 caps migration at 128 MiB/s by default: lift the cap for a local file.
-        await self._migration_call(what, "migrate-set-parameters", {"max-bandwidth": MIGRATE_MAX_BANDWIDTH})
-        await self._migration_call(what, "migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"})
+        await self._qmp_call(what, "migrate-set-parameters", {"max-bandwidth": MIGRATE_MAX_BANDWIDTH},
+                             error=TemplateError)
+        await self._qmp_call(what, "migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"},
+                             error=TemplateError)
         while True:
-            info = await self._migration_call(what, "query-migrate")
+            info = await self._qmp_call(what, "query-migrate", error=TemplateError)
             status = info.get("status") if isinstance(info, dict) else None
             if status == "completed":
                 return
@@ -285,18 +276,20 @@ class QemuBackend:
     def _scsi_names(controller: int, lun: int) -> tuple[str, str]:
         return f"scsi{controller}-lun{lun}", f"sd{controller}-lun{lun}"  # block node, device id
 
-    async def _qmp_call(self, what: str, cmd: str, args: dict[str, object]) -> object:
+    async def _qmp_call(self, what: str, cmd: str, args: dict[str, object] | None = None,
+                        error: type[UvmError] = DiskError) -> object:
+        """One QMP command (bounded); every failure raised as error (disks: DiskError) naming what."""
         from qemu.qmp import ExecuteError
 
         if self._qmp is None or not self._alive():
-            raise DiskError(f"VM {self.spec.vm_id}: {what}: QEMU is not running", vm_id=self.spec.vm_id)
+            raise error(f"VM {self.spec.vm_id}: {what}: QEMU is not running", vm_id=self.spec.vm_id)
         try:
-            return await asyncio.wait_for(self._qmp.execute(cmd, args), QMP_DISK_TIMEOUT_S)
+            return await asyncio.wait_for(self._qmp.execute(cmd, args), QMP_CALL_TIMEOUT_S)
         except ExecuteError as e:
-            raise DiskError(f"VM {self.spec.vm_id}: {what}: {cmd}: {e}", vm_id=self.spec.vm_id,
-                            qmp=cmd, sent=args) from None
+            raise error(f"VM {self.spec.vm_id}: {what}: {cmd}: {e}", vm_id=self.spec.vm_id,
+                        qmp=cmd, sent=args) from None
         except (TimeoutError, QMPError, OSError, EOFError) as e:
-            raise DiskError(f"VM {self.spec.vm_id}: {what}: {cmd} failed: {e!r}", vm_id=self.spec.vm_id) from None
+            raise error(f"VM {self.spec.vm_id}: {what}: {cmd} failed: {e!r}", vm_id=self.spec.vm_id) from None
 
     async def attach_scsi(self, controller: int, lun: int, path: str, readonly: bool, fmt: str) -> None:
         node, dev = self._scsi_names(controller, lun)
@@ -320,7 +313,7 @@ class QemuBackend:
         try:
             await self._qmp_call(what, "device_del", {"id": dev})
             try:
-                await asyncio.wait_for(deleted.wait(), QMP_DISK_TIMEOUT_S)
+                await asyncio.wait_for(deleted.wait(), QMP_CALL_TIMEOUT_S)
             except TimeoutError:
                 raise DiskError(f"VM {self.spec.vm_id}: {what}: QEMU did not report the device deleted",
                                 vm_id=self.spec.vm_id) from None
