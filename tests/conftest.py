@@ -71,6 +71,14 @@ def orphan_template_files(suite_dir: Path) -> list[str]:
     return sorted(str(p) for p in (shm.iterdir() if shm.is_dir() else []) if p not in owned)
 
 
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short-pathed private directory for unix sockets (their paths are capped at 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="uvmsock-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def image_dir() -> Path:
     d = default_image_dir()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -40,13 +38,6 @@ class EventsServer:
     @property
     def topics(self) -> list[str]:
         return [e.topic for e in self.received]
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="uvmev-", dir="/tmp"))  # short: unix socket paths are capped
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ behaviour over a real ttrpc connection (no VM is booted: every call here fails o
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,13 +93,6 @@ class Shim:
         with pytest.raises(TtrpcError) as info:
             await self.call(method, request)
         return info.value
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="uvmsvc-", dir="/tmp"))  # short: unix socket paths are capped
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -64,13 +62,6 @@ class Handlers:
 
     async def status(self, request: status_pb2.Status) -> status_pb2.Status:
         return status_pb2.Status(code=request.code + 1, message=request.message)
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="ttrpc-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
