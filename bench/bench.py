@@ -37,6 +37,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from measure import alive, mapping_pss_kib, median, pss_kib  # noqa: E402  (bench/, this script's directory)
+
 from schemas import oci  # noqa: E402
 from schemas.uvm_config import UvmConfig, default_image_dir  # noqa: E402
 from shim.containerd_env import PrivateContainerd, busybox_rootfs, processes_with_arg  # noqa: E402
@@ -336,14 +338,6 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def descendants(pid: int) -> list[int]:
     """Every live process below pid (children first)."""
     children: dict[int, list[int]] = {}
@@ -362,36 +356,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def pss_kib(pid: int, field: str = "Pss") -> int:
-    """A field of /proc/<pid>/smaps_rollup (Pss, Pss_Anon, Pss_File...), in KiB."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/{pid}/smaps_rollup: no {field} line")
-
-
-def mapping_pss_kib(pid: int, size_kib: int) -> int:
-    """Pss of the anonymous mappings of exactly size_kib in pid (QEMU's guest RAM block), in KiB."""
-    total, size, anon = 0, 0, False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            size, anon = (hi - lo) >> 10, len(fields) < 6
-        elif fields[0] == "Pss:" and anon and size == size_kib:
-            total += int(fields[1])
-    return total
-
-
 def stop_process(pid: int, grace: float = 10.0) -> None:
     """SIGTERM (SIGKILL after grace) a process that is not our child, and wait until it is gone."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
-        if not _alive(pid):
+        if not alive(pid):
             return
     raise RuntimeError(f"pid {pid} survived SIGKILL")
 
@@ -565,10 +538,6 @@ def q35_argv(spec: builder.LaunchSpec, initrd: Path, with_root: bool) -> list[st
         argv += ["-drive", f"if=none,id=rootfs,file={spec.rootfs},format=raw,readonly=on",
                  "-device", "virtio-blk-pci,drive=rootfs"]
     return argv
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 async def boot_loop(n: int, run_dir: Path, state_dir: Path, timeout: float) -> tuple[int, int, list[float]]:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from measure import alive, median, smaps_split  # bench/ (the bench script's directory) is on sys.path
+
 from schemas import oci
 from schemas.uvm_config import Share, UvmConfig
 from uvm import template
@@ -27,28 +29,6 @@ from uvm.vm import UtilityVM
 
 IDLE_SETTLE_S = 3.0
 DENSITY = 20
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def smaps_split(pid: int, path: str) -> dict[str, float]:
-    """QEMU's PSS (MiB): total, the part in mappings of path (the template RAM file), the rest, and USS."""
-    total = in_path = uss = 0
-    current = ""
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if not fields[0].endswith(":"):
-            current = fields[5] if len(fields) >= 6 else ""
-        elif fields[0] == "Pss:":
-            total += int(fields[1])
-            if current == path:
-                in_path += int(fields[1])
-        elif fields[0] in ("Private_Clean:", "Private_Dirty:"):
-            uss += int(fields[1])
-    return {"pss_mib": total / 1024, "template_pss_mib": in_path / 1024, "own_pss_mib": (total - in_path) / 1024,
-            "uss_mib": uss / 1024}
 
 
 async def clone_start_figures(config: Callable[..., UvmConfig], f0: Callable[[], float], n: int) -> dict[str, Any]:
@@ -130,17 +110,9 @@ async def density(config: Callable[..., UvmConfig], rootfs: Path, count: int = D
         answered = sum(1 for r in results if r is True)
     finally:
         await asyncio.gather(*(vm.close() for vm in vms), return_exceptions=True)
-    left = [vm.id for vm in vms if vm.backend is not None and vm.backend.pid is not None and _alive(vm.backend.pid)]
+    left = [vm.id for vm in vms if vm.backend is not None and vm.backend.pid is not None and alive(vm.backend.pid)]
     return {"clones": count, "answered": answered, "all_up_s": all_up, "total_qemu_pss_mib": pss,
             "errors": errors[:3], "qemu_left": left}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
 
 
 def print_figures(f: dict[str, Any]) -> None:
