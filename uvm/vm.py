@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -38,6 +38,9 @@ from uvm.container import Container, ContainerState, Rootfs
 from uvm.link import AgentClient, AgentConnection
 from uvm.process import Process, ProcessTable
 from uvm.scsi import MappedDisk, ScsiManager
+
+if TYPE_CHECKING:
+    from uvm.template import Template  # imported when a template is asked for
 
 SHUTDOWN_REQUEST_TIMEOUT_S = 2.0
 CONSOLE_TAIL_LINES = 30
@@ -169,7 +172,7 @@ class UtilityVM:
                     self._reset_after_failed_start()
         await self._launch(spec, t0, clone=False)
 
-    async def _find_template(self, spec: builder.LaunchSpec) -> Any:
+    async def _find_template(self, spec: builder.LaunchSpec) -> Template | None:
         """The template to clone from, or None (with a warning naming why) to boot cold."""
         from uvm import template
 
