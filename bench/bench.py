@@ -567,12 +567,13 @@ def main() -> int:
     ap.add_argument("--no-libvirt", dest="libvirt", action="store_false", help="skip the libvirt figures")
     ap.add_argument("--no-shim", dest="shim", action="store_false", help="skip the containerd shim figures")
     ap.add_argument("--no-template", dest="template", action="store_false", help="skip the template figures")
-    ap.add_argument("--only", choices=("shim", "template"),
+    ap.add_argument("--only", choices=("link", "shim", "template"),
                     help="run only this section (with the floors it compares against)")
     args = ap.parse_args()
     if args.only:
-        args.link = args.libvirt = args.disks = False
+        args.libvirt = args.disks = False
         args.boot_loop = 0
+        args.link = args.only == "link"
         args.shim = args.only == "shim"
         args.template = args.only == "template"
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:

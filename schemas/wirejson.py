@@ -45,6 +45,12 @@ if _json is not None:
     def loads(data: bytes | str) -> Any:
         """Parse one JSON document; raises ValueError on anything else (trailing data included)."""
         text = data.decode() if isinstance(data, (bytes, bytearray)) else data
+        try:  # the common case, compact JSON (what both ends send): one scan, no whitespace walk
+            obj, end = _scanner(text, 0)
+            if end == len(text):
+                return obj
+        except StopIteration:
+            pass
         n = len(text)
         i = 0
         while i < n and text[i] in " \t\n\r":

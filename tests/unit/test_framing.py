@@ -248,3 +248,22 @@ def test_fuzz_mutated_valid_streams() -> None:
         assert all(len(f.payload) <= 256 for f in frames)
         assert decoder.buffered <= framing.HEADER_SIZE + 256
     assert errors > 0
+
+
+def test_frames_fed_from_a_reused_read_buffer_keep_their_own_bytes() -> None:
+    """The guest agent feeds views of one read buffer it overwrites on the next read."""
+    scratch = bytearray(64)
+    view = memoryview(scratch)
+    decoder = FrameDecoder()
+    whole = encode(framing.REQUEST, 1, b"first")
+    scratch[:len(whole)] = whole
+    [first] = decoder.feed(view[:len(whole)])  # one whole frame: the fast path
+    split = encode(framing.REQUEST, 2, b"second")
+    scratch[:5] = split[:5]
+    assert decoder.feed(view[:5]) == []  # a partial header is kept, copied
+    scratch[:len(split) - 5] = split[5:]
+    scratch[len(split) - 5:len(split) + 7] = whole[:12]
+    [second] = decoder.feed(view[:len(split) + 7])
+    scratch[:] = b"\0" * 64
+    assert (first.payload, second.payload) == (b"first", b"second")
+    assert decoder.buffered == 12

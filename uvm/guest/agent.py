@@ -190,7 +190,9 @@ class Agent:
             self.flush()
             return
         try:
-            n = os.writev(self.port, [header, payload])
+            # A small frame is one buffer (cheaper than writev's list under emulation); a large
+            # one is not copied.
+            n = os.write(self.port, header + payload) if len(payload) <= 4096 else os.writev(self.port, [header, payload])
         except BlockingIOError:
             n = 0
         except OSError as e:  # host side not connected: keep the bytes, retry later
@@ -250,7 +252,7 @@ class Agent:
             self.decoder = framing.FrameDecoder()
             return
         try:
-            frames = self.decoder.feed(bytes(self.scratch[:n]))
+            frames = self.decoder.feed(self.scratch[:n])  # the decoder copies what it keeps
         except framing.FramingError as e:
             log(f"bad frame from host, discarding input: {e}")
             self.decoder = framing.FrameDecoder()
