@@ -44,7 +44,8 @@ SCSI_UNMOUNT = "scsi_unmount"    # {path} -> {}
 SCSI_UNPLUG = "scsi_unplug"      # {controller, lun} -> {}
 # Templates (uvm/template.py): warm a VM before it is saved; make a clone its own machine.
 PREPARE_TEMPLATE = "prepare_template"  # {} -> {}: load what containers need, nothing container-specific
-RESUME_CLONE = "resume_clone"    # {vm_id, time_ns, entropy (base64, 32-512 bytes)} -> {}
+# A clone's handshake: hello's version negotiation and result, after the clone made itself its own machine.
+RESUME_CLONE = "resume_clone"    # {version, vm_id, time_ns, entropy (base64, 32-512 bytes)} -> hello's result
 MAX_ENTROPY = 512
 
 METHODS = (HELLO, PING, SHUTDOWN, RUN, EXEC, SIGNAL, RESIZE, CREATE, START, KILL, PAUSE, RESUME, STATE, LIST,

@@ -283,9 +283,11 @@ class AgentClient:
     async def prepare_template(self) -> None:
         await self.request(proto.PREPARE_TEMPLATE, {}, models.Empty)
 
-    async def resume_clone(self, vm_id: str, time_ns: int, entropy: bytes) -> None:
-        await self.request(proto.RESUME_CLONE, {"vm_id": vm_id, "time_ns": time_ns,
-                                                "entropy": base64.b64encode(entropy).decode()}, models.Empty)
+    async def resume_clone(self, vm_id: str, time_ns: int, entropy: bytes) -> models.HelloResult:
+        """A clone's hello: the agent first takes its own identity, clock and randomness."""
+        return await self.request(proto.RESUME_CLONE, {"version": proto.PROTOCOL_VERSION, "vm_id": vm_id,
+                                                       "time_ns": time_ns, "entropy": base64.b64encode(entropy).decode()},
+                                  models.HelloResult)
 
     async def run(
         self,

@@ -291,6 +291,21 @@ async def test_hello_reports_the_agent_and_its_capabilities(host: Host) -> None:
     assert hello.uptime > 0
 
 
+@pytest.mark.parametrize(("params", "message"), [
+    ({"vm_id": "c1", "time_ns": 1, "entropy": "QUJD" * 11}, "protocol version"),
+    ({"version": 1, "vm_id": "a/b", "time_ns": 1, "entropy": "QUJD" * 11}, "vm_id"),
+    ({"version": 1, "vm_id": "c1", "time_ns": True, "entropy": "QUJD" * 11}, "time_ns"),
+    ({"version": 1, "vm_id": "c1", "time_ns": 1, "entropy": "QUJD"}, "entropy"),
+])
+async def test_resume_clone_checks_everything_before_it_changes_the_machine(
+        host: Host, params: dict[str, Any], message: str) -> None:
+    """(Run as a plain process here: a valid request would set this host's clock and name.)"""
+    before = os.uname().nodename
+    with pytest.raises(errors.AgentInvalidArgumentError, match=message):
+        await within(host.client.request(proto.RESUME_CLONE, params, models.HelloResult))
+    assert os.uname().nodename == before
+
+
 async def test_ping_echoes_every_seq(host: Host) -> None:
     for seq in (0, 1, 2**40, 2**63):
         assert (await within(host.client.ping(seq))).seq == seq

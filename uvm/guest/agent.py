@@ -326,8 +326,11 @@ class Agent:
         host_version = params.get("version")
         if not isinstance(host_version, int) or host_version < 1:
             raise RequestError(proto.E_INVALID, "hello needs the host's protocol version")
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
+        fd = os.open("/proc/uptime", os.O_RDONLY | os.O_CLOEXEC)  # not open(): fewer code paths (a clone's
+        try:                                                      # first request runs them untranslated)
+            uptime = float(os.read(fd, 64).split()[0])
+        finally:
+            os.close(fd)
         return {
             "version": min(host_version, proto.PROTOCOL_VERSION),
             "capabilities": list(proto.CAPABILITIES),
@@ -343,12 +346,14 @@ class Agent:
         return {"seq": seq}
 
     def do_resume_clone(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
-        """Make a VM restored from a template its own machine: fresh randomness, the host's wall
-        clock, its own name. The kernel's random state was copied from the template with its RAM."""
+        """A clone's hello: make a VM restored from a template its own machine (fresh randomness, the
+        host's wall clock, its own name; the kernel's random state was copied from the template with
+        its RAM), then answer as hello does."""
         import binascii  # C modules, already loaded in a template (prepare_template)
         import fcntl
         import struct
 
+        hello = self.do_hello(req_id, params)  # checks the version before anything changes
         vm_id, time_ns, entropy = params.get("vm_id"), params.get("time_ns"), params.get("entropy")
         if not isinstance(vm_id, str) or not 0 < len(vm_id) <= 64 or "/" in vm_id:
             raise RequestError(proto.E_INVALID, "vm_id must be a VM id")
@@ -370,11 +375,14 @@ class Agent:
             finally:
                 os.close(fd)
             time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
-            with open("/proc/sys/kernel/hostname", "w") as f:  # sethostname without importing socket
-                f.write(vm_id)
+            fd = os.open("/proc/sys/kernel/hostname", os.O_WRONLY | os.O_CLOEXEC)  # sethostname, no socket
+            try:
+                os.write(fd, vm_id.encode())
+            finally:
+                os.close(fd)
         except OSError as e:
             raise RequestError(proto.E_INTERNAL, f"resume_clone: {e}") from None
-        return {}
+        return hello
 
     def do_shutdown(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
         if os.getpid() != 1:  # power_off kills every process and unmounts: only ever as the UVM's init
