@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from schemas.uvm_config import UvmConfig
+from schemas import oci
+from schemas.uvm_config import Share, UvmConfig
 from tests.conftest import assert_no_leftovers
 from uvm import errors
+from uvm.container import Rootfs
+from uvm.demo import busybox_rootfs
 from uvm.scratch import create_scratch
 from uvm.vm import UtilityVM, VmState
 
@@ -34,12 +37,7 @@ async def test_libvirt_lifecycle_command_disk_shutdown(libvirtd: None, make_conf
         assert vm.hello is not None and f"uvmshim-{vm.id}" in domains()
         res = await vm.run(["sh", "-c", "ls /sys/bus/pci/devices | wc -l; hostname"])
         assert res.exit_status == 0 and res.stdout.split()[1].decode() == vm.id
-        # QEMU runs as libvirt-qemu under libvirt: the image's directories must let it through.
-        tmp_path.chmod(0o755)
-        for parent in tmp_path.parents:
-            if parent == Path("/tmp"):
-                break
-            parent.chmod(parent.stat().st_mode | 0o005)
+        open_to_qemu(tmp_path)
         img = create_scratch(tmp_path / "s.img", size_gb=1).path
         disk = await vm.add_scsi_disk(img, "/mnt/s")
         assert (await vm.run(["sh", "-c", "echo ok > /mnt/s/f && cat /mnt/s/f"])).stdout == b"ok\n"
@@ -48,6 +46,39 @@ async def test_libvirt_lifecycle_command_disk_shutdown(libvirtd: None, make_conf
         await vm.shutdown()
         exit_info = await vm.wait_timeout(60)
         assert exit_info.reason == "shutdown"
+    finally:
+        await vm.close()
+    assert f"uvmshim-{vm.id}" not in domains()
+    assert_no_leftovers(suite_dir)
+
+
+def open_to_qemu(path: Path) -> None:
+    """QEMU runs as libvirt-qemu under libvirt: path and its parents up to /tmp must let it through."""
+    path.chmod(0o755)
+    for parent in path.parents:
+        if parent == Path("/tmp"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o005)
+
+
+async def test_libvirt_container_from_a_9p_share(libvirtd: None, make_config: Callable[..., UvmConfig],
+                                                 suite_dir: Path, tmp_path: Path) -> None:
+    """A <filesystem> passthrough share: the rootfs of a container, read by the guest over virtio-9p."""
+    open_to_qemu(tmp_path)
+    busybox_rootfs(tmp_path)
+    vm = UtilityVM(make_config(backend="libvirt", boot_timeout=120, shares=[
+        Share(tag="rootfs", host_path=tmp_path, readonly=True)]))
+    try:
+        await vm.start()
+        spec = oci.default_spec(["sh", "-c", "echo from $(hostname) over 9p; touch /x 2>/dev/null || echo ro"],
+                                env=["PATH=/bin"], hostname="c9p")
+        c = await vm.create_container("c9p", spec, Rootfs(share="rootfs", path="busybox"))
+        await c.start()
+        assert c.init.stdout is not None
+        out = await asyncio.wait_for(c.init.stdout.read_all(), 60)
+        assert out == b"from c9p over 9p\nro\n"
+        assert (await c.wait_timeout(60)).exit_code == 0
+        await c.close()
     finally:
         await vm.close()
     assert f"uvmshim-{vm.id}" not in domains()
