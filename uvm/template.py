@@ -11,8 +11,8 @@ line, shares' tags, ports, SCSI controllers). It is two files:
   key's inputs, the state file's sha256, the memory file's identity) under ``<template_dir>/<key>``.
 
 A clone loads the device state with ``-incoming defer`` + ``migrate-incoming``, reconnects to the
-agent, and makes itself its own machine (``resume_clone``: kernel entropy reseeded from the host,
-wall clock set, hostname = its VM id). A template whose files do not match its meta is corrupt:
+agent, and makes itself its own machine in its handshake (``resume_clone``, in place of hello:
+kernel entropy reseeded from the host, wall clock set, hostname = its VM id). A template whose files do not match its meta is corrupt:
 never resumed, removed, rebuilt. Lookups and builds are safe across processes (one flock per key).
 """
 
