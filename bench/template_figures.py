@@ -1,6 +1,6 @@
 """Template figures for `make bench` (issue: fast start), each against a floor of the same run.
 
-* clone start: ``UtilityVM.start()`` with ``start="template"`` to the agent's hello (and resume_clone),
+* clone start: ``UtilityVM.start()`` with ``start="template"`` to the answer of the clone's handshake (resume_clone),
   interleaved with F0 boots: target <= 0.1x F0;
 * ``ctr run --rm ... date`` to workload with the runtime config's ``start = "template"`` against the
   same with a cold UVM, interleaved: target <= 0.3x;
