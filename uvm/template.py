@@ -13,7 +13,8 @@ line, shares' tags, ports, SCSI controllers). It is two files:
 A clone loads the device state with ``-incoming defer`` + ``migrate-incoming``, reconnects to the
 agent, and makes itself its own machine in its handshake (``resume_clone``, in place of hello:
 kernel entropy reseeded from the host, wall clock set, hostname = its VM id). A template whose
-files do not match its meta is corrupt: never resumed, removed, rebuilt. Lookups and builds are safe across processes (one flock per key).
+files do not match its meta is corrupt: never resumed, removed, rebuilt. Lookups and builds are
+safe across processes (one flock per key).
 """
 
 from __future__ import annotations
