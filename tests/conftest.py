@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from schemas.uvm_config import UvmConfig, default_image_dir
+from uvm.demo import busybox_rootfs as make_busybox_rootfs
 from uvm.testing import libvirt_daemons
 
 
@@ -109,23 +110,11 @@ def make_config_module(suite_dir: Path, image_dir: Path) -> Callable[..., UvmCon
     return _config_factory(suite_dir, image_dir)
 
 
-BUSYBOX = Path("/bin/busybox")
-
-
 @pytest.fixture(scope="session")
 def busybox_rootfs(suite_dir: Path) -> Path:
     """<suite>/shares/busybox: a busybox root filesystem for containers (shared over 9p as "shares")."""
-    import subprocess
-
-    root = suite_dir / "shares" / "busybox"
-    (root / "bin").mkdir(parents=True)
-    for d in ("proc", "sys", "dev", "tmp", "etc", "root"):
-        (root / d).mkdir()
-    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True).stdout.split()
-    for a in applets:
-        if a != "busybox":
-            (root / "bin" / a).symlink_to("busybox")
+    root = make_busybox_rootfs(suite_dir / "shares")
+    (root / "root").mkdir()
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     return root
 
