@@ -375,11 +375,7 @@ class Agent:
             finally:
                 os.close(fd)
             time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
-            fd = os.open("/proc/sys/kernel/hostname", os.O_WRONLY | os.O_CLOEXEC)  # sethostname, no socket
-            try:
-                os.write(fd, vm_id.encode())
-            finally:
-                os.close(fd)
+            procs.write_file("/proc/sys/kernel/hostname", vm_id)  # sethostname without importing socket
         except OSError as e:
             raise RequestError(proto.E_INTERNAL, f"resume_clone: {e}") from None
         return hello

@@ -20,6 +20,16 @@ TIOCSCTTY = 0x540E
 DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def write_file(path: str, data: str) -> None:
+    """Write data to path (created 0600, truncated): bundles, cgroup and /proc knobs. No open(): its
+    io layers are code a clone's first requests would run on an empty TCG translation cache."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
 class SpawnError(Exception):
     """The program could not be started (errno from exec, chdir, ...)."""
 

@@ -23,6 +23,7 @@ from schemas import agent as proto
 from schemas import wirejson
 from uvm.guest import procs
 from uvm.guest.errors import RequestError, spawn_failed
+from uvm.guest.procs import write_file
 from uvm.guest.streams import InStream, OutStream
 
 TYPE_CHECKING = False
@@ -99,14 +100,6 @@ def crun_message(log: str) -> str:
         except (ValueError, AttributeError):
             pass
     return last
-
-
-def write_file(path: str, data: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
 
 
 def read_file(path: str) -> str:
