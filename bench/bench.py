@@ -8,7 +8,8 @@
 Runs are interleaved (F0, F1, UVM, F0, ...) so drift hits all three alike. Then the boot loop:
 N more UVM boots, counting hangs (a boot that misses its deadline).
 
-The containerd shim's figures (``--only shim`` runs just these, with their own F0 runs):
+The containerd shim's figures (``--only shim`` runs just these, with their own F0 runs; ``--only link``,
+``--only libvirt`` and ``--only template`` likewise for theirs):
 * ``ctr run --rm ... date`` through a private containerd, from spawning ctr to the first byte on its
   stdout, interleaved with F0 boots;
 * the shim's ``start`` and ``delete`` actions against ``python -c pass`` on the same interpreter;
@@ -567,12 +568,13 @@ def main() -> int:
     ap.add_argument("--no-libvirt", dest="libvirt", action="store_false", help="skip the libvirt figures")
     ap.add_argument("--no-shim", dest="shim", action="store_false", help="skip the containerd shim figures")
     ap.add_argument("--no-template", dest="template", action="store_false", help="skip the template figures")
-    ap.add_argument("--only", choices=("link", "shim", "template"),
+    ap.add_argument("--only", choices=("link", "libvirt", "shim", "template"),
                     help="run only this section (with the floors it compares against)")
     args = ap.parse_args()
     if args.only:
-        args.libvirt = args.disks = False
+        args.disks = False
         args.boot_loop = 0
+        args.libvirt = args.only == "libvirt"
         args.link = args.only == "link"
         args.shim = args.only == "shim"
         args.template = args.only == "template"

@@ -63,15 +63,29 @@ def libvirt_message(e: libvirt.libvirtError) -> str:
 
 
 def domain_xml(spec: LaunchSpec, console: Path) -> str:
-    """The transient q35 domain for spec: PVH-booted ELF vmlinux, virtio disks, agent channel."""
+    """The transient q35 domain for spec: PVH-booted ELF vmlinux, virtio disks, agent channel.
+
+    The PCI devices sit directly on the root bus as integrated endpoints, and there is no USB
+    controller: left to itself libvirt puts every device behind its own pcie-root-port and adds an
+    xhci controller, which the guest kernel then probes under emulation on every boot. Nothing is
+    hot-plugged on PCI (disks come and go on the virtio-scsi controllers), so no root port is needed.
+    """
     vcpu_model = "<cpu mode='host-passthrough'/>" if spec.accel == "kvm" else (
         "<cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>")
-    scsi = "".join(f"<controller type='scsi' index='{n}' model='virtio-scsi'/>" for n in range(spec.scsi_controllers))
+    slots = iter(range(2, 0x1F))  # 0: host bridge, 1: VGA's slot by convention, 0x1f: the ICH9 functions
+
+    def pci() -> str:
+        slot = next(slots, None)
+        return "" if slot is None else (  # past the last free slot, libvirt places it behind a root port
+            f"<address type='pci' domain='0x0000' bus='0x00' slot='0x{slot:02x}' function='0x0'/>")
+
+    scsi = "".join(f"<controller type='scsi' index='{n}' model='virtio-scsi'>{pci()}</controller>"
+                   for n in range(spec.scsi_controllers))
     ports = "".join(f"<channel type='unix'><source mode='bind'/><target type='virtio' name={quoteattr(p)}/></channel>"
                     for p in spec.extra_ports)
     shares = "".join(
         f"<filesystem type='mount' accessmode='passthrough'><source dir={quoteattr(str(s.host_path))}/>"
-        f"<target dir={quoteattr(s.tag)}/>{'<readonly/>' if s.readonly else ''}</filesystem>" for s in spec.shares)
+        f"<target dir={quoteattr(s.tag)}/>{'<readonly/>' if s.readonly else ''}{pci()}</filesystem>" for s in spec.shares)
     return f"""<domain type='{"kvm" if spec.accel == "kvm" else "qemu"}'>
   <name>{DOMAIN_PREFIX}{escape(spec.vm_id)}</name>
   <description>uvmshim utility VM {escape(spec.vm_id)}</description>
@@ -87,9 +101,10 @@ def domain_xml(spec: LaunchSpec, console: Path) -> str:
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices>
     <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file={quoteattr(str(spec.rootfs))}/>
-      <target dev='vda' bus='virtio'/><readonly/></disk>
+      <target dev='vda' bus='virtio'/><readonly/>{pci()}</disk>
     {scsi}
-    <controller type='virtio-serial' index='0'/>
+    <controller type='virtio-serial' index='0'>{pci()}</controller>
+    <controller type='usb' model='none'/>
     <channel type='unix'><source mode='bind'/><target type='virtio' name={quoteattr(spec.agent_port_name)}/></channel>
     {ports}{shares}
     <serial type='file'><source path={quoteattr(str(console))}/><target port='0'/></serial>
