@@ -184,13 +184,16 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
     stopped; (exit code, seconds to agent ready). Stopping (also by Ctrl-C or SIGTERM, which cancel
     this) removes the SSH access and shuts the UVM down gracefully."""
     from shim import debugvm
+    from shim.runuvm import RunuvmError
     from uvm.errors import UvmError
     from uvm.vm import UtilityVM, VmState
 
     vm = UtilityVM(_boot_config(args))
     tag = f"[{n}] " if args.count > 1 else ""
     access: debugvm.SshAccess | None = None
+    claim: debugvm.BootClaim | None = None
     try:
+        claim = debugvm.claim_boot(args.root or _default_root(), vm)
         await vm.start()
         boot = vm.boot_seconds or 0.0
         if args.measure:
@@ -208,7 +211,7 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
             disk = await vm.add_scsi_disk(path, f"/mnt/scsi{i}", readonly=ro)
             print(f"{tag}scsi: {path} -> {disk.guest_path} ({disk.device})", file=sys.stderr)
         if args.ssh:
-            access = await debugvm.start_ssh(vm, args.root or _default_root())
+            access = await debugvm.start_ssh(vm, claim)
             print(f"{tag}{access.instructions()}", file=sys.stderr, flush=True)
         code = 0
         if args.exec_cmd:
@@ -231,7 +234,7 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
         await vm.shutdown()
         await vm.wait_timeout(30)
         return code, boot
-    except UvmError as e:
+    except (UvmError, RunuvmError) as e:
         print(f"runuvm boot: {tag}{e}", file=sys.stderr)
         return 1, 0.0
     finally:
@@ -242,6 +245,8 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
                 await vm.shutdown()
                 await vm.wait_timeout(30)
         await vm.close()
+        if claim is not None:
+            claim.remove()
 
 
 def _default_root() -> Path:

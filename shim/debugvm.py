@@ -1,16 +1,20 @@
 """`runuvm boot`'s ways into a debug VM: SSH (`--ssh`, `runuvm ssh`) and the serial console (`--console`).
 
+Claim. Every `runuvm boot` VM, before it starts, gets --root/.boot/<vm id>/ (mode 0700), which
+appears whole (renamed into place): ``owner.json`` (the boot process, with its start time so a
+reused pid is not it) and ``uvmshim.json`` (the VM's run directory and backend, as shim.leftovers
+records a shim's). It goes when the VM stops, on every path the boot process controls (the end of
+--exec, Ctrl-C, SIGTERM, a failure); when the boot process was killed outright, even mid-start, the
+next `runuvm boot` or `runuvm ssh` removes it, and with shim.leftovers what the VM left (a QEMU
+still running, its run directory, a libvirt domain). `.boot` cannot clash with a container's
+directory: ids start with a letter or digit.
+
 SSH. `boot --ssh` gives the VM a NIC on QEMU's restricted user network with a free 127.0.0.1 port
 forwarded to the guest's port 22 (UvmConfig.ssh_port), starts the guest's dropbear with a key pair
-made for this VM (uvm/ssh.py), then publishes how to reach it in --root/.boot/<vm id>/ (mode 0700):
-``ssh.json`` (VM id, port, key path, the pinned host key, the boot process), ``id_ed25519`` (0600),
-``known_hosts`` (for OpenSSH's ssh) and ``uvmshim.json`` (the VM's run directory, as shim.leftovers
-records a shim's). The directory appears whole (renamed into place) and goes when the VM stops, on
-every path the boot process controls (the end of --exec, Ctrl-C, SIGTERM, a failure); when the boot
-process was killed outright, the next `runuvm ssh` or `boot --ssh` that looks removes it, and with
-shim.leftovers what the VM left (a QEMU still running, its run directory). `.boot` cannot clash
-with a container's directory: ids start with a letter or digit. `runuvm ssh VMID [CMD...]` reads
-the record and runs CMD (or a shell) over paramiko; it is synchronous, as paramiko is.
+made for this VM (uvm/ssh.py), then publishes how to reach it in the claim: ``id_ed25519`` (0600),
+``known_hosts`` (for OpenSSH's ssh) and, last, ``ssh.json`` (VM id, port, key path, the pinned host
+key). `runuvm ssh VMID [CMD...]` reads the record and runs CMD (or a shell) over paramiko; it is
+synchronous, as paramiko is.
 
 Console. `boot --console` puts the serial console on a unix socket (UvmConfig.console_socket; QEMU
 still writes the console log), starts a shell on ttyS0 through the agent (busybox cttyhack makes
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
 
 BOOT_DIR = ".boot"
 RECORD = "ssh.json"
+OWNER = "owner.json"
 KEY = "id_ed25519"
 KNOWN_HOSTS = "known_hosts"
 STALE_PARTIAL_S = 60.0  # a half-published directory older than this belongs to a killed boot
@@ -63,7 +68,17 @@ SHELL_READY_TIMEOUT_S = 30.0
 DRAIN_QUIET_S = 0.3  # after the console's shell exited: output still arriving within this is shown
 
 
-# -- SSH: the published record ---------------------------------------------------------------------
+# -- the boot's claim, and the published SSH record ------------------------------------------------
+
+class BootOwner(BaseModel):
+    """--root/.boot/<vm id>/owner.json: the `runuvm boot` process that owns the VM."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    vm: Annotated[str, Field(pattern=ID_RE.pattern)]
+    pid: Annotated[int, Field(ge=1)]
+    pid_start: Annotated[int, Field(ge=0)]  # its start time (/proc/<pid>/stat), so a reused pid is not it
+
 
 class SshRecord(BaseModel):
     """--root/.boot/<vm id>/ssh.json: how to reach one VM booted with --ssh."""
@@ -74,8 +89,6 @@ class SshRecord(BaseModel):
     port: Annotated[int, Field(ge=1, le=65535)]
     key: Annotated[str, Field(min_length=1, max_length=4096)]
     host_key: Annotated[str, Field(pattern=r"^ssh-ed25519 [A-Za-z0-9+/]{68}$")]
-    pid: Annotated[int, Field(ge=1)]  # the `runuvm boot` process that owns the VM
-    pid_start: Annotated[int, Field(ge=0)]  # its start time (/proc/<pid>/stat), so a reused pid is not it
 
 
 def boot_dir(root: Path) -> Path:
@@ -91,8 +104,13 @@ def process_start(pid: int) -> int | None:
         return None
 
 
-def owner_alive(record: SshRecord) -> bool:
-    return process_start(record.pid) == record.pid_start
+def owner_alive(owner: BootOwner) -> bool:
+    return process_start(owner.pid) == owner.pid_start
+
+
+def read_owner(directory: Path) -> BootOwner:
+    """Raises OSError (no claim) or ValidationError (not one)."""
+    return BootOwner.model_validate_json((directory / OWNER).read_bytes())
 
 
 def read_record(directory: Path) -> SshRecord:
@@ -101,8 +119,18 @@ def read_record(directory: Path) -> SshRecord:
 
 
 @dataclass
+class BootClaim:
+    """--root/.boot/<vm id>/ while one `runuvm boot` owns that VM; remove() when the VM is gone."""
+
+    directory: Path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
 class SshAccess:
-    """A published record; remove() takes it (and the private key) away again."""
+    """A published record (in the boot's claim); remove() takes it and the private key away again."""
 
     directory: Path
     record: SshRecord
@@ -112,7 +140,9 @@ class SshAccess:
         return self.directory / KEY
 
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        for name in (RECORD, KEY, KNOWN_HOSTS):
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / name).unlink()
 
     def instructions(self) -> str:
         r = self.record
@@ -122,7 +152,7 @@ class SshAccess:
 
 
 def _remove_stale(directory: Path) -> None:
-    """What a killed boot left: its QEMU (dying of the parent-death signal, or not), run directory, record."""
+    """What a killed boot left: its QEMU (dying of the parent-death signal, or not), run directory, claim."""
     leftovers.clean(directory)
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -134,13 +164,13 @@ def sweep_stale(root: Path) -> list[str]:
         return []
     removed = []
     for d in base.iterdir():
-        if d.name.startswith("."):  # being published, or left by a boot killed while publishing
+        if d.name.startswith("."):  # being claimed, or left by a boot killed while claiming
             with contextlib.suppress(OSError):
                 if time.time() - d.stat().st_mtime > STALE_PARTIAL_S:
                     _remove_stale(d)
             continue
         try:
-            stale = not owner_alive(read_record(d))
+            stale = not owner_alive(read_owner(d))
         except (OSError, ValidationError):
             stale = True
         if stale:
@@ -151,43 +181,59 @@ def sweep_stale(root: Path) -> list[str]:
 
 def running_ssh_vms(root: Path) -> list[str]:
     base = boot_dir(root)
-    return sorted(d.name for d in base.iterdir() if not d.name.startswith(".")) if base.is_dir() else []
+    return sorted(d.name for d in base.iterdir() if not d.name.startswith(".") and (d / RECORD).exists()) \
+        if base.is_dir() else []
 
 
-def publish_ssh(root: Path, vm_id: str, port: int, key: ClientKey, host_key: str, run_dir: Path | None = None) -> SshAccess:
-    """Write --root/.boot/<vm_id>/ whole (built under a hidden name, then renamed), with the VM's run
-    directory recorded as a dead shim's would be (shim.leftovers), for sweep_stale. Raises SshError."""
+def claim_boot(root: Path, vm: UtilityVM) -> BootClaim:
+    """Before the VM starts: write --root/.boot/<vm id>/ whole (built under a hidden name, then
+    renamed) naming this process as its owner and the VM's run directory (and libvirt domain) as a
+    dead shim's would be recorded (shim.leftovers), so that a boot killed outright, even mid-start,
+    leaves nothing the next `runuvm boot` or `runuvm ssh` does not remove. Raises RunuvmError."""
+    sweep_stale(root)
     base = boot_dir(root)
-    final = base / vm_id
-    tmp = base / f".{vm_id}-{secrets.token_hex(4)}"
+    final = base / vm.id
+    tmp = base / f".{vm.id}-{secrets.token_hex(4)}"
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         base.mkdir(exist_ok=True, mode=0o700)
         tmp.mkdir(mode=0o700)
-        key.write_private(tmp / KEY)
-        (tmp / KNOWN_HOSTS).write_text(known_hosts_line(port, host_key) + "\n")
-        record = SshRecord(vm=vm_id, port=port, key=str(final / KEY), host_key=host_key, pid=os.getpid(),
-                           pid_start=process_start(os.getpid()) or 0)
-        (tmp / RECORD).write_text(record.model_dump_json())
-        if run_dir is not None:
-            leftovers.record(tmp, {"vm_id": vm_id, "run_dir": str(run_dir), "backend": "qemu"})
+        owner = BootOwner(vm=vm.id, pid=os.getpid(), pid_start=process_start(os.getpid()) or 0)
+        (tmp / OWNER).write_text(owner.model_dump_json())
+        leftovers.record(tmp, {"vm_id": vm.id, "run_dir": str(vm.config.run_dir / vm.id), "backend": vm.config.backend,
+                               "libvirt_uri": vm.config.libvirt_uri})
         os.rename(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SshError(f"VM {vm_id}: cannot publish its SSH access under {base}: {e.strerror or e}", vm_id=vm_id) from None
+        raise RunuvmError(f"boot: VM {vm.id}: cannot record it under {base}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SshAccess(final, record)
+    return BootClaim(final)
 
 
-async def start_ssh(vm: UtilityVM, root: Path) -> SshAccess:
+def publish_ssh(claim: BootClaim, vm_id: str, port: int, key: ClientKey, host_key: str) -> SshAccess:
+    """Add how to reach the VM over SSH to its claim; ssh.json, which finders read, comes last and
+    whole (renamed into place). Raises SshError."""
+    d = claim.directory
+    record = SshRecord(vm=vm_id, port=port, key=str(d / KEY), host_key=host_key)
+    try:
+        key.write_private(d / KEY)
+        (d / KNOWN_HOSTS).write_text(known_hosts_line(port, host_key) + "\n")
+        (d / f".{RECORD}.tmp").write_text(record.model_dump_json())
+        os.replace(d / f".{RECORD}.tmp", d / RECORD)
+    except OSError as e:
+        SshAccess(d, record).remove()
+        raise SshError(f"VM {vm_id}: cannot publish its SSH access under {d}: {e.strerror or e}", vm_id=vm_id) from None
+    return SshAccess(d, record)
+
+
+async def start_ssh(vm: UtilityVM, claim: BootClaim) -> SshAccess:
     """Start the VM's SSH server with a new key pair and publish the access. Raises SshError, UvmError."""
     assert vm.spec is not None and vm.spec.ssh_port is not None
-    sweep_stale(root)
     key = ClientKey.generate(f"runuvm@{vm.id}")
     host_key = await enable_ssh(vm, key)
-    return publish_ssh(root, vm.id, vm.spec.ssh_port, key, host_key, vm.spec.run_dir)
+    return publish_ssh(claim, vm.id, vm.spec.ssh_port, key, host_key)
 
 
 # -- SSH: `runuvm ssh VMID [CMD...]` ---------------------------------------------------------------
@@ -202,6 +248,9 @@ def find_ssh(root: Path, vm_id: str) -> SshRecord:
     try:
         return read_record(boot_dir(root) / vm_id)
     except FileNotFoundError:
+        if (boot_dir(root) / vm_id / OWNER).exists():
+            raise RunuvmError(f"ssh {vm_id}: that VM was booted without --ssh (or its SSH server is still "
+                              "starting)") from None
         others = running_ssh_vms(root)
         running = f"running: {', '.join(others)}" if others else "none is running"
         raise RunuvmError(f"ssh {vm_id}: no VM with that id was booted with `runuvm boot --ssh` under {root} "

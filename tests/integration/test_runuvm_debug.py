@@ -73,7 +73,7 @@ def runuvm(env: Env, *args: str, input: bytes = b"", timeout: float = 300) -> su
 
 def assert_vm_gone(env: Env, vm_id: str) -> None:
     root, run, _ = env
-    assert not (root / ".boot" / vm_id).exists(), "the SSH access (private key) was left behind"
+    assert not (root / ".boot" / vm_id).exists(), "the boot's claim (and SSH access, private key) was left behind"
     assert not (run / vm_id).exists(), f"run directory left: {list((run / vm_id).iterdir())}"
     assert not [p for p in _qemu_processes_under(run) if vm_id in p], "QEMU left running"
 
@@ -135,7 +135,8 @@ def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
         assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
         record = json.loads((key.parent / "ssh.json").read_text())
-        assert (record["vm"], record["port"], record["key"], record["pid"]) == (vm_id, port, str(key), boot.pid)
+        assert (record["vm"], record["port"], record["key"]) == (vm_id, port, str(key))
+        assert json.loads((key.parent / "owner.json").read_text())["pid"] == boot.pid
         assert f"[127.0.0.1]:{port} {record['host_key']}" in (key.parent / "known_hosts").read_text()
 
         # paramiko, the host key pinned to the one the guest reported
@@ -184,6 +185,28 @@ def test_boot_ssh_leaves_nothing_when_interrupted_or_killed(env: Env, how: str) 
         gone = runuvm(env, "ssh", vm_id, "true")
         assert (gone.returncode, gone.stderr) == (
             1, f"runuvm: ssh {vm_id}: that VM is gone (its `runuvm boot` process was killed)\n".encode())
+    assert_vm_gone(env, vm_id)
+
+
+def test_a_plain_boot_killed_outright_is_swept_by_the_next_boot(env: Env) -> None:
+    """SIGKILL leaves the run directory (QEMU dies with its parent, nothing else runs): the next
+    `runuvm boot` removes it, through the claim the killed one made before starting its VM."""
+    root, run, environ = env
+    boot = subprocess.Popen([RUNUVM, "--root", str(root), "boot", "--measure", "--exec", "sleep 600"], env=environ,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert boot.stderr is not None
+        line = boot.stderr.readline()
+        m = re.match(rb"boot: [0-9.]+s to agent ready \((\S+), ", line)
+        assert m, line
+        vm_id = m.group(1).decode()
+        boot.kill()
+        boot.wait()
+    finally:
+        stop(boot)
+    assert (run / vm_id).exists() and (root / ".boot" / vm_id).exists()
+    res = runuvm(env, "boot", "--exec", "true")
+    assert res.returncode == 0, res.stderr
     assert_vm_gone(env, vm_id)
 
 

@@ -160,7 +160,10 @@ def test_cli_template_build_list_boot_rm(suite_dir: Path, image_dir: Path, tmp_p
         return subprocess.run([sys.executable, "-m", "shim.cli", *args], env=env, capture_output=True, text=True,
                               timeout=300)
 
-    # The template memory goes to the default /dev/shm/uvmshim-templates here: removed by `rm` below.
+    # The template memory goes to the default /dev/shm/uvmshim-templates here: removed by `rm` below
+    # (and the directory by the test, when the test made it).
+    default_memory_dir = UvmConfig.model_fields["template_memory_dir"].default
+    made_memory_dir = not default_memory_dir.exists()
     built = runuvm("template", "build", "--memory", "192")
     assert built.returncode == 0, built.stderr
     key = built.stdout.split(":")[0]
@@ -174,6 +177,8 @@ def test_cli_template_build_list_boot_rm(suite_dir: Path, image_dir: Path, tmp_p
     assert runuvm("template", "rm", "--all").returncode == 0
     assert json.loads(runuvm("template", "list", "--format", "json").stdout) == []
     assert not Path(rows[0]["memory_file"]).exists()
+    if made_memory_dir:
+        default_memory_dir.rmdir()
     assert_no_leftovers(suite_dir)
 
 

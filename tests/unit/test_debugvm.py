@@ -13,6 +13,8 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -115,25 +117,54 @@ def test_known_hosts_line_is_what_openssh_expects() -> None:
     assert known_hosts_line(2222, HOST_KEY) == f"[127.0.0.1]:2222 {HOST_KEY}"
 
 
-# -- the published record ---------------------------------------------------------------------------
+# -- the boot's claim and the published record ------------------------------------------------------
 
-def test_publish_then_find_then_remove(tmp_path: Path) -> None:
+def fake_vm(root: Path, vm_id: str, backend: str = "qemu") -> Any:
+    """What claim_boot reads of a UtilityVM: its id and config (run directory, backend)."""
+    return SimpleNamespace(id=vm_id, config=make_test_config(root / "cfg", id=vm_id, run_dir=root / "run", backend=backend))
+
+
+def claim_and_publish(root: Path, vm_id: str) -> debugvm.SshAccess:
+    return debugvm.publish_ssh(debugvm.claim_boot(root, fake_vm(root, vm_id)), vm_id, 4022, ClientKey.generate("c"), HOST_KEY)
+
+
+def kill_owner(claim_dir: Path, **change: int) -> None:
+    """Make the claim's owner a process that is gone (or, with pid_start, a reused pid)."""
+    owner = debugvm.read_owner(claim_dir)
+    if not change:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        change = {"pid": dead.pid}
+    (claim_dir / "owner.json").write_text(owner.model_copy(update=change).model_dump_json())
+
+
+def test_claim_publish_find_remove(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    access = debugvm.publish_ssh(root, "uvm-1", 4022, ClientKey.generate("c"), HOST_KEY)
+    claim = debugvm.claim_boot(root, fake_vm(root, "uvm-1"))
     d = root / ".boot" / "uvm-1"
-    assert access.directory == d and sorted(p.name for p in d.iterdir()) == ["id_ed25519", "known_hosts", "ssh.json"]
-    assert stat.S_IMODE(d.stat().st_mode) == 0o700 and stat.S_IMODE(access.key.stat().st_mode) == 0o600
+    assert claim.directory == d and sorted(p.name for p in d.iterdir()) == ["owner.json", "uvmshim.json"]
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert debugvm.read_owner(d).pid == os.getpid()
+    assert json.loads((d / "uvmshim.json").read_text())["run_dir"] == str(root / "run" / "uvm-1")
+    with pytest.raises(RunuvmError, match=r"ssh uvm-1: that VM was booted without --ssh"):
+        debugvm.find_ssh(root, "uvm-1")
+    access = debugvm.publish_ssh(claim, "uvm-1", 4022, ClientKey.generate("c"), HOST_KEY)
+    assert sorted(p.name for p in d.iterdir()) == ["id_ed25519", "known_hosts", "owner.json", "ssh.json", "uvmshim.json"]
+    assert stat.S_IMODE(access.key.stat().st_mode) == 0o600
     record = debugvm.find_ssh(root, "uvm-1")
-    assert (record.vm, record.port, record.key, record.host_key, record.pid) == (
-        "uvm-1", 4022, str(d / "id_ed25519"), HOST_KEY, os.getpid())
+    assert (record.vm, record.port, record.key, record.host_key) == ("uvm-1", 4022, str(d / "id_ed25519"), HOST_KEY)
     assert "runuvm ssh uvm-1" in access.instructions() and f"UserKnownHostsFile={d / 'known_hosts'}" in access.instructions()
     access.remove()
+    assert sorted(p.name for p in d.iterdir()) == ["owner.json", "uvmshim.json"]
+    claim.remove()
     with pytest.raises(RunuvmError, match=r"ssh uvm-1: no VM with that id .* \(none is running\)$"):
         debugvm.find_ssh(root, "uvm-1")
+    assert list((root / ".boot").iterdir()) == []
 
 
 def test_find_names_the_running_vms(tmp_path: Path) -> None:
-    debugvm.publish_ssh(tmp_path, "uvm-a", 4022, ClientKey.generate("c"), HOST_KEY)
+    claim_and_publish(tmp_path, "uvm-a")
+    debugvm.claim_boot(tmp_path, fake_vm(tmp_path, "uvm-c"))  # without --ssh: not listed
     with pytest.raises(RunuvmError, match=r"ssh uvm-b: no VM with that id .* \(running: uvm-a\)$"):
         debugvm.find_ssh(tmp_path, "uvm-b")
 
@@ -145,46 +176,47 @@ def test_find_refuses_what_is_not_a_vm_id(tmp_path: Path, vm_id: str) -> None:
 
 
 def test_a_killed_boot_is_swept(tmp_path: Path) -> None:
-    access = debugvm.publish_ssh(tmp_path, "uvm-k", 4022, ClientKey.generate("c"), HOST_KEY)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    record = access.record.model_copy(update={"pid": dead.pid})
-    (access.directory / "ssh.json").write_text(record.model_dump_json())
+    access = claim_and_publish(tmp_path, "uvm-k")
+    kill_owner(access.directory)
     with pytest.raises(RunuvmError, match=r"ssh uvm-k: that VM is gone \(its `runuvm boot` process was killed\)"):
         debugvm.find_ssh(tmp_path, "uvm-k")
     assert not access.directory.exists()
 
 
-def test_what_a_killed_boot_left_is_removed_with_its_record(tmp_path: Path) -> None:
+def test_what_a_killed_boot_left_is_removed_with_its_claim(tmp_path: Path) -> None:
     run_dir = tmp_path / "run" / "uvm-q"
     run_dir.mkdir(parents=True)
     # stands for the VM's QEMU: a process naming a path in the run directory on its command line
     qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{run_dir}/qmp.sock"])
     try:
-        access = debugvm.publish_ssh(tmp_path, "uvm-q", 4022, ClientKey.generate("c"), HOST_KEY, run_dir)
-        assert json.loads((access.directory / "uvmshim.json").read_text())["run_dir"] == str(run_dir)
-        dead = subprocess.Popen(["true"])
-        dead.wait()
-        (access.directory / "ssh.json").write_text(access.record.model_copy(update={"pid": dead.pid}).model_dump_json())
+        claim = debugvm.claim_boot(tmp_path, fake_vm(tmp_path, "uvm-q"))  # killed mid-start: no SSH yet
+        kill_owner(claim.directory)
         assert debugvm.sweep_stale(tmp_path) == ["uvm-q"]
         assert qemu.wait(timeout=10) == -9
-        assert not run_dir.exists() and not access.directory.exists()
+        assert not run_dir.exists() and not claim.directory.exists()
     finally:
         qemu.kill()
         qemu.wait()
 
 
+def test_a_new_boot_sweeps_what_a_killed_one_left(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run" / "uvm-old"
+    run_dir.mkdir(parents=True)
+    kill_owner(debugvm.claim_boot(tmp_path, fake_vm(tmp_path, "uvm-old")).directory)
+    debugvm.claim_boot(tmp_path, fake_vm(tmp_path, "uvm-new"))
+    assert sorted(p.name for p in (tmp_path / ".boot").iterdir()) == ["uvm-new"] and not run_dir.exists()
+
+
 def test_a_live_boot_is_left_alone(tmp_path: Path) -> None:
     run_dir = tmp_path / "run" / "uvm-l"
     run_dir.mkdir(parents=True)
-    access = debugvm.publish_ssh(tmp_path, "uvm-l", 4022, ClientKey.generate("c"), HOST_KEY, run_dir)
+    access = claim_and_publish(tmp_path, "uvm-l")
     assert debugvm.sweep_stale(tmp_path) == [] and access.directory.exists() and run_dir.exists()
 
 
 def test_a_reused_pid_is_not_the_owner(tmp_path: Path) -> None:
-    access = debugvm.publish_ssh(tmp_path, "uvm-r", 4022, ClientKey.generate("c"), HOST_KEY)
-    record = access.record.model_copy(update={"pid_start": access.record.pid_start + 1})
-    (access.directory / "ssh.json").write_text(record.model_dump_json())
+    claim = debugvm.claim_boot(tmp_path, fake_vm(tmp_path, "uvm-r"))
+    kill_owner(claim.directory, pid_start=debugvm.read_owner(claim.directory).pid_start + 1)
     assert debugvm.sweep_stale(tmp_path) == ["uvm-r"]
 
 
@@ -198,19 +230,24 @@ def test_sweep_keeps_fresh_partial_directories_and_removes_old_ones(tmp_path: Pa
     assert not partial.exists()
 
 
-def test_an_unreadable_record_is_swept(tmp_path: Path) -> None:
+def test_an_unreadable_claim_is_swept(tmp_path: Path) -> None:
     d = tmp_path / ".boot" / "uvm-x"
     d.mkdir(parents=True)
-    (d / "ssh.json").write_text(json.dumps({"vm": "uvm-x", "port": "22"}))
+    (d / "owner.json").write_text(json.dumps({"vm": "uvm-x", "pid": "1", "pid_start": 0}))
     assert debugvm.sweep_stale(tmp_path) == ["uvm-x"]
 
 
-def test_record_is_strict() -> None:
-    good = {"vm": "uvm-1", "port": 22, "key": "/k", "host_key": HOST_KEY, "pid": 1, "pid_start": 0}
+def test_records_are_strict() -> None:
+    good = {"vm": "uvm-1", "port": 22, "key": "/k", "host_key": HOST_KEY}
     debugvm.SshRecord.model_validate(good)
     for change in ({"port": 0}, {"vm": "../x"}, {"host_key": "ssh-rsa AAAA"}, {"extra": 1}, {"port": "22"}):
         with pytest.raises(ValidationError):
             debugvm.SshRecord.model_validate({**good, **change})
+    owner = {"vm": "uvm-1", "pid": 1, "pid_start": 0}
+    debugvm.BootOwner.model_validate(owner)
+    for change in ({"pid": 0}, {"vm": "a/b"}, {"pid": "1"}, {"extra": 1}):
+        with pytest.raises(ValidationError):
+            debugvm.BootOwner.model_validate({**owner, **change})
 
 
 # -- the console ------------------------------------------------------------------------------------
