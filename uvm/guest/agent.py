@@ -198,13 +198,24 @@ class Agent:
         except OSError as e:  # host side not connected: keep the bytes, retry later
             log(f"write to port: {e}")
             n = 0
-        total = len(header) + len(payload)
-        if n < total:
-            if n < len(header):
-                self.wbuf += header[n:]
-                self.wbuf += payload
-            else:
-                self.wbuf += payload[n - len(header):]
+        if n == len(header) + len(payload):
+            return
+        if n < len(header):
+            self.wbuf += header[n:]
+            self.wbuf += payload
+            self.flush()
+            return
+        rest = memoryview(payload)[n - len(header):]
+        # virtio-serial takes at most 32 KiB per write: go on writing from the caller's buffer while the
+        # port takes it, and copy into the queue only what it does not take now.
+        while rest:
+            try:
+                n = os.write(self.port, rest)
+            except OSError:  # EAGAIN, or the host side gone: queue the rest
+                break
+            rest = rest[n:]
+        if rest:
+            self.wbuf += rest
             self.flush()
 
     def reply(self, req_id: int, obj: object) -> None:
