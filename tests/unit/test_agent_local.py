@@ -100,8 +100,8 @@ class AgentProcess:
             with log.open("wb") as out:
                 self.popen = subprocess.Popen(
                     [sys.executable, "-c", AGENT_MAIN, str(agent_sock.fileno())],
-                    pass_fds=[agent_sock.fileno()], start_new_session=True, cwd=REPO,
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+                    pass_fds=[agent_sock.fileno()], start_new_session=True, cwd="/",  # as in the UVM
+                    env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         except BaseException:
             host_sock.close()
             raise
@@ -325,6 +325,38 @@ async def test_run_passes_stdin_env_and_cwd(host: Host, tmp_path: Path) -> None:
                                        env={"PATH": DEFAULT_PATH, "GREETING": "hi there"}, cwd=str(tmp_path)))
     assert res.exit_status == 0
     assert res.stdout == data + f"\n{os.path.realpath(tmp_path)}\nhi there\n".encode()
+
+
+@pytest.mark.parametrize("cwd", [None, "TMP"], ids=["agent-cwd", "other-cwd"])
+async def test_a_child_gets_only_its_stdio_its_own_session_and_default_signals(host: Host, tmp_path: Path,
+                                                                                 cwd: str | None) -> None:
+    """The agent ignores SIGPIPE and has many fds open: none of it reaches a child, whichever way it is
+    started (posix_spawn in the agent's cwd, fork+exec elsewhere)."""
+    res = await within(host.client.run(["sh", "-c", "ls /proc/self/fd | tr '\\n' ' '; echo; "
+                                                    "exec cat /proc/self/stat /proc/self/status"],
+                                       cwd=str(tmp_path) if cwd else None))
+    assert res.exit_status == 0, res.stderr
+    fds, stat, *status = res.stdout.decode().splitlines()
+    assert fds.split() == ["0", "1", "2", "3"]  # 3: ls's own, on /proc/self/fd
+    fields = stat.rpartition(")")[2].split()
+    assert fields[3] == stat.split()[0]  # session id == pid: a session of its own
+    masks = {k: int(v, 16) for k, v in (line.split(":\t", 1) for line in status) if k in ("SigIgn", "SigBlk")}
+    assert masks["SigBlk"] == 0
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):  # what Python and the agent ignore or catch
+        assert not masks["SigIgn"] & 1 << (sig - 1), sig
+
+
+async def test_a_program_is_found_on_the_requests_path_not_the_agents(host: Host, tmp_path: Path) -> None:
+    prog = tmp_path / "uvm-only-here"
+    prog.write_text("#!/bin/sh\necho found \"$@\"\n")
+    prog.chmod(0o755)
+    (tmp_path / "notexec").mkdir()
+    res = await within(host.client.run(["uvm-only-here", "x"], env={"PATH": f"{tmp_path}/notexec:{tmp_path}:/bin"}))
+    assert (res.exit_status, res.stdout) == (0, b"found x\n")
+    with pytest.raises(errors.AgentNotFoundError, match="exec uvm-only-here"):
+        await within(host.client.run(["uvm-only-here"]))
+    with pytest.raises(errors.AgentNotFoundError, match=f"exec {tmp_path}/missing"):
+        await within(host.client.run([f"{tmp_path}/missing"]))
 
 
 async def test_run_reports_a_signal(host: Host) -> None:

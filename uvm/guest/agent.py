@@ -116,6 +116,7 @@ class Agent:
         self.log = log
         if port_fd is not None:
             os.set_blocking(port_fd, False)
+            os.set_inheritable(port_fd, False)  # children get their stdio and nothing else
             self.port = port_fd
         else:
             assert port_path is not None
@@ -636,7 +637,9 @@ class Agent:
 
             self.profiler.disable()
             buf = io.StringIO()
-            pstats.Stats(self.profiler, stream=buf).sort_stats("tottime").print_stats(25)
+            stats = pstats.Stats(self.profiler, stream=buf)
+            stats.sort_stats("tottime").print_stats(25)
+            stats.sort_stats("cumulative").print_stats(40)
             log(buf.getvalue())
         os.set_blocking(self.port, True)
         try:

@@ -554,7 +554,6 @@ class Runtime(DiskMixin):
         import _socket  # noqa: F401
         import binascii  # noqa: F401
         import fcntl  # noqa: F401
-        import shutil  # noqa: F401
         import struct  # noqa: F401
         return {}
 
@@ -579,9 +578,7 @@ class Runtime(DiskMixin):
             root_path = self.rootfs_path(rootfs)
         self.ensure_cgroups()
         bundle = f"{CONTAINERS_DIR}/{cid}"
-        import shutil
-
-        shutil.rmtree(bundle, ignore_errors=True)
+        procs.remove_tree(bundle)
         os.makedirs(bundle, mode=0o700)
         if layered:
             root_path = self.mount_overlay(cid, rootfs, f"{bundle}/rootfs")
@@ -651,9 +648,7 @@ class Runtime(DiskMixin):
         opts = f"lowerdir={':'.join(rootfs['layers'])},upperdir={upper},workdir={work}"
         status, out = self.agent.run_blocking(["mount", "-t", "overlay", "-o", opts, "overlay", target])
         if status != 0:
-            import shutil
-
-            shutil.rmtree(target.rsplit("/", 1)[0], ignore_errors=True)
+            procs.remove_tree(target.rsplit("/", 1)[0])
             raise err(proto.E_INVALID, f"overlay rootfs for {cid}: {out.strip()}")
         return target
 
@@ -895,8 +890,6 @@ class Runtime(DiskMixin):
 
     def discard(self, c: Container) -> None:
         """Forget a container: its streams, processes, OOM watch and bundle."""
-        import shutil
-
         for proc in [c.init, *c.execs.values()]:
             if proc is not None:
                 proc.release()
@@ -907,22 +900,14 @@ class Runtime(DiskMixin):
             c.oom_fd = None
         self.containers.pop(c.id, None)
         if c.overlay:
-            # Never remove files through a still-mounted overlay: that would delete them from the scratch.
+            # Files are never removed through a still-mounted overlay (remove_tree does not enter a
+            # mount point): that would delete them from the scratch.
             status, out = self.agent.run_blocking(["umount", f"{c.bundle}/rootfs"])
             if status != 0:
                 self.agent.log(f"container {c.id}: umount rootfs: {out.strip()}; detaching it lazily")
                 self.agent.run_blocking(["umount", "-l", f"{c.bundle}/rootfs"])
-            for entry in os.listdir(c.bundle):
-                if entry != "rootfs":
-                    shutil.rmtree(f"{c.bundle}/{entry}", ignore_errors=True) if os.path.isdir(
-                        f"{c.bundle}/{entry}") else os.unlink(f"{c.bundle}/{entry}")
-            try:
-                os.rmdir(f"{c.bundle}/rootfs")
-                os.rmdir(c.bundle)
-            except OSError as e:
-                self.agent.log(f"container {c.id}: bundle left in place: {e}")
-        else:
-            shutil.rmtree(c.bundle, ignore_errors=True)
+        if not procs.remove_tree(c.bundle):
+            self.agent.log(f"container {c.id}: bundle {c.bundle} left in place")
         try:
             os.rmdir(c.cgroup)
         except OSError:
