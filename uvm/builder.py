@@ -121,9 +121,10 @@ def host_tsc_khz() -> int | None:
 def loopback_port(port: int) -> int:
     """port (0: a free one) after checking it can be bound on 127.0.0.1 now. Raises ConfigError.
 
-    QEMU binds it again a moment later: another process taking it in between makes the start fail
-    with QEMU's own words. (A narrow window. QEMU can bind port 0 itself, but then tells the port only
-    through the human monitor's `info usernet`; choosing it here keeps the backends unaware of SSH.)
+    QEMU binds it again a moment later: another process taking it in between makes QEMU refuse to
+    start, and UtilityVM then tries another free port (a port the user chose is not replaced). QEMU
+    can bind port 0 itself, but then tells the port only through the human monitor's `info usernet`;
+    choosing it here keeps the backends unaware of SSH.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 SHUTDOWN_REQUEST_TIMEOUT_S = 2.0
 CONSOLE_TAIL_LINES = 30
 CLONE_TIMEOUT_S = 20.0
+SSH_PORT_ATTEMPTS = 3
+HOSTFWD_REFUSED = "Could not set up host forwarding rule"  # QEMU's words when the ssh port is taken
 
 BackendFactory = Callable[[builder.LaunchSpec], Backend]
 
@@ -160,7 +162,7 @@ class UtilityVM:
             tmpl = await self._find_template(spec)
             if tmpl is not None:
                 try:
-                    await self._launch(tmpl.clone_spec(spec), t0, clone=True)
+                    await self._launch_retrying_port(spec, t0, tmpl)
                     self.started_from = "template"
                     return
                 except errors.StartError as e:
@@ -170,7 +172,22 @@ class UtilityVM:
                     self.log.warning("%s: booting cold", self.start_note)
                     await asyncio.to_thread(template.remove, tmpl.path)  # rebuilt on the next use
                     self._reset_after_failed_start()
-        await self._launch(spec, t0, clone=False)
+        await self._launch_retrying_port(spec, t0, None)
+
+    async def _launch_retrying_port(self, spec: builder.LaunchSpec, t0: float, tmpl: Template | None) -> None:
+        """Launch (a clone of tmpl, or cold). An ssh port the builder chose free may be taken by another
+        process before QEMU binds it: QEMU then refuses to start, and a fresh port is tried."""
+        for attempt in range(1, SSH_PORT_ATTEMPTS + 1):
+            try:
+                await self._launch(tmpl.clone_spec(spec) if tmpl else spec, t0, clone=tmpl is not None)
+                return
+            except errors.StartError as e:
+                if (self.config.ssh_port != 0 or HOSTFWD_REFUSED not in e.message or attempt == SSH_PORT_ATTEMPTS
+                        or self._closing):
+                    raise
+                self.log.info("ssh port %s was taken before QEMU bound it: trying another", spec.ssh_port)
+                self._reset_after_failed_start()
+                spec = dataclasses.replace(spec, ssh_port=await asyncio.to_thread(builder.loopback_port, 0))
 
     async def _find_template(self, spec: builder.LaunchSpec) -> Template | None:
         """The template to clone from, or None (with a warning naming why) to boot cold."""

@@ -121,6 +121,52 @@ async def test_launch_failure_is_a_start_error_and_releases_the_backend(
     await v.close()
 
 
+class PortThiefFactory(FakeBackendFactory):
+    """The first ``steals`` launches fail as QEMU does when the ssh port was taken after the builder chose it."""
+
+    def __init__(self, steals: int) -> None:
+        super().__init__()
+        self.steals = steals
+
+    def __call__(self, spec: Any) -> FakeBackend:
+        backend = super().__call__(spec)
+        if len(self.backends) <= self.steals:
+            backend.launch_error = errors.StartError(
+                f"VM {spec.vm_id}: QEMU exited with status 1: qemu-system-x86_64: -netdev user,id=net0,hostfwd="
+                f"tcp:127.0.0.1:{spec.ssh_port}-:22: {vm_module.HOSTFWD_REFUSED} 'tcp:127.0.0.1:{spec.ssh_port}-:22'")
+        return backend
+
+
+@pytest.mark.parametrize(("steals", "started"), [(1, True), (vm_module.SSH_PORT_ATTEMPTS, False)])
+async def test_an_ssh_port_taken_before_qemu_binds_it_is_replaced(tmp_path: Path, steals: int, started: bool) -> None:
+    factory = PortThiefFactory(steals)
+    v = UtilityVM(make_test_config(tmp_path, ssh_port=0), backend_factory=factory)
+    try:
+        if started:
+            await within(v.start())
+            launched = factory.last.launched_spec
+            assert v.state is VmState.RUNNING and v.spec is not None and launched is not None
+            assert len(factory.backends) == 2 and v.spec.ssh_port == launched.ssh_port
+        else:
+            with pytest.raises(errors.StartError, match=vm_module.HOSTFWD_REFUSED):
+                await within(v.start())
+            assert len(factory.backends) == steals and v.state is VmState.STOPPED
+        assert all(b.closed for b in factory.backends[:steals])
+    finally:
+        await within(v.close())
+    assert all(b.closed for b in factory.backends)
+
+
+async def test_an_ssh_port_the_user_chose_is_not_replaced(tmp_path: Path) -> None:
+    factory = PortThiefFactory(1)
+    port = vm_module.builder.loopback_port(0)
+    v = UtilityVM(make_test_config(tmp_path, ssh_port=port), backend_factory=factory)
+    with pytest.raises(errors.StartError, match=vm_module.HOSTFWD_REFUSED):
+        await within(v.start())
+    assert len(factory.backends) == 1
+    await v.close()
+
+
 async def test_boot_timeout_tears_down_and_carries_the_console_tail(
     tmp_path: Path, factory: FakeBackendFactory,
 ) -> None:
