@@ -23,6 +23,7 @@ log = logging.getLogger("uvmshim.events")
 
 SERVICE = "containerd.services.events.ttrpc.v1.Events"
 SEND_TIMEOUT_S = 10.0
+MAX_SENT = 1024
 
 
 def timestamp(at: float | None = None) -> timestamp_pb2.Timestamp:
@@ -46,7 +47,7 @@ class Publisher:
         self._queue: asyncio.Queue[events_ttrpc_pb2.ForwardRequest | None] = asyncio.Queue()
         self._client: Client | None = None
         self._sender: asyncio.Task[None] | None = None
-        self.sent: list[str] = []  # topics delivered, in order (for the logs and the tests)
+        self.sent: list[str] = []  # the last MAX_SENT topics delivered, in order (for the logs and the tests)
 
     def publish(self, topic: str, event: Message) -> None:
         """Queue an event; it is sent after every event published before it. Without an address
@@ -81,6 +82,8 @@ class Publisher:
                     self._client = await Client.connect_unix(self.address)
                 await self._client.call(SERVICE, "Forward", req, empty_pb2.Empty, timeout=SEND_TIMEOUT_S)
                 self.sent.append(topic)
+                if len(self.sent) > 2 * MAX_SENT:
+                    del self.sent[:-MAX_SENT]
                 log.debug("published %s", topic)
                 return
             except (OSError, TtrpcError) as e:

@@ -29,6 +29,7 @@ from uvm.streams import CREDIT, InboundStream, OutboundStream
 M = TypeVar("M", bound=BaseModel)
 
 MAX_FORGOTTEN_STREAMS = 4096
+MAX_ABANDONED_CALLS = 4096
 
 _ERROR_TYPES: dict[str, type[errors.AgentError]] = {
     proto.E_NOT_FOUND: errors.AgentNotFoundError,
@@ -64,6 +65,7 @@ class AgentConnection:
         self._reader_task: asyncio.Task[None] | None = None
         self._streams: dict[int, InboundStream | OutboundStream] = {}
         self._forgotten: dict[int, None] = {}  # closed by the host: late guest frames are dropped quietly
+        self._abandoned: dict[int, None] = {}  # calls the host stopped waiting for: their late answer is dropped
         self._next_sid = 1
         self.on_fail: Callable[[errors.UvmError], None] | None = None
 
@@ -98,6 +100,12 @@ class AgentConnection:
             raise closed.with_traceback(None) from None
         try:
             return await fut
+        except BaseException:
+            if self._pending.pop(req_id, None) is not None:  # cancelled (a deadline, a gone client) unanswered
+                self._abandoned[req_id] = None
+                while len(self._abandoned) > MAX_ABANDONED_CALLS:
+                    del self._abandoned[next(iter(self._abandoned))]
+            raise
         finally:
             self._pending.pop(req_id, None)
 
@@ -186,6 +194,8 @@ class AgentConnection:
             return self._stream_frame(frame)
         if frame.type == framing.RESPONSE:
             if frame.id not in self._pending:
+                if self._abandoned.pop(frame.id, "unknown") is None:
+                    return None  # the late answer to a call the host gave up on: an honest, slow guest
                 return f"response to unknown request id {frame.id}"
             if len(frame.payload) > proto.MAX_CONTROL_PAYLOAD:
                 return f"response of {len(frame.payload)} bytes exceeds the control cap"

@@ -70,6 +70,7 @@ class Process:
         self.stderr = stderr
         self.state = ProcessState.RUNNING
         self._exit: asyncio.Future[ProcessExit] = asyncio.get_running_loop().create_future()
+        self._table: ProcessTable | None = None  # set by the table that routes its exit
 
     def __repr__(self) -> str:
         where = f"container {self.container}" if self.container else "UVM"
@@ -212,6 +213,8 @@ class Process:
         for s2 in (self.stdin, self.stdout, self.stderr):
             if s2 is not None:
                 conn.forget_stream(s2.sid)
+        if self._table is not None and self.exited:
+            self._table.discard(self)
 
 
 class ProcessHost(Protocol):
@@ -233,8 +236,14 @@ class ProcessTable:
         self._early: dict[tuple[str, int], ProcessExit] = {}
 
     def add(self, proc: Process) -> None:
+        """Route proc's exit from now on. Raises GuestProtocolError if the guest gave the pid of a
+        process that has not exited (an exited one's pid may be reused: its entry is replaced)."""
         key = (proc.container or "", proc.pid)
+        old = self._procs.get(key)
+        if old is not None and not old.exited:
+            raise errors.GuestProtocolError(f"the guest gave pid {proc.pid} again while {old.where} still runs")
         self._procs[key] = proc
+        proc._table = self
         early = self._early.pop(key, None)
         if early is not None:
             proc._exited(early)
@@ -242,21 +251,34 @@ class ProcessTable:
     def get(self, container: str | None, pid: int) -> Process | None:
         return self._procs.get((container or "", pid))
 
+    def discard(self, proc: Process) -> None:
+        """Forget proc (closed and exited: nobody can ask for it any more)."""
+        key = (proc.container or "", proc.pid)
+        if self._procs.get(key) is proc:
+            del self._procs[key]
+
     def on_exit(self, event: models.ExitEvent) -> Process | None:
         key = (event.container or "", event.pid)
         info = ProcessExit(event.exit_status, event.signal, event.at)
         proc = self._procs.get(key)
-        if proc is None:
-            self._early[key] = info  # the exec answer may still be on its way
+        if proc is None or proc.exited:
+            # The exec answer may still be on its way (an exited entry is an earlier process with that pid).
+            self._early[key] = info
             while len(self._early) > self.MAX_EARLY:
                 del self._early[next(iter(self._early))]
             return None
         proc._exited(info)
+        if proc.state is ProcessState.CLOSED:
+            self.discard(proc)
         return proc
 
     def remove_container(self, container: str) -> None:
+        """The container is deleted: a process of it that did not report its exit was killed with it."""
+        now = time.time()
         for key in [k for k in self._procs if k[0] == container]:
-            del self._procs[key]
+            self._procs.pop(key)._exited(ProcessExit(None, signals.SIGKILL, now))
+        for key in [k for k in self._early if k[0] == container]:
+            del self._early[key]
 
     def vm_died(self) -> None:
         now = time.time()

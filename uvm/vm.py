@@ -478,6 +478,12 @@ class UtilityVM:
                 oom = models.OomEvent.model_validate(msg)
                 c = self.containers.get(oom.container)
                 if c is not None:
+                    # memory.events' oom_kill only grows: one notification (and one event) per increase.
+                    if oom.oom_kills < c.oom_kills:
+                        raise errors.GuestProtocolError(
+                            f"container {c.id}: oom_kills went down from {c.oom_kills} to {oom.oom_kills}")
+                    if oom.oom_kills == c.oom_kills:
+                        return
                     c.oom_kills = oom.oom_kills
                     for listener in self.oom_listeners:
                         listener(c, oom.oom_kills)
@@ -512,7 +518,11 @@ class UtilityVM:
                     conn.forget_stream(s.sid)
             raise
         proc = Process(client, container, res.pid, terminal, streams_in, streams_out, streams_err)
-        self.processes.add(proc)
+        try:
+            self.processes.add(proc)
+        except errors.GuestProtocolError as e:
+            conn.fail(errors.GuestProtocolError(f"agent link {self.id}: {e.message}", vm_id=self.id))
+            raise conn.closed or e from None
         return proc
 
     async def _exec(self, container: str | None, spec: oci.Process, *, stdin: bool, stdout: bool,

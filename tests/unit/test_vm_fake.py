@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from schemas import agent as proto
 from schemas import agent_models as models
+from schemas import oci
 from uvm import errors
 from uvm import vm as vm_module
 from uvm.backends.base import HypervisorExit
@@ -584,3 +587,68 @@ async def test_fake_backend_request_log_is_a_visible_record(vm: UtilityVM, facto
     assert [r.method for r in backend.guest.requests] == ["hello", "ping", "run"]
     assert isinstance(backend.guest.requests[1], Request) and backend.guest.requests[1].params == {"seq": 1}
     assert backend.state == "running" and backend.pid is not None
+
+
+# -- pids from the guest ---------------------------------------------------------------------------------
+
+
+def exec_answers(vm: UtilityVM, factory: FakeBackendFactory, pids: list[int]) -> None:
+    """The fake guest answers each exec with the next of pids."""
+    it = iter(pids)
+    factory.last.guest.handlers[proto.EXEC] = lambda req: {"pid": next(it)}
+
+
+def exit_note(pid: int, status: int) -> dict[str, Any]:
+    return {"event": proto.EVENT_EXIT, "container": None, "pid": pid, "exit_status": status, "signal": None,
+            "at": time.time()}
+
+
+async def test_a_pid_given_again_while_its_process_runs_drops_the_link_and_releases_both(
+        vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    exec_answers(vm, factory, [500, 500])
+    first = await within(vm.create_process(oci.Process(args=["sleep", "9"]), stdout=False, stderr=False))
+    with pytest.raises(errors.GuestProtocolError, match="pid 500 again while process 500 in the UVM still runs"):
+        await within(vm.create_process(oci.Process(args=["true"]), stdout=False, stderr=False))
+    exit_info = await within(first.wait())  # the link is gone: the VM is terminated, its waiters released
+    assert exit_info.vm_died and not exit_info.success
+
+
+async def test_an_exited_and_closed_pid_may_come_again_and_its_early_exit_is_kept(
+        vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    """pids wrap: the new process's exit may even arrive before the answer to its exec."""
+    guest = factory.last.guest
+    exec_answers(vm, factory, [700, 700])
+    first = await within(vm.create_process(oci.Process(args=["true"]), stdout=False, stderr=False))
+    await guest.notify(exit_note(700, 0))
+    assert (await within(first.wait())).exit_code == 0
+    first.close()
+    assert vm.processes.get(None, 700) is None  # closed and exited: nothing kept for it
+    held = guest.handlers[proto.EXEC]
+    guest.handlers[proto.EXEC] = lambda req: None  # answer later
+    second_task = asyncio.create_task(vm.create_process(oci.Process(args=["false"]), stdout=False, stderr=False))
+    n = len(guest.requests)
+    req = (await within(guest.wait_for_requests(n + 1)))[-1]
+    assert req.method == proto.EXEC
+    await guest.notify(exit_note(700, 1))  # the exit before the answer
+    await guest.respond(req.id, held(req))
+    second = await within(second_task)
+    assert (await within(second.wait())).exit_code == 1
+    assert vm.agent is not None and vm.state is VmState.RUNNING
+
+
+async def test_oom_listeners_hear_each_increase_once_and_a_decrease_drops_the_link(
+        vm: UtilityVM, factory: FakeBackendFactory) -> None:
+    """A guest repeating its OOM notification cannot flood the listeners (and containerd's events)."""
+    guest = factory.last.guest
+    c = types.SimpleNamespace(id="c1", oom_kills=0)
+    vm.containers["c1"] = c  # type: ignore[assignment]
+    heard: list[int] = []
+    vm.oom_listeners.append(lambda container, kills: heard.append(kills))
+    for kills in (1, 1, 1, 2, 2):
+        await guest.notify({"event": proto.EVENT_OOM, "container": "c1", "oom_kills": kills, "at": time.time()})
+    assert (await within(vm.agent_client("ping").ping(1))).seq == 1  # every notification above was handled
+    assert heard == [1, 2]
+    await guest.notify({"event": proto.EVENT_OOM, "container": "c1", "oom_kills": 1, "at": time.time()})
+    with pytest.raises(errors.GuestProtocolError, match="oom_kills went down from 2 to 1"):
+        await within(vm.agent_client("ping").ping(2))
+    del vm.containers["c1"]  # (a stand-in: the VM's teardown would close a real one)
