@@ -23,6 +23,7 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,13 @@ class Runuvm:
         resp = await self._call(cid, "Wait", pb.WaitRequest(id=cid, exec_id=exec_id), pb.WaitResponse, timeout=None)
         return int(resp.exit_status)
 
+    def _close_io(self, cid: str, exec_id: str) -> Callable[[], Awaitable[None]]:
+        """CloseIO(stdin) of a process, for when the caller's stdin ended (the process may be gone already)."""
+        async def close_io() -> None:
+            with contextlib.suppress(RunuvmError):
+                await self._call(cid, "CloseIO", pb.CloseIORequest(id=cid, exec_id=exec_id, stdin=True), empty_pb2.Empty)
+        return close_io
+
     async def delete(self, cid: str, force: bool = False) -> None:
         """Remove a stopped (or created) container; --force kills a running one first."""
         self._saved(cid)
@@ -348,7 +356,7 @@ class Runuvm:
                 pid_file.write_text(str(pid))
             if relay is None:
                 return 0
-            return await relay.run(self.wait(cid, exec_id))
+            return await relay.run(self.wait(cid, exec_id), self._close_io(cid, exec_id))
         finally:
             if relay is not None:
                 relay.close()
@@ -369,7 +377,7 @@ class Runuvm:
             try:
                 await self.create(cid, bundle, pid_file, relay.paths, terminal)
                 await self.start(cid)
-                code = await relay.run(self.wait(cid))
+                code = await relay.run(self.wait(cid), self._close_io(cid, ""))
             finally:
                 relay.close()
             await self.delete(cid, force=True)
@@ -436,12 +444,13 @@ class StdioRelay:
                      if p]
         self._fds = list(self._out)
 
-    async def run(self, waiter: Any) -> int:
-        """Copy stdin in and output out until the process exited and its output is drained; its exit code."""
+    async def run(self, waiter: Any, close_io: Callable[[], Awaitable[None]]) -> int:
+        """Copy stdin in and output out until the process exited and its output is drained; its exit code.
+        At the end of our stdin, close_io (CloseIO, as ctr does) gives the process its end of file."""
         stop = asyncio.Event()
         dests = [sys.stdout.fileno(), sys.stderr.fileno()]
         copies = [asyncio.create_task(_copy_out(fd, dest, stop)) for fd, dest in zip(self._out, dests, strict=False)]
-        feeder = asyncio.create_task(self._copy_in()) if self.paths.stdin else None
+        feeder = asyncio.create_task(self._copy_in(close_io)) if self.paths.stdin else None
         try:
             code = await waiter
             stop.set()  # Wait returned once the output was in the FIFOs: copy what is there, then stop
@@ -453,7 +462,7 @@ class StdioRelay:
                     t.cancel()
             await asyncio.gather(*(t for t in (*copies, feeder) if t is not None), return_exceptions=True)
 
-    async def _copy_in(self) -> None:
+    async def _copy_in(self, close_io: Callable[[], Awaitable[None]]) -> None:
         # The shim opened its read end during create/exec: this open does not block.
         fd = os.open(self.paths.stdin, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -461,6 +470,7 @@ class StdioRelay:
                 await write_all(fd, data, stall_timeout=3600)
         finally:
             os.close(fd)
+        await close_io()
 
     def close(self) -> None:
         for fd in self._fds:

@@ -241,6 +241,6 @@ class TaskService:
 
     async def close(self) -> None:
         """Tear down whatever is left (the shim is going away), then flush the events."""
-        if self.task is not None and not self.task.deleted:
-            await self.task._teardown()
+        if self.task is not None:
+            await self.task.teardown()
         await self.publisher.close()

@@ -3,7 +3,9 @@
 containerd (through `ctr`) gives each process up to three FIFO paths, all opened when the process is
 created, so a bad path fails the create and no open ever blocks. stdout and stderr are opened
 read-write: a reader that comes and goes (a detached client) never turns our writes into EPIPE.
-stdin is opened read-only and non-blocking; its readiness counts only once the client connected.
+stdin is opened read-only and non-blocking, and write-only too, as runc's shim does: that writer of
+ours keeps the process's stdin open across clients that come and go (`ctr task attach`, a detached
+`ctr run`); only CloseIO closes it, and the process sees EOF once every client's writer is gone too.
 Output is copied with backpressure: the agent link's credits stop the guest when containerd's reader
 is slow, and a reader that stalls for OUTPUT_STALL_S drops the rest of that output rather than
 holding the task's exit forever.
@@ -12,7 +14,6 @@ holding the task's exit forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -94,6 +95,7 @@ class ProcessIO:
         self.terminal = terminal
         self._out_fds: list[int] = []
         self._in_fd: int | None = None
+        self._in_hold: int | None = None  # our own writer on the stdin FIFO, until CloseIO
         self._copies: list[asyncio.Task[None]] = []
         self._stdin_copy: asyncio.Task[None] | None = None
         self._closed = False
@@ -111,6 +113,7 @@ class ProcessIO:
                     self._out_fds.append(open_fifo_writer(path, f"{self.name}: {what}"))
             if self.stdin_path:
                 self._in_fd = open_fifo_reader(self.stdin_path, f"{self.name}: stdin")
+                self._in_hold = os.open(self.stdin_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a reader is open
         except BaseException:
             self._close_fds()
             raise
@@ -148,11 +151,13 @@ class ProcessIO:
             proc.close_stdin()
 
     async def close_stdin(self, proc: Process | None) -> None:
-        """CloseIO: containerd's client closed its end; what it wrote is delivered, then EOF."""
-        if self._stdin_copy is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._stdin_copy), 5.0)
-        if proc is not None:
+        """CloseIO: no more input. What clients wrote is still delivered: the copy closes the process's
+        stdin at the FIFO's end of file, once the clients' writers are closed too (ctr calls CloseIO
+        before it closes its own)."""
+        if self._in_hold is not None:
+            os.close(self._in_hold)
+            self._in_hold = None
+        if self._stdin_copy is None and proc is not None:
             proc.close_stdin()
 
     async def drained(self) -> None:
@@ -164,9 +169,10 @@ class ProcessIO:
         for fd in self._out_fds:
             os.close(fd)
         self._out_fds.clear()
-        if self._in_fd is not None:
-            os.close(self._in_fd)
-            self._in_fd = None
+        for in_fd in (self._in_fd, self._in_hold):
+            if in_fd is not None:
+                os.close(in_fd)
+        self._in_fd = self._in_hold = None
 
     async def close(self) -> None:
         """Stop every copy and close the FIFOs. Idempotent."""

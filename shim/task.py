@@ -25,7 +25,7 @@ from schemas import oci
 from schemas.containerd import events_task_pb2 as ev
 from schemas.containerd import mount_pb2
 from schemas.shim_options import ShimOptions
-from schemas.uvm_config import Share
+from schemas.uvm_config import Share, UvmConfig
 from schemas.validation import first_problem
 from shim import leftovers
 from shim import rootfs as host_rootfs
@@ -41,6 +41,7 @@ log = logging.getLogger("uvmshim.task")
 
 INIT = ""  # the exec id of a task's init process
 SHARE_TAG = "rootfs"
+EXEC_FAILED_STATUS = 255  # an exec whose Start failed: a Wait on it returns this (runc releases it too)
 
 
 class Status(enum.IntEnum):
@@ -114,7 +115,8 @@ class TaskProcess:
 
 class Task:
     def __init__(self, task_id: str, bundle: Path, namespace: str, options: ShimOptions,
-                 publish: Callable[[str, Message], None], state_dir: Path | None = None) -> None:
+                 publish: Callable[[str, Message], None], state_dir: Path | None = None,
+                 vm_factory: Callable[[UvmConfig], UtilityVM] = UtilityVM) -> None:
         self.id = task_id
         self.bundle = bundle
         # Where the shim keeps its own files (uvmshim.json, the UVM's console log): containerd's bundle,
@@ -123,12 +125,15 @@ class Task:
         self.namespace = namespace
         self.options = options
         self.publish = publish
+        self._vm_factory = vm_factory  # tests: a UtilityVM over a fake backend
         self.vm: UtilityVM | None = None
         self.container: Container | None = None
         self.procs: dict[str, TaskProcess] = {}
         self.rootfs_mounted: Path | None = None
         self.started = False
         self.deleted = False
+        self._starting: asyncio.Future[None] | None = None  # the init's Start, until it answered
+        self._teardown_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.namespace}/{self.id} procs={sorted(self.procs)} vm={self.vm!r}>"
@@ -151,7 +156,7 @@ class Task:
         try:
             io.open()
             root = self._prepare_rootfs(rootfs, spec)
-            self.vm = UtilityVM(self.options.uvm_config(
+            self.vm = self._vm_factory(self.options.uvm_config(
                 id=vm_id_for(self.namespace, self.id),
                 shares=[Share(tag=SHARE_TAG, host_path=root, readonly=bool(spec.root and spec.root.readonly))],
                 console_log=self.state_dir / "uvm-console.log"))
@@ -164,7 +169,7 @@ class Task:
                                                             stdin=want_in, stdout=want_out, stderr=want_err)
         except BaseException:
             await io.close()
-            await self._teardown()
+            await self.teardown()
             raise
         init.proc = self.container.init
         init.pid = init.proc.pid
@@ -216,6 +221,8 @@ class Task:
         if p.exec_id == INIT:
             assert self.container is not None
             info = await self.container.wait()
+            if self._starting is not None:
+                await asyncio.shield(self._starting)  # as runc's shim: TaskStart goes out before TaskExit
         else:
             info = await p.proc.wait()
         await p.io.drained()
@@ -230,17 +237,27 @@ class Task:
         p = self._proc(exec_id)
         container = self._live_container("start")
         if exec_id == INIT:
-            if self.started:
+            if self.started or self._starting is not None:
                 raise errors.StateError(f"task {self.id}: already started", container=self.id)
-            await container.start()
-            self.started = True
-            self.publish("/tasks/start", ev.TaskStart(container_id=self.id, pid=p.pid))
+            self._starting = asyncio.get_running_loop().create_future()
+            try:
+                await container.start()
+                self.started = True
+                self.publish("/tasks/start", ev.TaskStart(container_id=self.id, pid=p.pid))
+            finally:
+                self._starting.set_result(None)
+                if not self.started:
+                    self._starting = None  # it may be tried again
             return p.pid
-        if p.proc is not None:
+        if p.proc is not None or p.exited is not None:
             raise errors.StateError(f"task {self.id}: exec {exec_id}: already started", container=self.id)
         assert p.spec is not None
         want_in, want_out, want_err = p.io.wants
-        p.proc = await container.create_process(p.spec, stdin=want_in, stdout=want_out, stderr=want_err)
+        try:
+            p.proc = await container.create_process(p.spec, stdin=want_in, stdout=want_out, stderr=want_err)
+        except BaseException:
+            p.exit.set_result(Exited(EXEC_FAILED_STATUS, time.time()))  # a Wait already waiting returns
+            raise
         p.pid = p.proc.pid
         p.io.attach(p.proc)
         p.watcher = asyncio.create_task(self._watch(p), name=f"{self.id}-{exec_id}-exit")
@@ -300,7 +317,10 @@ class Task:
             raise errors.NotFoundError(f"task {self.id}: exec {exec_id}: process already finished", container=self.id)
 
     async def resize(self, exec_id: str, width: int, height: int) -> None:
+        """As runc's shim: nothing to do (and no error) for a process without a terminal or a 0x0 size."""
         p = self._proc(exec_id)
+        if not p.io.terminal or not width or not height:
+            return
         if p.proc is None:
             assert p.spec is not None
             p.spec.consoleSize = oci.ConsoleSize(width=width, height=height)
@@ -362,17 +382,26 @@ class Task:
             if p.proc is not None:
                 p.proc.close()
             return p.pid, p.exited or Exited(0, time.time())
-        if self.started and p.exited is None:
+        if (self.started or self._starting is not None) and p.exited is None:
             raise errors.StillRunningError(f"task {self.id}: cannot delete a running task", container=self.id)
-        await self._teardown()
+        await self.teardown()
         exited = p.exited or Exited(137, time.time())  # created, never started: killed by the delete
         self.publish("/tasks/delete", ev.TaskDelete(container_id=self.id, pid=p.pid, exit_status=exited.status,
                                                     exited_at=timestamp(exited.at)))
         return p.pid, exited
 
-    async def _teardown(self) -> None:
-        """Stop and release everything: container, UVM, FIFO relays, rootfs mount, state file. Idempotent."""
+    async def teardown(self) -> None:
+        """Stop and release everything: container, UVM, FIFO relays, rootfs mount, state file. Idempotent.
+
+        Runs to its end even if the caller is cancelled (a Delete past its deadline, containerd gone):
+        a half-done teardown would leave the VM running with no record for `delete` to find it by."""
         self.deleted = True
+        if self._teardown_task is None:
+            self._teardown_task = asyncio.create_task(self._teardown(), name=f"{self.id}-teardown")
+        await asyncio.shield(self._teardown_task)
+
+    async def _teardown(self) -> None:
+        released = False
         try:
             if self.container is not None:
                 with contextlib.suppress(errors.UvmError):
@@ -382,13 +411,20 @@ class Task:
                     if self.vm.backend is not None and self.vm.state.value in ("running", "stopping"):
                         await stop_escalating(self.vm, self.options.stop_grace_s)
                 await self.vm.close()
+            released = True
         finally:
+            now = time.time()
             for p in list(self.procs.values()):
                 if p.watcher is not None and not p.watcher.done():
                     p.watcher.cancel()
                     await asyncio.gather(p.watcher, return_exceptions=True)
+                if p.proc is not None and not p.exit.done():  # killed with the container: Wait returns, and
+                    p.exit.set_result(Exited(137, now))      # its TaskExit goes out before TaskDelete
+                    self.publish("/tasks/exit", ev.TaskExit(container_id=self.id, id=p.exec_id or self.id, pid=p.pid,
+                                                            exit_status=137, exited_at=timestamp(now)))
                 await p.io.close()
             if self.rootfs_mounted is not None:
                 host_rootfs.unmount(self.rootfs_mounted)
                 self.rootfs_mounted = None
-            leftovers.forget(self.state_dir)
+            if released:  # else `delete` must still find the VM by this record
+                leftovers.forget(self.state_dir)

@@ -8,7 +8,9 @@ host side. Wrong-state calls raise the precise error (not running, still running
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import logging
 import signal as signals
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,8 @@ from uvm.process import Process, ProcessExit
 
 if TYPE_CHECKING:
     from uvm.vm import UtilityVM
+
+log = logging.getLogger("uvm.container")
 
 CLOSE_GRACE_S = 10.0
 
@@ -191,9 +195,12 @@ class Container:
                     except errors.WaitTimeoutError:
                         pass
                 try:
-                    await self._client.request(proto.DELETE, {"id": self.id}, models.Empty)
+                    async with asyncio.timeout(CLOSE_GRACE_S):  # a guest that never answers does not hold us
+                        await self._client.request(proto.DELETE, {"id": self.id}, models.Empty)
                 except (errors.AgentNotFoundError, errors.LinkError, errors.NotRunningError):
                     pass
+                except TimeoutError:
+                    log.warning("container %s: the guest did not delete it within %gs", self.id, CLOSE_GRACE_S)
         finally:
             self.state = ContainerState.CLOSED
             self.init.close()

@@ -109,10 +109,11 @@ def test_lifecycle_with_state_at_each_step(env: tuple[Path, Path, dict[str, str]
 
 
 def test_run_relays_output_and_exit_code(env: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
-    b = bundle_with(env, tmp_path, ["/bin/sh", "-c", "read line; echo out $line; echo err >&2; exit 3"])
-    res = runuvm(env, "run", "run1", "--bundle", str(b), input=b"stdin-line\n")
+    # cat ends at the end of our stdin: the relay's CloseIO (the shim holds the stdin FIFO open until then).
+    b = bundle_with(env, tmp_path, ["/bin/sh", "-c", "read line; echo out $line; cat; echo err >&2; exit 3"])
+    res = runuvm(env, "run", "run1", "--bundle", str(b), input=b"stdin-line\nthe rest\n")
     assert res.returncode == 3, res.stderr
-    assert res.stdout == b"out stdin-line\n"
+    assert res.stdout == b"out stdin-line\nthe rest\n"
     assert res.stderr == b"err\n"
     assert runuvm(env, "state", "run1").returncode == 1  # run without -d deletes the container
 

@@ -261,19 +261,21 @@ async def test_terminal_relays_only_stdout(fifos: dict[str, str]) -> None:
         await pio.close()
 
 
-async def test_stdin_reaches_the_process_then_eof_closes_it(fifos: dict[str, str]) -> None:
+async def test_stdin_outlives_its_clients_until_close_io(fifos: dict[str, str]) -> None:
+    """As runc's shim: a client that closes its end (a detached `ctr run`, an attach that ends) is not the
+    process's end of file; CloseIO is, once the clients' writers are gone as well."""
     proc = FakeProcess(stdout=[], stdin=True)
     pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
     pio.open()
     try:
         pio.attach(proc.as_process())
-        await asyncio.sleep(0.1)
-        assert not proc.stdin_closed.is_set()  # no client yet is not end of file
-        writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
-        os.write(writer, b"hello ")
-        await asyncio.sleep(0.05)
-        os.write(writer, b"world\n")
-        os.close(writer)
+        for words in (b"hello ", b"world\n"):  # two clients, one after the other
+            writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+            os.write(writer, words)
+            os.close(writer)
+            await asyncio.sleep(0.1)
+        assert proc.stdin_data == b"hello world\n" and not proc.stdin_closed.is_set()
+        await asyncio.wait_for(pio.close_stdin(proc.as_process()), 2.0)
         await asyncio.wait_for(proc.stdin_closed.wait(), 2.0)
         assert proc.stdin_data == b"hello world\n"
         assert proc.close_stdin_calls == 1
@@ -281,7 +283,8 @@ async def test_stdin_reaches_the_process_then_eof_closes_it(fifos: dict[str, str
         await pio.close()
 
 
-async def test_close_stdin_delivers_what_was_written_then_closes(fifos: dict[str, str]) -> None:
+async def test_close_io_before_the_client_closes_delivers_everything_then_eof(fifos: dict[str, str]) -> None:
+    """ctr's order: its stdin reaches end of file, it calls CloseIO, and only then closes its FIFO end."""
     proc = FakeProcess(stdout=[], stdin=True)
     pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
     pio.open()
@@ -289,10 +292,28 @@ async def test_close_stdin_delivers_what_was_written_then_closes(fifos: dict[str
         pio.attach(proc.as_process())
         writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
         os.write(writer, b"last words")
+        await asyncio.wait_for(pio.close_stdin(proc.as_process()), 0.5)  # returns at once
+        await asyncio.sleep(0.1)
+        assert not proc.stdin_closed.is_set()  # the client may still write
+        os.write(writer, b", really")
         os.close(writer)
-        await asyncio.wait_for(pio.close_stdin(proc.as_process()), 2.0)
-        assert proc.stdin_data == b"last words"
-        assert proc.stdin_closed.is_set()
+        await asyncio.wait_for(proc.stdin_closed.wait(), 2.0)
+        assert proc.stdin_data == b"last words, really"
+    finally:
+        await pio.close()
+
+
+async def test_close_io_without_any_client_is_eof(fifos: dict[str, str]) -> None:
+    proc = FakeProcess(stdout=[], stdin=True)
+    pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
+    pio.open()
+    try:
+        pio.attach(proc.as_process())
+        await asyncio.sleep(0.05)
+        assert not proc.stdin_closed.is_set()
+        await pio.close_stdin(proc.as_process())
+        await asyncio.wait_for(proc.stdin_closed.wait(), 2.0)
+        assert proc.stdin_data == b""
     finally:
         await pio.close()
 
@@ -302,7 +323,7 @@ async def test_close_is_idempotent_and_closes_every_fd(fifos: dict[str, str]) ->
     proc = FakeProcess(stdout=[b"a"], stderr=[b"b"], stdin=True)
     pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], fifos["stderr"], terminal=False)
     pio.open()
-    assert open_fds() == baseline + 3
+    assert open_fds() == baseline + 4  # stdout, stderr, and stdin twice (our reader and our writer)
     pio.attach(proc.as_process())
     await asyncio.sleep(0.05)  # the copies run; stdin waits for a client that never comes
     await asyncio.wait_for(pio.close(), 2.0)

@@ -1,0 +1,197 @@
+"""shim.task.Task over a UtilityVM on the fake backend and a FakeGuest that plays the container runtime:
+the orderings and releases containerd relies on, with no QEMU (the e2e suite runs the same with one)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from google.protobuf.message import Message
+
+from schemas import agent as proto
+from schemas.shim_options import ShimOptions
+from schemas.uvm_config import UvmConfig
+from shim import leftovers
+from shim.task import EXEC_FAILED_STATUS, INIT, Task
+from uvm import errors
+from uvm.testing import ErrorReply, FakeBackendFactory, FakeGuest, Request, make_test_config
+from uvm.vm import UtilityVM
+
+T = TypeVar("T")
+DEADLINE = 5.0
+INIT_PID = 100
+
+
+async def within(aw: Awaitable[T], timeout: float = DEADLINE) -> T:
+    return await asyncio.wait_for(aw, timeout)
+
+
+class Runtime:
+    """The guest's container runtime, in the FakeGuest: containers start, execs get pids, a kill ends
+    every process of the container with an exit notification (as the real agent does)."""
+
+    def __init__(self, guest: FakeGuest) -> None:
+        self.guest = guest
+        self.running: set[int] = set()
+        self.next_pid = INIT_PID + 1
+        self.tasks: set[asyncio.Task[None]] = set()
+        guest.handlers.update({
+            proto.CREATE: self.create, proto.START: lambda req: {"pid": INIT_PID}, proto.EXEC: self.exec,
+            proto.KILL: self.kill, proto.DELETE: lambda req: {},
+        })
+
+    def create(self, req: Request) -> dict[str, Any]:
+        self.running.add(INIT_PID)
+        return {"pid": INIT_PID}
+
+    def exec(self, req: Request) -> dict[str, Any]:
+        pid, self.next_pid = self.next_pid, self.next_pid + 1
+        self.running.add(pid)
+        return {"pid": pid}
+
+    def kill(self, req: Request) -> dict[str, Any]:
+        for pid in sorted(self.running) if req.params.get("all") else [INIT_PID]:
+            self.exit_later(pid, None, req.params["signal"])
+        return {}
+
+    def exit_later(self, pid: int, status: int | None, sig: int | None = None) -> None:
+        self.running.discard(pid)
+        note = {"event": proto.EVENT_EXIT, "container": "t1", "pid": pid, "exit_status": status, "signal": sig,
+                "at": time.time()}
+        task = asyncio.get_running_loop().create_task(self.guest.notify(note))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.factory = FakeBackendFactory(guest=self._guest)
+        self.runtimes: list[Runtime] = []
+        self.events: list[tuple[str, Message]] = []
+        bundle = tmp / "bundle"
+        (bundle / "rootfs").mkdir(parents=True)
+        (bundle / "rootfs" / "bin").mkdir()
+        (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+                                                        "process": {"args": ["sh"], "cwd": "/"}}))
+        self.task = Task("t1", bundle, "ns", ShimOptions(stop_grace_s=0.5), self._publish, vm_factory=self._vm)
+
+    def _guest(self) -> FakeGuest:
+        guest = FakeGuest()
+        self.runtimes.append(Runtime(guest))
+        return guest
+
+    def _vm(self, config: UvmConfig) -> UtilityVM:
+        test_config = make_test_config(self.tmp, id=config.id, shares=config.shares, console_log=config.console_log)
+        return UtilityVM(test_config, backend_factory=self.factory)
+
+    def _publish(self, topic: str, event: Message) -> None:
+        self.events.append((topic, event))
+
+    @property
+    def topics(self) -> list[str]:
+        return [t for t, _ in self.events]
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.runtimes[-1]
+
+    async def create(self) -> None:
+        await within(self.task.create([], "", "", "", False))
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    harness = Harness(tmp_path)
+    try:
+        yield harness
+    finally:
+        await within(harness.task.teardown())
+        assert all(b.closed for b in harness.factory.backends)
+
+
+async def test_task_start_goes_out_before_an_exit_that_comes_first(h: Harness) -> None:
+    """A fast init can exit before the guest answers start: containerd must still see start, then exit."""
+    await h.create()
+    guest = h.factory.last.guest
+    guest.handlers[proto.START] = lambda req: None  # answered below, after the exit
+    start = asyncio.create_task(h.task.start(INIT))
+    req = (await within(guest.wait_for_requests(len(guest.requests) + 1)))[-1]
+    assert req.method == proto.START
+    h.runtime.exit_later(INIT_PID, 0)
+    await asyncio.sleep(0.1)
+    assert "/tasks/exit" not in h.topics
+    with pytest.raises(errors.StillRunningError):  # no Delete while Start is in flight
+        await h.task.delete(INIT)
+    await guest.respond(req.id, {"pid": INIT_PID})
+    assert await within(start) == INIT_PID
+    exited = await within(h.task.wait(INIT))
+    assert exited.status == 0
+    assert h.topics == ["/tasks/create", "/tasks/start", "/tasks/exit"]
+    await within(h.task.delete(INIT))
+    assert h.topics[-1] == "/tasks/delete"
+
+
+async def test_a_failed_exec_start_releases_a_wait_already_waiting(h: Harness) -> None:
+    """CRI waits on an exec before it starts it: a Start that fails must not leave that Wait parked."""
+    await h.create()
+    await within(h.task.start(INIT))
+    await within(h.task.exec_add("e1", json.dumps({"args": ["/nope"], "cwd": "/"}).encode(), False, "", "", ""))
+    waiter = asyncio.create_task(h.task.wait("e1"))
+    h.factory.last.guest.handlers[proto.EXEC] = lambda req: ErrorReply(proto.E_NOT_FOUND, "exec /nope: No such file")
+    with pytest.raises(errors.AgentNotFoundError):
+        await within(h.task.start("e1"))
+    assert (await within(waiter)).status == EXEC_FAILED_STATUS
+    with pytest.raises(errors.StateError):
+        await h.task.start("e1")
+    await within(h.task.delete("e1"))
+
+
+async def test_delete_of_the_task_releases_a_running_exec_and_its_exit_comes_first(h: Harness) -> None:
+    await h.create()
+    await within(h.task.start(INIT))
+    await within(h.task.exec_add("e1", json.dumps({"args": ["sleep", "99"], "cwd": "/"}).encode(), False, "", "", ""))
+    exec_pid = await within(h.task.start("e1"))
+    waiter = asyncio.create_task(h.task.wait("e1"))
+    h.runtime.exit_later(INIT_PID, 0)  # the init ends; the exec (no pid namespace of its own) goes on
+    await within(h.task.wait(INIT))
+    assert exec_pid in h.runtime.running and not waiter.done()
+    await within(h.task.delete(INIT))
+    assert (await within(waiter)).status == 137
+    exits = [e.id for t, e in h.events if t == "/tasks/exit"]
+    assert exits == ["t1", "e1"]
+    assert h.topics[-1] == "/tasks/delete"
+
+
+async def test_a_delete_cancelled_midway_still_releases_the_vm_and_only_then_forgets_it(h: Harness) -> None:
+    """A Delete past its ttrpc deadline (or a containerd gone) must not leave the VM behind."""
+    await h.create()
+    await within(h.task.start(INIT))
+    h.runtime.exit_later(INIT_PID, 0)
+    await within(h.task.wait(INIT))
+    guest = h.factory.last.guest
+    guest.handlers[proto.DELETE] = lambda req: None  # the guest is slow to delete
+    delete = asyncio.create_task(h.task.delete(INIT))
+    req = (await within(guest.wait_for_requests(len(guest.requests) + 1)))[-1]
+    assert req.method == proto.DELETE
+    assert (h.task.state_dir / leftovers.STATE_FILE).exists()
+    delete.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await delete
+    backend = h.factory.last
+    assert not backend.closed
+    await guest.respond(req.id, {})
+    await within(h.task.teardown())  # the teardown went on: it ends, the VM is gone, then the record
+    assert backend.closed
+    assert not (h.task.state_dir / leftovers.STATE_FILE).exists()
+
+
+@pytest.mark.parametrize("size", [(80, 24), (0, 0)])
+async def test_resize_of_a_process_without_a_terminal_is_a_no_op(h: Harness, size: tuple[int, int]) -> None:
+    await h.create()
+    await within(h.task.resize(INIT, *size))
