@@ -51,6 +51,29 @@ HOSTFWD_REFUSED = "Could not set up host forwarding rule"  # QEMU's words when t
 BackendFactory = Callable[[builder.LaunchSpec], Backend]
 
 
+class LogBudget:
+    """A token bucket for the guest's log notifications: a guest cannot flood the shim's log."""
+
+    RATE = 50  # lines a second, on average
+    BURST = 200
+
+    def __init__(self) -> None:
+        self.tokens = float(self.BURST)
+        self.last = 0.0
+        self.dropped = 0
+
+    def take(self, now: float) -> int | None:
+        """None: drop this line; else log it, after a note of how many were dropped before it (0: none)."""
+        self.tokens = min(self.BURST, self.tokens + (now - self.last) * self.RATE)
+        self.last = now
+        if self.tokens < 1:
+            self.dropped += 1
+            return None
+        self.tokens -= 1
+        dropped, self.dropped = self.dropped, 0
+        return dropped
+
+
 class VmState(enum.Enum):
     CREATED = "created"
     STARTING = "starting"
@@ -123,6 +146,7 @@ class UtilityVM:
         self.scsi = ScsiManager(self, config.scsi_controllers)
         self.containers: dict[str, Container] = {}
         self.oom_listeners: list[Callable[[Container, int], None]] = []
+        self._guest_log = LogBudget()
         self._link_lost: errors.UvmError | None = None
         self._link_kill: asyncio.Task[None] | None = None
 
@@ -489,7 +513,13 @@ class UtilityVM:
                         listener(c, oom.oom_kills)
             elif event == proto.EVENT_LOG:
                 rec = models.LogEvent.model_validate(msg)
-                self.log.log({"debug": 10, "info": 20, "warning": 30, "error": 40}[rec.level], "guest: %s", rec.message)
+                dropped = self._guest_log.take(time.monotonic())
+                if dropped is not None:
+                    if dropped:
+                        self.log.warning("guest: %d log lines dropped (more than %d a second)", dropped,
+                                         LogBudget.RATE)
+                    self.log.log({"debug": 10, "info": 20, "warning": 30, "error": 40}[rec.level], "guest: %s",
+                                 rec.message)
             else:
                 raise errors.GuestProtocolError(f"unknown notification {str(event)[:64]!r}")
         except ValidationError as e:

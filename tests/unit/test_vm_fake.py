@@ -652,3 +652,11 @@ async def test_oom_listeners_hear_each_increase_once_and_a_decrease_drops_the_li
     with pytest.raises(errors.GuestProtocolError, match="oom_kills went down from 2 to 1"):
         await within(vm.agent_client("ping").ping(2))
     del vm.containers["c1"]  # (a stand-in: the VM's teardown would close a real one)
+
+
+def test_the_guest_log_budget_drops_a_flood_and_counts_what_it_dropped() -> None:
+    budget = vm_module.LogBudget()
+    results = [budget.take(1000.0) for _ in range(budget.BURST + 30)]
+    assert results[:budget.BURST] == [0] * budget.BURST and results[budget.BURST:] == [None] * 30
+    assert budget.take(1000.0 + 1.5 / budget.RATE) == 30  # a token later: the next line says how many went
+    assert budget.take(1000.0 + 1.5 / budget.RATE) is None
