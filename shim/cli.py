@@ -368,6 +368,29 @@ def _command(words: list[str]) -> list[str]:
     return words[1:] if words[:1] == ["--"] else words
 
 
+EXEC_VALUE_OPTIONS = ("--process", "-p", "--pid-file")
+
+
+def _exec_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """exec's options may also follow the id (`exec ID -d --pid-file F -- CMD`): argparse's REMAINDER
+    took them; parse the leading options out of it, up to `--` or the first word of the command."""
+    words, lead = list(args.args), []
+    while words and words[0].startswith("-") and words[0] != "--":
+        lead.append(words.pop(0))
+        if lead[-1] in EXEC_VALUE_OPTIONS and words:
+            lead.append(words.pop(0))
+    opts = argparse.ArgumentParser(prog=f"{parser.prog} exec", add_help=False)
+    opts.add_argument("--process", "-p", type=Path)
+    opts.add_argument("--tty", "-t", action="store_true")
+    opts.add_argument("--detach", "-d", action="store_true")
+    opts.add_argument("--pid-file", type=Path)
+    given = opts.parse_args(lead)
+    args.process = given.process or args.process
+    args.pid_file = given.pid_file or args.pid_file
+    args.tty, args.detach = args.tty or given.tty, args.detach or given.detach
+    args.args = _command(words)
+
+
 async def _container_command(args: argparse.Namespace) -> int:
     from shim.runuvm import Runuvm, default_root, parse_signal
 
@@ -386,7 +409,7 @@ async def _container_command(args: argparse.Namespace) -> int:
     elif cmd == "state":
         print(json.dumps(await rt.state(args.id), indent=2))
     elif cmd == "exec":
-        return await rt.exec(args.id, _command(args.args), args.process, args.tty, args.detach, args.pid_file)
+        return await rt.exec(args.id, args.args, args.process, args.tty, args.detach, args.pid_file)
     elif cmd == "kill":
         await rt.kill(args.id, parse_signal(args.signal), args.all)
     elif cmd == "delete":
@@ -436,6 +459,8 @@ def _report(args: argparse.Namespace, message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "exec":
+        _exec_options(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, filename=args.log,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in CONTAINER_COMMANDS:
@@ -445,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_container_command(args))
         except RunuvmError as e:
             _report(args, str(e))
+            return 1
+        except (OSError, ValueError, TypeError) as e:  # a file, a path or a value the command could not use
+            _report(args, f"{args.command}: {e}")
             return 1
     if args.command == "boot":
         return asyncio.run(_boot(args))

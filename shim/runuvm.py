@@ -22,11 +22,12 @@ import shutil
 import signal
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import any_pb2, empty_pb2
 
@@ -36,6 +37,8 @@ from shim.leftovers import process_cmdlines
 from shim.main import Flags, spawn_server
 from shim.stdio import fd_ready, read_some, write_all
 from shim.ttrpc import Client, TtrpcError
+
+T = TypeVar("T")
 
 SERVICE = "containerd.task.v2.Task"
 DIAG = "uvmshim.diag.v1.Diag"
@@ -118,7 +121,7 @@ class Stdio:
 
 class Runuvm:
     def __init__(self, root: Path, debug: bool = False) -> None:
-        self.root = root
+        self.root = root.resolve()  # compared with /proc/PID/cwd to find a container's daemon
         self.debug = debug
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -170,11 +173,11 @@ class Runuvm:
             req = pb.CreateTaskRequest(id=cid, bundle=str(bundle), terminal=terminal, stdin=io.stdin,
                                        stdout=io.stdout, stderr=io.stderr)
             resp = await self._call(cid, "Create", req, pb.CreateTaskResponse, timeout=CREATE_TIMEOUT_S)
+            if pid_file is not None:
+                pid_file.write_text(str(resp.pid))
         except BaseException:
             await self._remove(cid)
             raise
-        if pid_file is not None:
-            pid_file.write_text(str(resp.pid))
         return int(resp.pid)
 
     async def start(self, cid: str) -> int:
@@ -367,23 +370,34 @@ class Runuvm:
         """create + start; in the foreground relay stdio, wait, delete, and return the exit code."""
         if detach:
             await self.create(cid, bundle, pid_file, terminal=terminal)
-            await self.start(cid)
+            await self._or_delete(cid, self.start(cid))
             return 0
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fifo_dir = self.root / f".fifo-{check_id(cid)}"
-        fifo_dir.mkdir(mode=0o700)
+        fifo_dir = Path(tempfile.mkdtemp(prefix=f".fifo-{check_id(cid)}-", dir=self.root))
         try:
             relay = StdioRelay(fifo_dir, "init", terminal)
             try:
                 await self.create(cid, bundle, pid_file, relay.paths, terminal)
-                await self.start(cid)
-                code = await relay.run(self.wait(cid), self._close_io(cid, ""))
+                code = await self._or_delete(cid, self._start_and_relay(cid, relay))
             finally:
                 relay.close()
             await self.delete(cid, force=True)
             return code
         finally:
             shutil.rmtree(fifo_dir, ignore_errors=True)
+
+    async def _start_and_relay(self, cid: str, relay: StdioRelay) -> int:
+        await self.start(cid)
+        return await relay.run(self.wait(cid), self._close_io(cid, ""))
+
+    async def _or_delete(self, cid: str, work: Awaitable[T]) -> T:
+        """work on a created container; if it fails (or is interrupted), the container goes, VM and all."""
+        try:
+            return await work
+        except BaseException:
+            with contextlib.suppress(RunuvmError, OSError):
+                await asyncio.shield(self.delete(cid, force=True))
+            raise
 
 
 async def _copy_out(fd: int, dest: int, stop: asyncio.Event) -> None:

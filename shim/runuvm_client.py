@@ -73,8 +73,8 @@ class Runuvm:
              pid_file: Path | None = None) -> bytes:
         """A process in the container; its output (foreground). Non-zero exit: RunuvmCommandError."""
         opts = ["--detach"] * detach + (["--pid-file", str(pid_file)] if pid_file else [])
-        opts += ["--process", str(process_file)] if process_file else ["--", *(args or [])]
-        return self._run("exec", cid, *opts)
+        opts += ["--process", str(process_file)] if process_file else []
+        return self._run("exec", *opts, cid, *([] if process_file else ["--", *(args or [])]))
 
     def kill(self, cid: str, signal: str | int = "SIGTERM", all_processes: bool = False) -> None:
         self._run("kill", cid, str(signal), *(["--all"] if all_processes else []))

@@ -162,7 +162,17 @@ def test_bad_bundles(env: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> 
     assert not root.exists() or not list(root.iterdir())
 
 
-def test_python_client(env: tuple[Path, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pid_file_that_cannot_be_written_fails_the_create_and_leaves_nothing(
+        env: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    root, bundle, _ = env
+    res = runuvm(env, "create", "pidf", "--bundle", str(bundle), "--pid-file", str(tmp_path / "no" / "such" / "p"))
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(b"runuvm: create: ") and res.stderr.count(b"\n") == 1, res.stderr
+    assert not list(root.iterdir())
+    assert runuvm(env, "state", "pidf").returncode == 1
+
+
+def test_python_client(env: tuple[Path, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     root, bundle, environ = env
     for k in ("UVMSHIM_RUN_DIR", "UVMSHIM_IMAGE_DIR"):
         monkeypatch.setenv(k, environ[k])
@@ -172,6 +182,8 @@ def test_python_client(env: tuple[Path, Path, dict[str, str]], monkeypatch: pyte
     rt.start("cli1")
     assert [s.id for s in rt.list()] == ["cli1"]
     assert rt.exec("cli1", ["/bin/echo", "hi"]) == b"hi\n"
+    assert rt.exec("cli1", ["/bin/sleep", "1"], detach=True, pid_file=tmp_path / "exec.pid") == b""
+    assert int((tmp_path / "exec.pid").read_text()) > 1
     assert len(rt.ps("cli1")) >= 1
     rt.pause("cli1")
     assert rt.state("cli1").status == "paused"
