@@ -37,6 +37,7 @@ class ScsiSlot:
     readonly: bool
     refs: int = 1
     device: str | None = None  # /dev/sdX in the guest, once seen there
+    broken: bool = False  # its detach failed: QEMU may still hold it, so the slot is never reused
 
 
 @dataclass
@@ -85,7 +86,7 @@ class ScsiManager:
 
     def _find(self, path: str, readonly: bool) -> ScsiSlot | None:
         for slot in self.slots.values():
-            if slot.path == path:
+            if slot.path == path and not slot.broken:
                 if slot.readonly and readonly:
                     return slot
                 raise errors.DiskError(f"disk {path}: already attached {'read-only' if slot.readonly else 'read-write'} "
@@ -137,8 +138,13 @@ class ScsiManager:
                     await self.vm._client("scsi unplug").request(
                         proto.SCSI_UNPLUG, {"controller": slot.controller, "lun": slot.lun}, models.Empty)
                 await self.vm._require_backend("detach_scsi").detach_scsi(slot.controller, slot.lun)
-            finally:
-                del self.slots[(slot.controller, slot.lun)]
+            except BaseException:
+                if self.vm.state.value == "running":  # QEMU may still hold the node: never hand the slot out again
+                    slot.broken = True
+                else:
+                    del self.slots[(slot.controller, slot.lun)]
+                raise
+            del self.slots[(slot.controller, slot.lun)]
 
     # -- mapped disks ----------------------------------------------------------------------------
 

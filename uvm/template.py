@@ -268,7 +268,10 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
     root = template_dir(config)
     final = root / key
     cm = _locked(root, key)
-    await asyncio.to_thread(cm.__enter__)  # held until the end: one builder per key
+    try:
+        await asyncio.to_thread(cm.__enter__)  # held until the end: one builder per key
+    except OSError as e:
+        raise TemplateError(f"template directory {root}: {e.strerror or e}") from None
     try:
         if not force:
             with contextlib.suppress(TemplateError):
@@ -277,9 +280,9 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
         bid = secrets.token_hex(4)
         memory = config.template_memory_dir.absolute() / f"{key}-{bid}.mem"
         work = root / f".{key}-{bid}"
-        work.mkdir(mode=0o700)
         t0 = time.monotonic()
         try:
+            work.mkdir(mode=0o700)
             shares = []
             for n, share in enumerate(config.shares):  # same devices, placeholder directories
                 (work / f"share{n}").mkdir()

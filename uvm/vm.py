@@ -225,7 +225,8 @@ class UtilityVM:
             if not problem.context.get("missing"):
                 self.log.warning("%s: rebuilding it", problem)
             try:
-                return await template.build(self.config, force=True)
+                # Not forced: a template another process built meanwhile (under the build lock) is used.
+                return await template.build(self.config)
             except errors.TemplateError as e:
                 problem = e
         elif self.config.template_autobuild and spec.backend == "qemu":

@@ -660,3 +660,36 @@ def test_the_guest_log_budget_drops_a_flood_and_counts_what_it_dropped() -> None
     assert results[:budget.BURST] == [0] * budget.BURST and results[budget.BURST:] == [None] * 30
     assert budget.take(1000.0 + 1.5 / budget.RATE) == 30  # a token later: the next line says how many went
     assert budget.take(1000.0 + 1.5 / budget.RATE) is None
+
+
+async def test_a_slot_whose_detach_failed_is_never_handed_out_again(
+        vm: UtilityVM, factory: FakeBackendFactory, tmp_path: Path) -> None:
+    """QEMU may still hold the node of a failed detach: a new disk at that slot would collide with it."""
+    disks = []
+    for name in ("a.img", "b.img"):
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+        disks.append(tmp_path / name)
+    first = await within(vm.add_scsi_disk(disks[0]))
+    backend = factory.last
+    real_detach = backend.detach_scsi
+
+    async def failing_detach(controller: int, lun: int) -> None:
+        raise errors.DiskError(f"detach {controller}:{lun}: QEMU did not report the device deleted")
+
+    backend.detach_scsi = failing_detach  # type: ignore[method-assign]
+    with pytest.raises(errors.DiskError, match="did not report"):
+        await within(vm.remove_scsi_disk(first))
+    backend.detach_scsi = real_detach  # type: ignore[method-assign]
+    second = await within(vm.add_scsi_disk(disks[1]))
+    assert (second.slot.controller, second.slot.lun) != (first.slot.controller, first.slot.lun)
+    await within(vm.remove_scsi_disk(second))
+
+
+async def test_an_unusable_template_directory_falls_back_to_a_cold_boot(new_vm: Callable[..., UtilityVM],
+                                                                        tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "templates"
+    not_a_dir.write_text("a file where the template directory should be")
+    v = new_vm(start="template", template_dir=not_a_dir)
+    await within(v.start())
+    assert v.state is VmState.RUNNING and v.started_from == "cold"
+    assert v.start_note is not None and f"template directory {not_a_dir}" in v.start_note

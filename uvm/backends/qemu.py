@@ -301,9 +301,9 @@ class QemuBackend:
             await self._qmp_call(what, "device_add", {
                 "driver": "scsi-hd", "id": dev, "bus": f"scsi{controller}.0", "drive": node,
                 "channel": 0, "scsi-id": 0, "lun": lun})
-        except DiskError:
+        except BaseException:  # a failed or cancelled device_add: the node must not stay behind
             with contextlib.suppress(DiskError):
-                await self._qmp_call(what, "blockdev-del", {"node-name": node})
+                await asyncio.shield(self._qmp_call(what, "blockdev-del", {"node-name": node}))
             raise
 
     async def detach_scsi(self, controller: int, lun: int) -> None:
