@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import libvirt
+import pytest
+
 from schemas.uvm_config import Share
 from uvm import builder
+from uvm.backends import libvirt as libvirt_backend
 from uvm.backends.libvirt import DOMAIN_PREFIX, domain_xml
 from uvm.testing import make_test_config
 
@@ -47,3 +53,54 @@ def test_devices_past_the_last_free_slot_are_left_to_libvirt(tmp_path: Path) -> 
     placed = [s for s in slots if s is not None]
     assert len(placed) == 0x1F - 2 and len(set(placed)) == len(placed)
     assert slots.count(None) == len(slots) - len(placed) > 0
+
+
+class SlowDomain:
+    def __init__(self, running: set[str], name: str) -> None:
+        self.running, self.name = running, name
+
+    def isActive(self) -> int:
+        return int(self.name in self.running)
+
+    def destroy(self) -> int:
+        self.running.discard(self.name)
+        return 0
+
+
+class SlowConnection:
+    """A libvirtd slow to create the domain (it re-probes QEMU, say): createXML returns after the start gave up."""
+
+    def __init__(self, running: set[str]) -> None:
+        self.running = running
+        self.closed = False
+
+    def lookupByName(self, name: str) -> None:
+        raise libvirt.libvirtError("Domain not found")
+
+    def createXML(self, xml: str, flags: int) -> SlowDomain:
+        time.sleep(0.5)
+        name = ET.fromstring(xml).findtext("name") or ""
+        self.running.add(name)
+        return SlowDomain(self.running, name)
+
+    def close(self) -> int:
+        self.closed = True
+        return 0
+
+
+async def test_a_domain_created_after_its_start_was_abandoned_is_destroyed_by_close(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    running: set[str] = set()
+    conn = SlowConnection(running)
+    monkeypatch.setattr(libvirt, "open", lambda uri: conn)
+    monkeypatch.setattr(libvirt_backend, "_ensure_event_loop", lambda: None)
+    monkeypatch.setattr(libvirt_backend, "check_kvm_node", lambda log: None)
+    spec = builder.build(make_test_config(tmp_path, backend="libvirt"))
+    backend = libvirt_backend.LibvirtBackend(spec)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):  # the boot timeout (or close) while createXML runs
+            await backend.launch(spec)
+    await asyncio.wait_for(backend.aclose(), 10)
+    await asyncio.sleep(0.6)  # createXML has returned by now, whatever aclose did
+    assert not running, "the late domain is still running"
+    assert conn.closed and not backend.run_dir.exists()

@@ -35,6 +35,7 @@ DOMAIN_PREFIX = "uvmshim-"
 METADATA_NS = "https://github.com/uvmshim/uvmshim/xmlns/domain/1"
 HOW_TO_START = "is libvirtd running? As root: `virtlogd -d && libvirtd -d` (or `systemctl start libvirtd`)"
 DEVICE_REMOVED_TIMEOUT_S = 15.0
+LATE_CALL_WAIT_S = 60.0  # how long aclose waits for a libvirt call a cancelled start left running
 
 _events_lock = threading.Lock()
 _events_started = False
@@ -152,6 +153,10 @@ class LibvirtBackend:
         self.log = logging.getLogger(f"uvm.{spec.vm_id}.libvirt")
         self._conn: Any = None
         self._dom: Any = None
+        # libvirt calls run in threads that a cancelled start cannot stop: what they return late
+        # (a connection, a running domain) is released by aclose.
+        self._opening: asyncio.Future[Any] | None = None
+        self._creating: asyncio.Future[Any] | None = None
         self._callbacks: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exit: asyncio.Future[HypervisorExit] | None = None
@@ -188,7 +193,8 @@ class LibvirtBackend:
         check_kvm_node(self.log)
         _ensure_event_loop()
         try:
-            self._conn = await asyncio.to_thread(libvirt.open, spec.libvirt_uri)
+            self._opening = asyncio.ensure_future(asyncio.to_thread(libvirt.open, spec.libvirt_uri))
+            self._conn = await asyncio.shield(self._opening)
         except libvirt.libvirtError as e:
             raise StartError(f"VM {spec.vm_id}: cannot connect to libvirt at {spec.libvirt_uri}: "
                              f"{libvirt_message(e)} ({HOW_TO_START})", vm_id=spec.vm_id) from None
@@ -201,7 +207,8 @@ class LibvirtBackend:
                                      f"(`virsh destroy {self.domain_name}` if it is a leftover)", vm_id=spec.vm_id)
         xml = domain_xml(spec, self.console_path)
         try:
-            self._dom = await asyncio.to_thread(self._conn.createXML, xml, 0)
+            self._creating = asyncio.ensure_future(asyncio.to_thread(self._conn.createXML, xml, 0))
+            self._dom = await asyncio.shield(self._creating)
         except libvirt.libvirtError as e:
             raise StartError(f"VM {spec.vm_id}: libvirt refused the domain: {libvirt_message(e)}",
                              vm_id=spec.vm_id) from None
@@ -340,15 +347,35 @@ class LibvirtBackend:
     def console_tail(self, lines: int = 30) -> str:
         return tail_lines(self.console_path, lines)
 
+    async def _settle_abandoned_calls(self) -> bool:
+        """A start cancelled while libvirt was connecting or creating the domain: wait (bounded) for
+        that call to return, and keep what it made, so that it is destroyed and closed below. True if a
+        domain came late (no lifecycle events were registered for it: nothing will report its end)."""
+        late_domain = False
+        for attr, pending in (("_conn", self._opening), ("_dom", self._creating)):
+            if pending is None or pending.cancelled() or getattr(self, attr) is not None:
+                continue
+            try:
+                setattr(self, attr, await asyncio.wait_for(asyncio.shield(pending), LATE_CALL_WAIT_S))
+                late_domain = late_domain or attr == "_dom"
+            except libvirt.libvirtError:
+                pass  # it failed: nothing was made
+            except TimeoutError:
+                self.log.error("libvirt %s did not return within %gs: domain %s may be left (virsh destroy it)",
+                               "createXML" if attr == "_dom" else "open", LATE_CALL_WAIT_S, self.domain_name)
+        return late_domain
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
+            late_domain = await self._settle_abandoned_calls()
             if self._active():
                 await self.terminate()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._exit), 15.0)  # type: ignore[arg-type]
+                if not late_domain:  # (a late one was destroyed, and no event will come for it)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(self._exit), 15.0)  # type: ignore[arg-type]
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
