@@ -204,7 +204,9 @@ def test_boot_exec_share_and_scsi(env: tuple[Path, Path, dict[str, str]], tmp_pa
     scratch = tmp_path / "scratch.img"
     assert subprocess.run([RUNUVM, "create-scratch", str(scratch), "--size-gb", "1"], env=environ,
                           capture_output=True, check=False).returncode == 0
-    res = subprocess.run([RUNUVM, "boot", "--measure", "--share", f"{tmp_path}:/mnt/host", "--mount-scsi", str(scratch),
+    boot_root = tmp_path / "boot-root"  # not the default --root: nothing of the test outside its directories
+    res = subprocess.run([RUNUVM, "--root", str(boot_root), "boot", "--measure", "--share", f"{tmp_path}:/mnt/host",
+                          "--mount-scsi", str(scratch),
                           "--exec", "sh -c 'uname -r; cat /mnt/host/hello; ls /mnt/scsi0; exit 6'"],
                          env=environ, capture_output=True, timeout=300, check=False)
     assert res.returncode == 6, res.stderr
@@ -214,10 +216,11 @@ def test_boot_exec_share_and_scsi(env: tuple[Path, Path, dict[str, str]], tmp_pa
     assert b"-> /mnt/scsi0 (/dev/sd" in res.stderr
 
 
-def test_boot_bad_options(env: tuple[Path, Path, dict[str, str]]) -> None:
+def test_boot_bad_options(env: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
     _, _, environ = env
     for args, message in ((["--share", "/nonexistent:/x"], b"/nonexistent is not a directory"),
                           (["--share", "nocolon"], b"expected HOST_DIR:/GUEST/PATH"),
                           (["--memory", "0"], b"memory_mib"), (["--count", "0"], b"at least 1")):
-        res = subprocess.run([RUNUVM, "boot", *args], env=environ, capture_output=True, timeout=60, check=False)
+        res = subprocess.run([RUNUVM, "--root", str(tmp_path), "boot", *args], env=environ, capture_output=True,
+                             timeout=60, check=False)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
