@@ -24,7 +24,7 @@ from schemas import agent_models as models
 from schemas import framing
 from schemas.validation import first_problem
 from uvm import errors
-from uvm.streams import CREDIT, InboundStream, OutboundStream
+from uvm.streams import CREDIT, InboundStream, OutboundStream, remember
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -99,15 +99,11 @@ class AgentConnection:
             assert closed is not None
             raise closed.with_traceback(None) from None
         try:
-            return await fut
+            return await fut  # (the answer, or fail(), takes req_id out of _pending)
         except BaseException:
             if self._pending.pop(req_id, None) is not None:  # cancelled (a deadline, a gone client) unanswered
-                self._abandoned[req_id] = None
-                while len(self._abandoned) > MAX_ABANDONED_CALLS:
-                    del self._abandoned[next(iter(self._abandoned))]
+                remember(self._abandoned, req_id, None, MAX_ABANDONED_CALLS)
             raise
-        finally:
-            self._pending.pop(req_id, None)
 
     async def _read_loop(self) -> None:
         try:
@@ -160,9 +156,7 @@ class AgentConnection:
 
     def forget_stream(self, sid: int) -> None:
         if self._streams.pop(sid, None) is not None:
-            self._forgotten[sid] = None
-            while len(self._forgotten) > MAX_FORGOTTEN_STREAMS:
-                del self._forgotten[next(iter(self._forgotten))]
+            remember(self._forgotten, sid, None, MAX_FORGOTTEN_STREAMS)
 
     def _allocate_sid(self) -> int:
         while self._next_sid in self._streams or self._next_sid in self._forgotten or self._next_sid == 0:

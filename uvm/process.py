@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from schemas import agent as proto
 from schemas import agent_models as models
 from uvm import errors
-from uvm.streams import InboundStream, OutboundStream
+from uvm.streams import InboundStream, OutboundStream, remember
 
 if TYPE_CHECKING:
     from schemas import oci
@@ -263,9 +263,7 @@ class ProcessTable:
         proc = self._procs.get(key)
         if proc is None or proc.exited:
             # The exec answer may still be on its way (an exited entry is an earlier process with that pid).
-            self._early[key] = info
-            while len(self._early) > self.MAX_EARLY:
-                del self._early[next(iter(self._early))]
+            remember(self._early, key, info, self.MAX_EARLY)
             return None
         proc._exited(info)
         if proc.state is ProcessState.CLOSED:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
+from typing import TypeVar
 
 from schemas import agent as proto
 from schemas import framing
@@ -21,6 +22,16 @@ from uvm import errors
 CREDIT = struct.Struct(">I")
 
 SendFrame = Callable[[int, int, bytes], None]
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def remember(memory: dict[K, V], key: K, value: V, cap: int) -> None:
+    """Add key to a bounded memory of what the guest may still mention (ids closed or given up on,
+    exits ahead of their answer): past cap entries, the oldest are forgotten."""
+    memory[key] = value
+    while len(memory) > cap:
+        del memory[next(iter(memory))]
 
 
 class InboundStream:
