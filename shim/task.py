@@ -226,7 +226,10 @@ class Task:
         else:
             info = await p.proc.wait()
         await p.io.drained()
-        exited = exit_of(info)
+        self._exited(p, exit_of(info))
+
+    def _exited(self, p: TaskProcess, exited: Exited) -> None:
+        """p's exit: Wait returns it, and TaskExit tells containerd."""
         p.exit.set_result(exited)
         log.info("task %s: %s exited with %d", self.id, p.exec_id or "init", exited.status)
         self.publish("/tasks/exit", ev.TaskExit(container_id=self.id, id=p.exec_id or self.id, pid=p.pid,
@@ -418,10 +421,8 @@ class Task:
                 if p.watcher is not None and not p.watcher.done():
                     p.watcher.cancel()
                     await asyncio.gather(p.watcher, return_exceptions=True)
-                if p.proc is not None and not p.exit.done():  # killed with the container: Wait returns, and
-                    p.exit.set_result(Exited(137, now))      # its TaskExit goes out before TaskDelete
-                    self.publish("/tasks/exit", ev.TaskExit(container_id=self.id, id=p.exec_id or self.id, pid=p.pid,
-                                                            exit_status=137, exited_at=timestamp(now)))
+                if p.proc is not None and not p.exit.done():  # killed with the container (before TaskDelete)
+                    self._exited(p, Exited(137, now))
                 await p.io.close()
             if self.rootfs_mounted is not None:
                 host_rootfs.unmount(self.rootfs_mounted)
