@@ -55,10 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("id")
     e = sub.add_parser("exec", help="run a process in a running container")
     e.add_argument("id")
-    e.add_argument("--process", "-p", type=Path, help="OCI process JSON")
-    e.add_argument("--tty", "-t", action="store_true")
-    e.add_argument("--detach", "-d", action="store_true")
-    e.add_argument("--pid-file", type=Path)
+    _add_exec_options(e)
     e.add_argument("args", nargs=argparse.REMAINDER)
     k = sub.add_parser("kill", help="signal the container's init (default SIGTERM) or all its processes")
     k.add_argument("id")
@@ -371,6 +368,13 @@ def _command(words: list[str]) -> list[str]:
 EXEC_VALUE_OPTIONS = ("--process", "-p", "--pid-file")
 
 
+def _add_exec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--process", "-p", type=Path, help="OCI process JSON")
+    p.add_argument("--tty", "-t", action="store_true")
+    p.add_argument("--detach", "-d", action="store_true")
+    p.add_argument("--pid-file", type=Path)
+
+
 def _exec_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """exec's options may also follow the id (`exec ID -d --pid-file F -- CMD`): argparse's REMAINDER
     took them; parse the leading options out of it, up to `--` or the first word of the command."""
@@ -380,10 +384,7 @@ def _exec_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if lead[-1] in EXEC_VALUE_OPTIONS and words:
             lead.append(words.pop(0))
     opts = argparse.ArgumentParser(prog=f"{parser.prog} exec", add_help=False)
-    opts.add_argument("--process", "-p", type=Path)
-    opts.add_argument("--tty", "-t", action="store_true")
-    opts.add_argument("--detach", "-d", action="store_true")
-    opts.add_argument("--pid-file", type=Path)
+    _add_exec_options(opts)
     given = opts.parse_args(lead)
     args.process = given.process or args.process
     args.pid_file = given.pid_file or args.pid_file
