@@ -220,8 +220,7 @@ def publish_ssh(claim: BootClaim, vm_id: str, port: int, key: ClientKey, host_ke
     try:
         key.write_private(d / KEY)
         (d / KNOWN_HOSTS).write_text(known_hosts_line(port, host_key) + "\n")
-        (d / f".{RECORD}.tmp").write_text(record.model_dump_json())
-        os.replace(d / f".{RECORD}.tmp", d / RECORD)
+        leftovers.write_atomic(d / RECORD, record.model_dump_json())
     except OSError as e:
         SshAccess(d, record).remove()
         raise SshError(f"VM {vm_id}: cannot publish its SSH access under {d}: {e.strerror or e}", vm_id=vm_id) from None

@@ -23,11 +23,16 @@ STATE_FILE = "uvmshim.json"
 KILL_WAIT_S = 5.0
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write path whole or not at all (a reader never sees half of it): a hidden file, renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def record(bundle: Path, state: dict[str, Any]) -> None:
     """Write the state file atomically."""
-    tmp = bundle / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, bundle / STATE_FILE)
+    write_atomic(bundle / STATE_FILE, json.dumps(state))
 
 
 def forget(bundle: Path) -> None:
