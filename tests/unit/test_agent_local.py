@@ -405,10 +405,13 @@ async def test_run_rejects_bad_arguments(host: Host, kwargs: dict[str, Any], mes
 
 async def test_exec_streams_output_and_reports_the_exit_after_eof(host: Host) -> None:
     seen: list[tuple[int, bool, bool]] = []
-    e = await host.exec(["sh", "-c", "head -c 300000 /dev/zero; echo err >&2; exit 5"])
-    assert e.stdout is not None and e.stderr is not None
+    # It waits for a line on stdin, so that the exit cannot arrive before the watcher is in place.
+    e = await host.exec(["sh", "-c", "read go; head -c 300000 /dev/zero; echo err >&2; exit 5"], stdin=True)
+    assert e.stdin is not None and e.stdout is not None and e.stderr is not None
     out_s, err_s = e.stdout, e.stderr
     host.watchers.append(lambda m: seen.append((m["pid"], out_s.ended, err_s.ended)))
+    await within(e.stdin.write(b"go\n"))
+    e.stdin.close()
     out, err, exit_event = await within(asyncio.gather(out_s.read_all(), err_s.read_all(), host.exit_of(e.pid)))
     assert out == b"\0" * 300000 and err == b"err\n"
     assert (exit_event.container, exit_event.exit_status, exit_event.signal) == (None, 5, None)
