@@ -11,6 +11,7 @@ or ``collections``); what only some requests need is imported when first used.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import time
@@ -19,7 +20,7 @@ from schemas import agent as proto
 from schemas import framing, wirejson
 from uvm.guest import procs
 from uvm.guest.errors import RequestError, spawn_failed
-from uvm.guest.procs import DEFAULT_PATH
+from uvm.guest.procs import DEFAULT_PATH, set_pipe_size
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs start-up time in the guest
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ class Agent:
         self.poller = Poller()
         self.decoder = framing.FrameDecoder()
         self.wbuf = bytearray()
+        self.splice = True  # stream data goes from a process's pipe to the port by splice(2)
+        self.relay: tuple[int, int] | None = None  # the pipe it goes through (see send_from_pipe)
         self.port_events = EV_READ
         self.poller.register(self.port, self.port_events, self.on_port)
         # One preallocated read buffer: reading into it avoids allocating (under emulation, mmap'ing)
@@ -218,6 +221,68 @@ class Agent:
         if rest:
             self.wbuf += rest
             self.flush()
+
+    def send_from_pipe(self, ftype: int, fid: int, src: int, limit: int) -> int:
+        """Send up to limit bytes waiting in the pipe src as one frame; return how many (0: EOF).
+
+        Raises BlockingIOError when nothing waits, OSError when splice(2) cannot serve (then
+        self.splice is False and the caller copies). The kernel moves the bytes (no copy through the
+        interpreter, and not virtio-serial's 32 KiB per write): from src into the agent's own pipe,
+        then from there to the port. The own pipe is always emptied whole, because virtio-serial's
+        splice makes a descriptor for every buffer the pipe holds, used or not (a pipe left part-full
+        hands the device zero-sized buffers: QEMU resets the guest). What the port does not take now
+        is read from the own pipe into the queue, behind the header, so frames never interleave.
+        """
+        if self.relay is None:
+            self.relay = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            set_pipe_size(self.relay[0])
+        relay_r, relay_w = self.relay
+        try:
+            n = os.splice(src, relay_w, limit, flags=os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            raise
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                self.splice = False
+            raise
+        if not n:
+            return 0
+        header = framing.HEADER.pack(framing.MAGIC, ftype, 0, fid, n)
+        sent = -1  # bytes of the payload written; -1: not even the header
+        if not self.wbuf and self.connected:
+            try:
+                if os.write(self.port, header) == len(header):  # a port takes a small write whole or not at all
+                    sent = 0
+            except OSError:
+                pass
+            while 0 <= sent < n:
+                try:
+                    moved = os.splice(relay_r, self.port, n - sent)
+                except OSError as e:  # EAGAIN (the port is full), or no splice_write: copy the rest
+                    if e.errno == errno.EINVAL:
+                        self.splice = False
+                    break
+                if not moved:
+                    break
+                sent += moved
+            if sent == n:
+                return n
+        if sent < 0:
+            self.wbuf += header
+            sent = 0
+        while sent < n:
+            try:
+                got = os.readv(relay_r, [self.scratch[:n - sent]])
+            except OSError:
+                got = 0
+            if not got:  # only if the kernel dropped what it took (it cannot tell us): keep the frames in step
+                log(f"stream {fid}: {n - sent} bytes lost between the pipe and the port")
+                self.wbuf += bytes(n - sent)
+                break
+            self.wbuf += self.scratch[:got]
+            sent += got
+        self.flush()
+        return n
 
     def reply(self, req_id: int, obj: object) -> None:
         self.send_frame(framing.RESPONSE, req_id, wirejson.dumps(obj))

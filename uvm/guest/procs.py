@@ -20,6 +20,20 @@ TIOCSCTTY = 0x540E
 DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+
+
+def set_pipe_size(fd: int, size: int = PIPE_SIZE) -> None:
+    """Make the pipe of fd hold size bytes (64 KiB by default): fewer, larger reads for a relay."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    except OSError:  # above /proc/sys/fs/pipe-max-size: the default size serves too
+        pass
+
+
 def write_file(path: str, data: str) -> None:
     """Write data to path (created 0600, truncated): bundles, cgroup and /proc knobs. No open(): its
     io layers are code a clone's first requests would run on an empty TCG translation cache."""

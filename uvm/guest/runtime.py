@@ -23,7 +23,7 @@ from schemas import agent as proto
 from schemas import wirejson
 from uvm.guest import procs
 from uvm.guest.errors import RequestError, spawn_failed
-from uvm.guest.procs import write_file
+from uvm.guest.procs import set_pipe_size, write_file
 from uvm.guest.streams import InStream, OutStream
 
 TYPE_CHECKING = False
@@ -47,8 +47,6 @@ TIOCSCTTY = 0x540E
 EPOLLPRI = 0x002
 EPOLLERR = 0x008
 MAX_REMEMBERED_EXITS = 1024
-F_SETPIPE_SZ = 1031
-PIPE_SIZE = 1 << 20
 
 
 def err(code: str, message: str) -> RequestError:
@@ -156,7 +154,7 @@ class GuestProcess:
             return
         for sid, name in ((stdout_sid, "stdout"), (stderr_sid, "stderr")):
             if sid is not None:
-                out = OutStream(agent, sid, fds[name], self.stream_ended)
+                out = OutStream(agent, sid, fds[name], self.stream_ended, pipe=True)
                 self.outs.append(out)
                 agent.streams[sid] = out
         if stdin_sid is not None:
@@ -424,12 +422,7 @@ class Runtime(DiskMixin):
                 child[name] = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
                 continue
             r, w = os.pipe2(os.O_CLOEXEC)
-            try:  # a bigger pipe: fewer, larger reads for the relay (64 KiB by default)
-                import fcntl
-
-                fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass
+            set_pipe_size(r)
             if name == "stdin":
                 child[name], parent[name] = r, w
             else:

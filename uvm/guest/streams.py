@@ -31,11 +31,13 @@ EV_WRITE = 0x004  # select.EPOLLOUT
 class OutStream:
     """fd -> host. ``on_end`` is called once, when EOF was sent or the host stopped reading."""
 
-    def __init__(self, agent: Agent, sid: int, fd: int, on_end: Callable[[], None], owns_fd: bool = True) -> None:
+    def __init__(self, agent: Agent, sid: int, fd: int, on_end: Callable[[], None], owns_fd: bool = True,
+                 pipe: bool = False) -> None:
         self.agent = agent
         self.sid = sid
         self.fd = fd
         self.owns_fd = owns_fd
+        self.pipe = pipe  # the read end of a pipe: its data can be spliced to the port
         self.credit = proto.STREAM_WINDOW
         self.registered = False
         self.ended = False
@@ -53,6 +55,20 @@ class OutStream:
             self.registered = False
 
     def on_readable(self, fd: int, mask: int) -> None:
+        if self.pipe and self.agent.splice:
+            try:
+                n = self.agent.send_from_pipe(framing.DATA, self.sid, self.fd, min(self.credit, proto.STREAM_CHUNK))
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if self.agent.splice:  # not "cannot splice", which the copy below serves
+                    self.agent.log(f"stream {self.sid}: splice: {e}")
+                    n = 0
+                else:
+                    n = -1
+            if n >= 0:
+                self._sent(n)
+                return
         buf = self.agent.scratch[:min(self.credit, proto.STREAM_CHUNK)]
         try:
             n = os.readv(self.fd, [buf])
@@ -62,12 +78,17 @@ class OutStream:
             if e.errno != errno.EIO:  # EIO: a pty whose last slave closed, i.e. EOF
                 self.agent.log(f"stream {self.sid}: read: {e}")
             n = 0
+        if n:
+            self.agent.send_frame(framing.DATA, self.sid, buf[:n])  # written (or copied) before the next read
+        self._sent(n)
+
+    def _sent(self, n: int) -> None:
+        """n bytes went to the host; none: EOF, which the host gets as CLOSE."""
         if not n:
             self.agent.send_frame(framing.CLOSE, self.sid, b"")
             self.end()
             return
         self.credit -= n
-        self.agent.send_frame(framing.DATA, self.sid, buf[:n])  # written (or copied) before the next read
         self._update()
 
     def add_credit(self, n: int) -> None:
