@@ -49,6 +49,8 @@ STATE = "runuvm.json"
 SOCKET = "shim.sock"
 CREATE_TIMEOUT_S = 600.0
 CALL_TIMEOUT_S = 120.0
+STATE_TIMEOUT_S = 10.0  # delete's look at the container: a shim that takes longer is not answering
+FORCE_WAIT_S = 30.0  # delete --force: how long the SIGKILLed container may take to be reported exited
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
@@ -257,9 +259,11 @@ class Runuvm:
         """Remove a stopped (or created) container; --force kills a running one first."""
         self._saved(cid)
         try:
-            st = await self._call(cid, "State", pb.StateRequest(id=cid), pb.StateResponse)
-        except RunuvmError:
-            await self._remove(cid)  # its shim died: clean what it left
+            st = await self._call(cid, "State", pb.StateRequest(id=cid), pb.StateResponse, timeout=STATE_TIMEOUT_S)
+        except RunuvmError as e:  # (a State past its deadline too)
+            if not force and _daemon_pids(self._dir(cid) / SOCKET):
+                raise RunuvmError(f"{e}; its shim is alive: use delete --force to tear it down") from None
+            await self._remove(cid)  # its shim died (or --force): clean what it left
             return
         status = status_name(st.status)
         if status in ("running", "paused", "pausing"):
@@ -267,8 +271,15 @@ class Runuvm:
                 raise RunuvmError(f"container {cid} is {status}: stop it first, or use delete --force")
             with contextlib.suppress(RunuvmError):
                 await self.kill(cid, signal.SIGKILL, all_processes=True)
-            await self.wait(cid)
-        await self._call(cid, "Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+            try:  # bounded: a stuck guest must not hang --force (the shim's Shutdown ends the VM anyway)
+                await asyncio.wait_for(self.wait(cid), FORCE_WAIT_S)
+            except (RunuvmError, TimeoutError):
+                pass
+        try:
+            await self._call(cid, "Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+        except RunuvmError:
+            if not force:
+                raise
         await self._remove(cid)
 
     async def _remove(self, cid: str) -> None:
@@ -277,10 +288,12 @@ class Runuvm:
 
         d = self._dir(cid)
         sock = d / SOCKET
+        asked = False
         with contextlib.suppress(TtrpcError, OSError):
             async with await Client.connect_unix(str(sock), timeout=2) as client:
                 await client.call(SERVICE, "Shutdown", pb.ShutdownRequest(id=cid, now=True), empty_pb2.Empty, timeout=60)
-        deadline = time.monotonic() + 30
+                asked = True
+        deadline = time.monotonic() + (30 if asked else 0)  # a shim that could not be asked is killed at once
         while _daemon_pids(sock) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for pid in _daemon_pids(sock):
@@ -450,13 +463,21 @@ class StdioRelay:
         self.paths = Stdio(*(str(directory / f"{name}-{s}") for s in ("stdin", "stdout", "stderr")))
         if terminal:
             self.paths.stderr = ""
-        for p in (self.paths.stdin, self.paths.stdout, self.paths.stderr):
-            if p:
-                os.mkfifo(p, 0o600)
-        # Our read ends, non-blocking so opening never waits for the shim.
-        self._out = [os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) for p in (self.paths.stdout, self.paths.stderr)
-                     if p]
-        self._fds = list(self._out)
+        self._made: list[str] = []  # the FIFOs, removed by close()
+        self._fds: list[int] = []
+        try:
+            for p in (self.paths.stdin, self.paths.stdout, self.paths.stderr):
+                if p:
+                    os.mkfifo(p, 0o600)
+                    self._made.append(p)
+            # Our read ends, non-blocking so opening never waits for the shim.
+            for p in (self.paths.stdout, self.paths.stderr):
+                if p:
+                    self._fds.append(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except BaseException:
+            self.close()
+            raise
+        self._out = list(self._fds)
 
     async def run(self, waiter: Any, close_io: Callable[[], Awaitable[None]]) -> int:
         """Copy stdin in and output out until the process exited and its output is drained; its exit code.
@@ -487,7 +508,13 @@ class StdioRelay:
         await close_io()
 
     def close(self) -> None:
+        """Close our ends and remove the FIFOs (the shim keeps what it opened; an exec's FIFOs in the
+        container's directory would otherwise pile up until the container is deleted)."""
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        for p in self._made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        self._made.clear()
 

@@ -92,6 +92,7 @@ def test_lifecycle_with_state_at_each_step(env: tuple[Path, Path, dict[str, str]
     assert again.returncode == 1 and b"already started" in again.stderr, again.stderr
     out = runuvm(env, "exec", "life1", "--", "/bin/sh", "-c", "echo from exec; exit 4")
     assert (out.returncode, out.stdout) == (4, b"from exec\n"), out.stderr
+    assert not list((env[0] / "life1").glob("exec-*")), "the exec's stdio FIFOs are left behind"
     assert len(json.loads(runuvm(env, "ps", "life1", "--format", "json").stdout)) >= 2
     busy = runuvm(env, "delete", "life1")
     assert busy.returncode == 1 and b"running" in busy.stderr and len(busy.stderr.splitlines()) == 1

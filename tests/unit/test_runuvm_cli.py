@@ -1,15 +1,20 @@
 """runuvm's command line: exec's options before or after the id, as runc takes them; the Python
-client's argv (no VM: the parsing only)."""
+client's argv; delete's and the stdio relay's clean-up (no VM)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shim import cli
+from shim import cli, runuvm
 from shim.runuvm_client import Runuvm
 
 
@@ -61,3 +66,41 @@ def test_the_client_gives_exec_options_that_the_cli_parses_as_options(monkeypatc
     first, second = (parse_exec(*a[a.index("exec") + 1:]) for a in seen)
     assert (first.detach, first.pid_file, first.args) == (True, Path("/p"), ["ls", "--all"])
     assert (second.process, second.args) == (Path("/proc.json"), [])
+
+
+def _container_dir(root: Path, cid: str) -> Path:
+    d = root / cid
+    d.mkdir(parents=True)
+    (d / runuvm.STATE).write_text(json.dumps({"id": cid, "bundle": "/nowhere"}))
+    return d
+
+
+def test_delete_keeps_a_container_whose_shim_lives_but_does_not_answer(tmp_path: Path) -> None:
+    """A State that fails while the shim daemon lives is not a dead shim: plain delete refuses,
+    --force tears it down (daemon killed, directory gone)."""
+    d = _container_dir(tmp_path, "c1")  # no socket: State fails
+    # A stand-in daemon: "shim.main" in its command line, working in the container's directory.
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "shim.main"], cwd=d)
+    try:
+        deadline = time.monotonic() + 10
+        while not runuvm._daemon_pids(d / runuvm.SOCKET):  # right after the spawn its command line can be empty
+            assert time.monotonic() < deadline, "the stand-in daemon never showed up"
+            time.sleep(0.01)
+        rt = runuvm.Runuvm(tmp_path)
+        with pytest.raises(runuvm.RunuvmError, match="its shim is alive: use delete --force"):
+            asyncio.run(rt.delete("c1"))
+        assert d.exists() and daemon.poll() is None
+        asyncio.run(rt.delete("c1", force=True))
+        assert daemon.wait(10) == -signal.SIGKILL
+        assert not d.exists()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def test_an_exec_relay_removes_its_fifos_when_closed(tmp_path: Path) -> None:
+    relay = runuvm.StdioRelay(tmp_path, "exec-1", terminal=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exec-1-stderr", "exec-1-stdin", "exec-1-stdout"]
+    relay.close()
+    assert list(tmp_path.iterdir()) == []
