@@ -45,6 +45,7 @@ from uvm.errors import TemplateError
 FORMAT = "1"
 META = "meta.json"
 STATE = "state"
+MEMORY_NOTE = "memory-file"  # in a build's work directory: the guest RAM file it creates
 LOCK_WAIT_S = 600.0
 log = logging.getLogger("uvm.template")
 
@@ -179,6 +180,24 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def discard(tmpl: Template) -> bool:
+    """Remove tmpl after a clone of it failed to load, unless it is no longer the template at its path
+    (another process rebuilt it meanwhile) or a builder holds its lock (a new one is coming). Whether
+    it was removed."""
+    try:
+        with _locked(tmpl.path.parent, tmpl.key, wait=0):
+            try:
+                current = TemplateMeta.model_validate_json((tmpl.path / META).read_bytes())
+            except (OSError, ValidationError):
+                current = None
+            if current is not None and current.memory_file != tmpl.meta.memory_file:
+                return False  # each build has its own memory file: this is a newer template
+            remove(tmpl.path)
+            return True
+    except (TemplateError, OSError):
+        return False
+
+
 def list_templates(config: UvmConfig) -> list[dict[str, Any]]:
     out = []
     root = template_dir(config)
@@ -223,23 +242,37 @@ async def _warm_up(vm: Any) -> None:
 
 
 @contextlib.contextmanager
-def _locked(root: Path, key: str) -> Iterator[None]:
+def _locked(root: Path, key: str, wait: float = LOCK_WAIT_S) -> Iterator[None]:
     """One builder per key across processes (waits for another builder, bounded)."""
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        deadline = time.monotonic() + LOCK_WAIT_S
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TemplateError(f"template {key}: another process has been building it for {LOCK_WAIT_S:g}s")
+                    raise TemplateError(f"template {key}: another process has been building it for {wait:g}s")
                 time.sleep(0.1)
         yield
     finally:
         os.close(fd)
+
+
+def _sweep(root: Path, key: str) -> None:
+    """Remove what a killed builder of key left (its work directory, the memory file it names). Only
+    a builder holding key's lock calls this, so no live builder owns any of it."""
+    for work in root.glob(f".{key}-*"):
+        if not work.is_dir():
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            memory = Path((work / MEMORY_NOTE).read_text())
+            if memory.name.startswith(f"{key}-") and memory.suffix == ".mem":
+                memory.unlink(missing_ok=True)
+        log.warning("template %s: removing what a killed builder left: %s", key, work)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _check_room(memdir: Path, memory_mib: int) -> None:
@@ -276,6 +309,7 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
         if not force:
             with contextlib.suppress(TemplateError):
                 return check(final, inputs)
+        await asyncio.to_thread(_sweep, root, key)
         await asyncio.to_thread(_check_room, config.template_memory_dir, config.memory_mib)
         bid = secrets.token_hex(4)
         memory = config.template_memory_dir.absolute() / f"{key}-{bid}.mem"
@@ -283,6 +317,7 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
         t0 = time.monotonic()
         try:
             work.mkdir(mode=0o700)
+            (work / MEMORY_NOTE).write_text(str(memory))  # for _sweep, if this builder gets killed
             shares = []
             for n, share in enumerate(config.shares):  # same devices, placeholder directories
                 (work / f"share{n}").mkdir()
@@ -302,6 +337,7 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
             finally:
                 await vm.close()
             (work / "console.log").unlink(missing_ok=True)
+            (work / MEMORY_NOTE).unlink()
             for n in range(len(shares)):
                 (work / f"share{n}").rmdir()
             meta = TemplateMeta(

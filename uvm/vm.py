@@ -194,7 +194,7 @@ class UtilityVM:
                         raise
                     self.start_note = f"template {tmpl.key} failed to load: {e.message.splitlines()[0]}"
                     self.log.warning("%s: booting cold", self.start_note)
-                    await asyncio.to_thread(template.remove, tmpl.path)  # rebuilt on the next use
+                    await asyncio.to_thread(template.discard, tmpl)  # rebuilt on the next use
                     self._reset_after_failed_start()
         await self._launch_retrying_port(spec, t0, None)
 

@@ -101,3 +101,51 @@ def test_list_and_remove(spec: LaunchSpec, tmp_path: Path) -> None:
 def test_no_room_is_named(tmp_path: Path) -> None:
     with pytest.raises(TemplateError, match="MiB free"):
         template._check_room(tmp_path, 1 << 40)
+
+
+def test_sweep_removes_a_killed_builders_work_dir_and_memory_file_only(tmp_path: Path) -> None:
+    root, shm = tmp_path / "templates", tmp_path / "shm"
+    root.mkdir()
+    shm.mkdir()
+    key, other = "k" * 16, "o" * 16
+    dead = root / f".{key}-dead0001"
+    dead.mkdir()
+    (dead / "console.log").write_text("boot")
+    dead_mem = shm / f"{key}-dead0001.mem"
+    dead_mem.write_bytes(b"ram")
+    (dead / template.MEMORY_NOTE).write_text(str(dead_mem))
+    early = root / f".{key}-dead0002"  # killed before it named its memory file
+    early.mkdir()
+    keep = [root / f".{other}-live0001", root / f".{key}.lock", root / key, shm / f"{key}-live0003.mem",
+            shm / "unrelated.mem"]
+    keep[0].mkdir()
+    keep[1].write_text("")
+    keep[2].mkdir()
+    for f in keep[3:]:
+        f.write_bytes(b"x")
+    stray = root / f".{key}-named-elsewhere"  # a note naming a file that is not a template memory file
+    stray.mkdir()
+    (stray / template.MEMORY_NOTE).write_text(str(shm / "unrelated.mem"))
+    template._sweep(root, key)
+    assert not dead.exists() and not dead_mem.exists() and not early.exists() and not stray.exists()
+    assert all(p.exists() for p in keep)
+
+
+def test_a_failed_clone_discards_its_template_but_not_a_newer_one_or_one_being_built(spec: LaunchSpec,
+                                                                                      tmp_path: Path) -> None:
+    root = tmp_path / "templates"
+    path = _fake_template(root, spec, tmp_path / "mem-old")
+    old = template.check(path)
+    # Another process rebuilt it meanwhile (a new build has its own memory file): the new one stays.
+    template.remove(path)
+    _fake_template(root, spec, tmp_path / "mem-new")
+    assert not template.discard(old)
+    assert template.check(path).memory == tmp_path / "mem-new"
+    # A builder holds the key's lock: a new template is coming, nothing is removed under it.
+    new = template.check(path)
+    with template._locked(root, new.key):
+        assert not template.discard(new)
+    assert path.exists()
+    # The template the clone failed on is still the one there: it goes, memory file included.
+    assert template.discard(new)
+    assert not path.exists() and not (tmp_path / "mem-new").exists()
