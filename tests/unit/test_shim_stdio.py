@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -261,14 +262,23 @@ async def test_terminal_relays_only_stdout(fifos: dict[str, str]) -> None:
         await pio.close()
 
 
-async def test_stdin_outlives_its_clients_until_close_io(fifos: dict[str, str]) -> None:
-    """As runc's shim: a client that closes its end (a detached `ctr run`, an attach that ends) is not the
-    process's end of file; CloseIO is, once the clients' writers are gone as well."""
+@contextlib.asynccontextmanager
+async def with_stdin(fifos: dict[str, str]) -> AsyncIterator[tuple[FakeProcess, ProcessIO]]:
+    """A process with stdin and its ProcessIO (stdin and stdout FIFOs), open and attached; closed afterwards."""
     proc = FakeProcess(stdout=[], stdin=True)
     pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
     pio.open()
     try:
         pio.attach(proc.as_process())
+        yield proc, pio
+    finally:
+        await pio.close()
+
+
+async def test_stdin_outlives_its_clients_until_close_io(fifos: dict[str, str]) -> None:
+    """As runc's shim: a client that closes its end (a detached `ctr run`, an attach that ends) is not the
+    process's end of file; CloseIO is, once the clients' writers are gone as well."""
+    async with with_stdin(fifos) as (proc, pio):
         for words in (b"hello ", b"world\n"):  # two clients, one after the other
             writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
             os.write(writer, words)
@@ -279,17 +289,11 @@ async def test_stdin_outlives_its_clients_until_close_io(fifos: dict[str, str]) 
         await asyncio.wait_for(proc.stdin_closed.wait(), 2.0)
         assert proc.stdin_data == b"hello world\n"
         assert proc.close_stdin_calls == 1
-    finally:
-        await pio.close()
 
 
 async def test_close_io_before_the_client_closes_delivers_everything_then_eof(fifos: dict[str, str]) -> None:
     """ctr's order: its stdin reaches end of file, it calls CloseIO, and only then closes its FIFO end."""
-    proc = FakeProcess(stdout=[], stdin=True)
-    pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
-    pio.open()
-    try:
-        pio.attach(proc.as_process())
+    async with with_stdin(fifos) as (proc, pio):
         writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
         os.write(writer, b"last words")
         await asyncio.wait_for(pio.close_stdin(proc.as_process()), 0.5)  # returns at once
@@ -299,23 +303,15 @@ async def test_close_io_before_the_client_closes_delivers_everything_then_eof(fi
         os.close(writer)
         await asyncio.wait_for(proc.stdin_closed.wait(), 2.0)
         assert proc.stdin_data == b"last words, really"
-    finally:
-        await pio.close()
 
 
 async def test_close_io_without_any_client_is_eof(fifos: dict[str, str]) -> None:
-    proc = FakeProcess(stdout=[], stdin=True)
-    pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
-    pio.open()
-    try:
-        pio.attach(proc.as_process())
+    async with with_stdin(fifos) as (proc, pio):
         await asyncio.sleep(0.05)
         assert not proc.stdin_closed.is_set()
         await pio.close_stdin(proc.as_process())
         await asyncio.wait_for(proc.stdin_closed.wait(), 2.0)
         assert proc.stdin_data == b""
-    finally:
-        await pio.close()
 
 
 async def test_close_is_idempotent_and_closes_every_fd(fifos: dict[str, str]) -> None:
