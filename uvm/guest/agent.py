@@ -248,13 +248,15 @@ class Agent:
         if not n:
             return 0
         header = framing.HEADER.pack(framing.MAGIC, ftype, 0, fid, n)
-        sent = -1  # bytes of the payload written; -1: not even the header
+        sent = -1  # bytes of the payload written; -1: not all of the header
+        written = 0  # of the header
         if not self.wbuf and self.connected:
             try:
-                if os.write(self.port, header) == len(header):  # a port takes a small write whole or not at all
-                    sent = 0
+                written = os.write(self.port, header)
             except OSError:
                 pass
+            if written == len(header):
+                sent = 0
             while 0 <= sent < n:
                 try:
                     moved = os.splice(relay_r, self.port, n - sent)
@@ -268,7 +270,7 @@ class Agent:
             if sent == n:
                 return n
         if sent < 0:
-            self.wbuf += header
+            self.wbuf += header[written:]
             sent = 0
         while sent < n:
             try:

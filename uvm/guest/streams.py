@@ -61,12 +61,11 @@ class OutStream:
             except BlockingIOError:
                 return
             except OSError as e:
-                if self.agent.splice:  # not "cannot splice", which the copy below serves
+                if self.agent.splice:  # a read error ends the stream, as below ("cannot splice": the copy below)
                     self.agent.log(f"stream {self.sid}: splice: {e}")
-                    n = 0
-                else:
-                    n = -1
-            if n >= 0:
+                    self._sent(0)
+                    return
+            else:
                 self._sent(n)
                 return
         buf = self.agent.scratch[:min(self.credit, proto.STREAM_CHUNK)]
