@@ -537,7 +537,9 @@ def q35_argv(spec: builder.LaunchSpec, initrd: Path, with_root: bool) -> list[st
             "-kernel", str(spec.kernel), "-initrd", str(initrd), "-append", spec.cmdline, "-serial", "stdio"]
     if with_root:
         argv += ["-drive", f"if=none,id=rootfs,file={spec.rootfs},format=raw,readonly=on",
-                 "-device", "virtio-blk-pci,drive=rootfs"]
+                 "-device", "virtio-blk-pci,drive=rootfs",
+                 # as the UVM: python3's start would otherwise wait for the guest's entropy
+                 "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]
     return argv
 
 

@@ -46,7 +46,7 @@ EXCLUDED_PACKAGES = {
 # Loaded by /init before the agent starts, in this order (soft dependencies included).
 BOOT_MODULES = [
     "virtio_ring", "virtio", "virtio_mmio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
-    "virtio_pci", "virtio_blk", "crc32c_generic", "libcrc32c", "erofs", "virtio_console",
+    "virtio_pci", "virtio_blk", "crc32c_generic", "libcrc32c", "erofs", "virtio_console", "virtio_rng",
 ]
 # Shipped in the rootfs and loaded by the agent on first use (disks, shares, overlay rootfs).
 ONDEMAND_MODULES = [

@@ -108,6 +108,7 @@ def domain_xml(spec: LaunchSpec, console: Path) -> str:
     <controller type='usb' model='none'/>
     <channel type='unix'><source mode='bind'/><target type='virtio' name={quoteattr(spec.agent_port_name)}/></channel>
     {ports}{shares}
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend>{pci()}</rng>
     <serial type='file'><source path={quoteattr(str(console))}/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>

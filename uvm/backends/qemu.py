@@ -59,6 +59,10 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
         "-serial", "chardev:console",
         "-drive", f"if=none,id=rootfs,file={spec.rootfs},format=raw,readonly=on",
         "-device", "virtio-blk-device,drive=rootfs",
+        # Entropy from the host: without it the guest kernel's random pool is not ready until it has
+        # run its jitter-entropy loop, which python3's start waits for (~1.4 s of a boot under TCG).
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng0",
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={run_dir / 'agent.sock'},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={spec.agent_port_name}",
