@@ -44,7 +44,6 @@ REQUEST = framing.REQUEST
 RESPONSE = framing.RESPONSE
 MAX_CONTROL_PAYLOAD = proto.MAX_CONTROL_PAYLOAD
 MAX_PAYLOAD = framing.MAX_PAYLOAD
-unpack_header = framing.HEADER.unpack_from
 pack_header = framing.HEADER.pack
 loads = wirejson.loads
 dumps = wirejson.dumps
@@ -259,7 +258,7 @@ class Agent:
             raise
         if not n:
             return 0
-        header = framing.HEADER.pack(framing.MAGIC, ftype, 0, fid, n)
+        header = pack_header(MAGIC, ftype, 0, fid, n)
         sent = -1  # bytes of the payload written; -1: not all of the header
         written = 0  # of the header
         if not self.wbuf and self.connected:
@@ -344,16 +343,8 @@ class Agent:
             self.connected = False
             self.decoder = framing.FrameDecoder()
             return
-        if len(data) > HEADER_SIZE and not self.decoder.buffered:
-            # The common case, one whole request per read (the host waits for each answer): checked
-            # and cut here, without the decoder's frame objects. Under emulation every interpreted
-            # step of this path costs about a microsecond, and a ping is a few hundred of them.
-            magic, ftype, flags, fid, length = unpack_header(data)
-            if ftype == REQUEST and len(data) == HEADER_SIZE + length and magic == MAGIC and not flags:
-                self.on_request(fid, data[HEADER_SIZE:])
-                return
         try:
-            frames = self.decoder.feed(data)
+            frames = self.decoder.feed(data)  # a whole frame per read is its fast path
         except framing.FramingError as e:
             log(f"bad frame from host, discarding input: {e}")
             self.decoder = framing.FrameDecoder()
