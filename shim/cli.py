@@ -21,7 +21,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,8 @@ class BootRun:
     serving: int = 0  # UVMs up and waiting for the user to stop them (--ssh without --exec)
     stop_signal: int | None = None
     serving_at_stop: bool = False
+    exec_argv: list[str] | None = None  # --exec, split into words
+    live: set[Any] = field(default_factory=set)  # the UVMs started and not closed yet
 
 
 async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int, float]:
@@ -183,7 +185,8 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
     from shim import debugvm
     from shim.runuvm import RunuvmError
     from uvm.errors import UvmError
-    from uvm.vm import UtilityVM, VmState
+    from uvm.lifecycle import VmState
+    from uvm.vm import UtilityVM
 
     vm = UtilityVM(_boot_config(args))
     tag = f"[{n}] " if args.count > 1 else ""
@@ -191,6 +194,7 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
     claim: debugvm.BootClaim | None = None
     try:
         claim = debugvm.claim_boot(args.root or _default_root(), vm)
+        run.live.add(vm)
         await vm.start()
         boot = vm.boot_seconds or 0.0
         if args.measure:
@@ -211,8 +215,8 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
             access = await debugvm.start_ssh(vm, claim)
             print(f"{tag}{access.instructions()}", file=sys.stderr, flush=True)
         code = 0
-        if args.exec_cmd:
-            res = await vm.run(shlex.split(args.exec_cmd))
+        if run.exec_argv:
+            res = await vm.run(run.exec_argv)
             sys.stdout.buffer.write(res.stdout)
             sys.stderr.buffer.write(res.stderr)
             code = res.exit_status if res.exit_status is not None else 128 + (res.signal or 0)
@@ -242,8 +246,16 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
                 await vm.shutdown()
                 await vm.wait_timeout(30)
         await vm.close()
+        run.live.discard(vm)
         if claim is not None:
             claim.remove()
+
+
+async def _force_off(vm: Any) -> None:
+    from uvm.errors import UvmError
+
+    with contextlib.suppress(UvmError):
+        await vm.terminate()
 
 
 def _default_root() -> Path:
@@ -268,16 +280,31 @@ async def _boot(args: argparse.Namespace) -> int:
     if args.console and (args.count > 1 or args.exec_cmd):
         print("runuvm boot: --console attaches one UVM's console: not with --count or --exec", file=sys.stderr)
         return 2
-    gate = asyncio.Semaphore(args.parallel)
     run = BootRun(args.count)
+    if args.exec_cmd is not None:
+        try:
+            run.exec_argv = shlex.split(args.exec_cmd)
+        except ValueError as e:
+            print(f"runuvm boot: --exec {args.exec_cmd!r}: {e}", file=sys.stderr)
+            return 2
+        if not run.exec_argv:
+            print("runuvm boot: --exec: no command", file=sys.stderr)
+            return 2
+    gate = asyncio.Semaphore(args.parallel)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
+    forcing: list[asyncio.Task[None]] = []
 
     def on_signal(signum: int) -> None:
         if run.stop_signal is None:
             run.stop_signal, run.serving_at_stop = signum, run.serving == run.count
-        main.cancel()
+            main.cancel()
+            return
+        # Again while the UVMs shut down gracefully: force them off, but let the teardown finish
+        # (cancelling it too would leave QEMU, its run directory and the boot records behind).
+        print("runuvm boot: stopping the UVMs now", file=sys.stderr, flush=True)
+        forcing.extend(loop.create_task(_force_off(vm)) for vm in list(run.live))
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)

@@ -120,10 +120,11 @@ def busybox_rootfs(suite_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def libvirtd() -> Iterator[None]:
-    """libvirtd and virtlogd for the session (started and stopped here only if they were not running)."""
-    with libvirt_daemons():
-        yield
+def libvirtd() -> Iterator[list[str]]:
+    """libvirtd and virtlogd for the session (started and stopped here only if they were not running:
+    the names of those started here)."""
+    with libvirt_daemons() as started:
+        yield started
 
 
 def assert_no_leftovers(suite_dir: Path) -> None:

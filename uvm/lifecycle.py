@@ -1,11 +1,22 @@
-"""The stop escalation of shared/DESIGN.md, for anything with the lifecycle contract (UVM, container):
-shutdown, wait_timeout(grace), then terminate, wait_timeout(grace)."""
+"""The VM states, and the stop escalation of shared/DESIGN.md for anything with the lifecycle contract
+(UVM, container): shutdown, wait_timeout(grace), then terminate, wait_timeout(grace)."""
 
 from __future__ import annotations
 
+import enum
 from typing import Protocol, TypeVar
 
 from uvm import errors
+
+
+class VmState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"  # shutdown/terminate requested, not exited yet
+    STOPPED = "stopped"
+    CLOSED = "closed"
+
 
 T_co = TypeVar("T_co", covariant=True)
 

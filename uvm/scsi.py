@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from schemas import agent as proto
 from schemas import agent_models as models
 from uvm import errors
+from uvm.lifecycle import VmState
 
 if TYPE_CHECKING:
     from uvm.vm import UtilityVM
@@ -134,12 +135,12 @@ class ScsiManager:
             if slot.refs > 0:
                 return
             try:
-                if self.vm.agent is not None and self.vm.state.value == "running":
+                if self.vm.agent is not None and self.vm.state is VmState.RUNNING:
                     await self.vm._client("scsi unplug").request(
                         proto.SCSI_UNPLUG, {"controller": slot.controller, "lun": slot.lun}, models.Empty)
                 await self.vm._require_backend("detach_scsi").detach_scsi(slot.controller, slot.lun)
             except BaseException:
-                if self.vm.state.value == "running":  # QEMU may still hold the node: never hand the slot out again
+                if self.vm.state is VmState.RUNNING:  # QEMU may still hold the node: never hand the slot out again
                     slot.broken = True
                 else:
                     del self.slots[(slot.controller, slot.lun)]

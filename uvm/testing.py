@@ -668,10 +668,26 @@ def _daemon_running(name: str) -> bool:
     return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
 
 
+def wait_for_libvirtd(uri: str = "qemu:///system", timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise UvmError(f"libvirtd did not answer on {uri} within {timeout:g}s")
+        time.sleep(0.2)
+
+
+def stop_daemon(name: str) -> None:
+    subprocess.run(["pkill", "-x", name], check=False)
+    for _ in range(100):
+        if not _daemon_running(name):
+            break
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
-def libvirt_daemons(uri: str = "qemu:///system", timeout: float = 60.0) -> Iterator[None]:
+def libvirt_daemons(uri: str = "qemu:///system", timeout: float = 60.0) -> Iterator[list[str]]:
     """libvirtd and virtlogd running for the block: started here when they are not, and then
-    stopped here (only those). The product itself expects a running libvirtd.
+    stopped here (only those, whose names the block gets). The product itself expects a running libvirtd.
 
     /dev/kvm gets udev's usual group kvm, mode 0660 meanwhile (restored afterwards): hosts without
     udev leave it root-only, and libvirt then re-probes QEMU's capabilities on every domain start
@@ -688,19 +704,11 @@ def libvirt_daemons(uri: str = "qemu:///system", timeout: float = 60.0) -> Itera
             if not _daemon_running(daemon):
                 subprocess.run([daemon, "-d"], check=True)
                 started.append(daemon)
-        deadline = time.monotonic() + timeout
-        while subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, check=False).returncode != 0:
-            if time.monotonic() > deadline:
-                raise UvmError(f"libvirtd did not answer on {uri} within {timeout:g}s")
-            time.sleep(0.2)
-        yield
+        wait_for_libvirtd(uri, timeout)
+        yield started
     finally:
         if kvm_stat is not None:
             os.chown(kvm, -1, kvm_stat.st_gid)
             kvm.chmod(kvm_stat.st_mode & 0o777)
         for daemon in reversed(started):
-            subprocess.run(["pkill", "-x", daemon], check=False)
-            for _ in range(100):
-                if not _daemon_running(daemon):
-                    break
-                time.sleep(0.1)
+            stop_daemon(daemon)

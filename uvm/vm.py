@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import os
 import time
@@ -35,6 +34,7 @@ from schemas.validation import first_problem
 from uvm import builder, errors
 from uvm.backends.base import Backend, HypervisorExit
 from uvm.container import Container, ContainerState, Rootfs
+from uvm.lifecycle import VmState
 from uvm.link import AgentClient, AgentConnection
 from uvm.process import Process, ProcessTable
 from uvm.scsi import MappedDisk, ScsiManager
@@ -72,15 +72,6 @@ class LogBudget:
         self.tokens -= 1
         dropped, self.dropped = self.dropped, 0
         return dropped
-
-
-class VmState(enum.Enum):
-    CREATED = "created"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"  # shutdown/terminate requested, not exited yet
-    STOPPED = "stopped"
-    CLOSED = "closed"
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ import pytest
 from schemas.uvm_config import UvmConfig
 from tests.conftest import assert_no_leftovers
 from uvm import errors
+from uvm.lifecycle import VmState
 from uvm.scratch import create_scratch
 from uvm.testing import FakeBackend, FakeBackendFactory, make_test_config
-from uvm.vm import UtilityVM, VmState
+from uvm.vm import UtilityVM
 
 # "clone": the qemu backend starting from a template (built on first use, then cloned).
 BACKENDS = ["fake", pytest.param("qemu", marks=pytest.mark.vm), pytest.param("clone", marks=pytest.mark.vm),

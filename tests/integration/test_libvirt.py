@@ -17,8 +17,9 @@ from tests.conftest import assert_no_leftovers
 from uvm import errors
 from uvm.container import Rootfs
 from uvm.demo import busybox_rootfs
+from uvm.lifecycle import VmState
 from uvm.scratch import create_scratch
-from uvm.vm import UtilityVM, VmState
+from uvm.vm import UtilityVM
 
 pytestmark = pytest.mark.vm
 
@@ -29,7 +30,7 @@ def domains() -> list[str]:
     return [d for d in out.split() if d.startswith("uvmshim-")]
 
 
-async def test_libvirt_lifecycle_command_disk_shutdown(libvirtd: None, make_config: Callable[..., UvmConfig],
+async def test_libvirt_lifecycle_command_disk_shutdown(libvirtd: list[str], make_config: Callable[..., UvmConfig],
                                                        suite_dir: Path, tmp_path: Path) -> None:
     vm = UtilityVM(make_config(backend="libvirt", boot_timeout=120))
     try:
@@ -61,7 +62,7 @@ def open_to_qemu(path: Path) -> None:
         parent.chmod(parent.stat().st_mode | 0o005)
 
 
-async def test_libvirt_container_from_a_9p_share(libvirtd: None, make_config: Callable[..., UvmConfig],
+async def test_libvirt_container_from_a_9p_share(libvirtd: list[str], make_config: Callable[..., UvmConfig],
                                                  suite_dir: Path, tmp_path: Path) -> None:
     """A <filesystem> passthrough share: the rootfs of a container, read by the guest over virtio-9p."""
     open_to_qemu(tmp_path)
@@ -85,7 +86,7 @@ async def test_libvirt_container_from_a_9p_share(libvirtd: None, make_config: Ca
     assert_no_leftovers(suite_dir)
 
 
-async def test_libvirt_qemu_killed_behind_its_back(libvirtd: None, make_config: Callable[..., UvmConfig],
+async def test_libvirt_qemu_killed_behind_its_back(libvirtd: list[str], make_config: Callable[..., UvmConfig],
                                                    suite_dir: Path) -> None:
     vm = UtilityVM(make_config(backend="libvirt", boot_timeout=120))
     try:
@@ -102,7 +103,38 @@ async def test_libvirt_qemu_killed_behind_its_back(libvirtd: None, make_config: 
     assert_no_leftovers(suite_dir)
 
 
-async def test_libvirt_bad_input(libvirtd: None, make_config: Callable[..., UvmConfig], suite_dir: Path,
+async def test_libvirt_restarted_under_a_running_vm(libvirtd: list[str], make_config: Callable[..., UvmConfig],
+                                                    suite_dir: Path) -> None:
+    """A lost connection to libvirtd is not the VM's death: the backend reconnects and goes on."""
+    from uvm.testing import stop_daemon, wait_for_libvirtd
+
+    if "libvirtd" not in libvirtd:
+        pytest.skip("libvirtd ran before the suite: not the suite's to restart")
+    vm = UtilityVM(make_config(backend="libvirt", boot_timeout=120))
+    try:
+        await vm.start()
+        backend = vm.backend
+        assert backend is not None
+        await asyncio.to_thread(stop_daemon, "libvirtd")
+        await asyncio.sleep(2.5)  # the backend's 1 s poll meets the closed connection meanwhile
+        assert vm.state is VmState.RUNNING
+        await vm.ping()
+        subprocess.run(["libvirtd", "-d"], check=True)
+        await asyncio.to_thread(wait_for_libvirtd)
+        for _ in range(300):
+            if getattr(backend, "reconnects", 0):
+                break
+            await asyncio.sleep(0.1)
+        assert getattr(backend, "reconnects", 0) == 1
+        await vm.shutdown()  # through the new connection, whose lifecycle event ends the VM
+        assert (await vm.wait_timeout(60)).reason == "shutdown"
+    finally:
+        await vm.close()
+    assert f"uvmshim-{vm.id}" not in domains()
+    assert_no_leftovers(suite_dir)
+
+
+async def test_libvirt_bad_input(libvirtd: list[str], make_config: Callable[..., UvmConfig], suite_dir: Path,
                                  tmp_path: Path) -> None:
     with pytest.raises(errors.StartError, match="cannot connect to libvirt.*libvirtd"):
         await UtilityVM(make_config(backend="libvirt", libvirt_uri="qemu+unix:///system?socket=/nonexistent")).start()
@@ -128,7 +160,7 @@ async def test_libvirt_bad_input(libvirtd: None, make_config: Callable[..., UvmC
     assert_no_leftovers(suite_dir)
 
 
-async def test_leftover_of_a_dead_shim_is_found_and_destroyed(libvirtd: None, make_config: Callable[..., UvmConfig],
+async def test_leftover_of_a_dead_shim_is_found_and_destroyed(libvirtd: list[str], make_config: Callable[..., UvmConfig],
                                                             suite_dir: Path) -> None:
     from uvm.backends.libvirt import destroy_leftover
 

@@ -170,15 +170,21 @@ def test_boot_ssh_then_commands_over_paramiko_and_runuvm_ssh(env: Env) -> None:
     assert gone.returncode == 1 and gone.stderr.startswith(f"runuvm: ssh {vm_id}: no VM with that id".encode())
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+@pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c twice", "kill"])
 def test_boot_ssh_leaves_nothing_when_interrupted_or_killed(env: Env, how: str) -> None:
-    """Ctrl-C stops the VM and removes the key at once; after SIGKILL (QEMU dies with its parent) the
-    next `runuvm ssh` finds the VM gone and removes what was left."""
+    """Ctrl-C stops the VM and removes the key at once (a second Ctrl-C during the graceful stop forces
+    the VM off, and the teardown still completes); after SIGKILL (QEMU dies with its parent) the next
+    `runuvm ssh` finds the VM gone and removes what was left."""
     boot, vm_id, _, key = boot_with_ssh(env)
     assert key.exists()
-    if how == "ctrl-c":
+    if how.startswith("ctrl-c"):
         boot.send_signal(signal.SIGINT)
+        if how == "ctrl-c twice":
+            time.sleep(0.05)
+            boot.send_signal(signal.SIGINT)
         assert boot.wait(timeout=120) == 0
+        if how == "ctrl-c twice":
+            assert boot.stderr is not None and b"stopping the UVMs now" in boot.stderr.read()
     else:
         boot.kill()
         boot.wait()
@@ -241,6 +247,9 @@ def test_boot_refuses_what_it_cannot_do(env: Env) -> None:
     for extra in (["--count", "2"], ["--exec", "true"]):
         res = runuvm(env, "boot", "--console", *extra, timeout=60)
         assert res.returncode == 2 and b"--console attaches one UVM's console" in res.stderr, res.stderr
+    for cmd, problem in (("echo 'unclosed", b"No closing quotation"), ("  ", b"no command")):
+        res = runuvm(env, "boot", "--exec", cmd, timeout=60)  # found before anything boots
+        assert res.returncode == 2 and res.stderr.startswith(b"runuvm boot: --exec") and problem in res.stderr, res
     res = runuvm(env, "boot", "--ssh", "--backend", "libvirt", timeout=120)
     assert res.returncode == 1 and res.stderr.endswith(
         b"ssh_port (user-network port forwarding): only the qemu backend supports it, not libvirt\n"), res.stderr

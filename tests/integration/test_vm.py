@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from schemas.uvm_config import UvmConfig
 from tests.conftest import assert_no_leftovers
 from uvm import errors
-from uvm.vm import UtilityVM, VmState
+from uvm.lifecycle import VmState
+from uvm.vm import UtilityVM
 
 pytestmark = pytest.mark.vm
 

@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 from schemas.uvm_config import Share
-from uvm import builder
+from uvm import builder, errors
 from uvm.backends import libvirt as libvirt_backend
 from uvm.backends.libvirt import DOMAIN_PREFIX, domain_xml
 from uvm.testing import make_test_config
@@ -67,6 +67,13 @@ class SlowDomain:
         return 0
 
 
+def libvirt_error(code: int, message: str) -> libvirt.libvirtError:
+    """A libvirtError as libvirt raises it: with its error code (err's layout: code, domain, message, ...)."""
+    e = libvirt.libvirtError(message)
+    e.err = (code, libvirt.VIR_FROM_QEMU, message, libvirt.VIR_ERR_ERROR, "", "", "", 0, 0)
+    return e
+
+
 class SlowConnection:
     """A libvirtd slow to create the domain (it re-probes QEMU, say): createXML returns after the start gave up."""
 
@@ -75,7 +82,7 @@ class SlowConnection:
         self.closed = False
 
     def lookupByName(self, name: str) -> None:
-        raise libvirt.libvirtError("Domain not found")
+        raise libvirt_error(libvirt.VIR_ERR_NO_DOMAIN, "Domain not found")
 
     def createXML(self, xml: str, flags: int) -> SlowDomain:
         time.sleep(0.5)
@@ -104,3 +111,22 @@ async def test_a_domain_created_after_its_start_was_abandoned_is_destroyed_by_cl
     await asyncio.sleep(0.6)  # createXML has returned by now, whatever aclose did
     assert not running, "the late domain is still running"
     assert conn.closed and not backend.run_dir.exists()
+
+
+async def test_a_failed_domain_lookup_is_not_taken_for_a_free_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    running: set[str] = set()
+    conn = SlowConnection(running)
+
+    def refused(name: str) -> None:
+        raise libvirt_error(libvirt.VIR_ERR_OPERATION_DENIED, "access denied: lookup")
+
+    conn.lookupByName = refused  # type: ignore[method-assign]
+    monkeypatch.setattr(libvirt, "open", lambda uri: conn)
+    monkeypatch.setattr(libvirt_backend, "_ensure_event_loop", lambda: None)
+    monkeypatch.setattr(libvirt_backend, "check_kvm_node", lambda log: None)
+    spec = builder.build(make_test_config(tmp_path, backend="libvirt"))
+    backend = libvirt_backend.LibvirtBackend(spec)
+    with pytest.raises(errors.StartError, match=f"cannot tell whether domain uvmshim-{spec.vm_id} exists: access denied"):
+        await backend.launch(spec)
+    await backend.aclose()
+    assert not running and conn.closed and not backend.run_dir.exists()

@@ -17,6 +17,7 @@ from schemas import oci
 from uvm import errors
 from uvm import vm as vm_module
 from uvm.backends.base import HypervisorExit
+from uvm.lifecycle import VmState
 from uvm.testing import (
     ErrorReply,
     FakeBackend,
@@ -27,7 +28,7 @@ from uvm.testing import (
     hello_result,
     make_test_config,
 )
-from uvm.vm import UtilityVM, VmState
+from uvm.vm import UtilityVM
 
 T = TypeVar("T")
 DEADLINE = 5.0  # a hang is a failure, not a stuck test run

@@ -63,6 +63,11 @@ def libvirt_message(e: libvirt.libvirtError) -> str:
     return str(e.get_error_message() or e)
 
 
+def no_such_domain(e: libvirt.libvirtError) -> bool:
+    """Whether e says the domain does not exist (any other lookup error says nothing about the name)."""
+    return bool(e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
+
+
 def domain_xml(spec: LaunchSpec, console: Path) -> str:
     """The transient q35 domain for spec: PVH-booted ELF vmlinux, virtio disks, agent channel.
 
@@ -168,6 +173,7 @@ class LibvirtBackend:
         self._created_run_dir = False
         self._closed = False
         self._watchdog: asyncio.Task[None] | None = None
+        self.reconnects = 0
 
     @property
     def pid(self) -> int | None:
@@ -201,8 +207,10 @@ class LibvirtBackend:
                              f"{libvirt_message(e)} ({HOW_TO_START})", vm_id=spec.vm_id) from None
         try:
             await asyncio.to_thread(self._conn.lookupByName, self.domain_name)
-        except libvirt.libvirtError:
-            pass  # the name is free
+        except libvirt.libvirtError as e:
+            if not no_such_domain(e):
+                raise StartError(f"VM {spec.vm_id}: libvirt: cannot tell whether domain {self.domain_name} exists: "
+                                 f"{libvirt_message(e)}", vm_id=spec.vm_id) from None
         else:
             raise AlreadyExistsError(f"VM {spec.vm_id}: libvirt domain {self.domain_name} already exists "
                                      f"(`virsh destroy {self.domain_name}` if it is a leftover)", vm_id=spec.vm_id)
@@ -213,10 +221,7 @@ class LibvirtBackend:
         except libvirt.libvirtError as e:
             raise StartError(f"VM {spec.vm_id}: libvirt refused the domain: {libvirt_message(e)}",
                              vm_id=spec.vm_id) from None
-        self._callbacks.append(self._conn.domainEventRegisterAny(
-            self._dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None))
-        self._callbacks.append(self._conn.domainEventRegisterAny(
-            self._dom, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed, None))
+        self._callbacks = self._register_events(self._conn, self._dom)
         live = ET.fromstring(await self._call("XMLDesc", self._dom.XMLDesc, 0))
         for ch in live.iter("channel"):
             src, tgt = ch.find("source"), ch.find("target")
@@ -224,6 +229,11 @@ class LibvirtBackend:
                 self._channels[str(tgt.get("name"))] = str(src.get("path"))
         self._pid = qemu_pid(self.domain_name)
         self._watchdog = self._loop.create_task(self._poll_active(), name=f"{spec.vm_id}-libvirt-watch")
+
+    def _register_events(self, conn: Any, dom: Any) -> list[int]:
+        return [conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
+                conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed,
+                                            None)]
 
     def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
         if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and self._loop is not None:
@@ -253,17 +263,54 @@ class LibvirtBackend:
         self._exit.set_result(hv)
 
     async def _poll_active(self) -> None:
-        """Belt and braces: a missed event must not leave waiters hanging."""
+        """Belt and braces: a missed event must not leave waiters hanging. A lost connection to libvirtd
+        (restarted, say) is not the VM's death: while its QEMU runs, the backend reconnects."""
+        connected = True
         while self._exit is not None and not self._exit.done():
             await asyncio.sleep(1.0)
             try:
                 active = await asyncio.to_thread(self._dom.isActive)
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as e:
+                if not no_such_domain(e) and self._qemu_running():
+                    if connected:
+                        self.log.warning("libvirt: lost the connection (%s) while QEMU runs: reconnecting",
+                                         libvirt_message(e))
+                    connected = await self._reconnect()
+                    continue
                 active = 0
             if not active:
                 await asyncio.sleep(0.5)  # give the event a chance to say how it ended
                 if not self._exit.done():
                     self._exit.set_result(HypervisorExit(None, None, None, "libvirt: the domain is gone"))
+
+    def _qemu_running(self) -> bool:
+        """Whether this domain's QEMU process is alive (its pid, still running this domain's QEMU)."""
+        if self._pid is None:
+            return False
+        try:
+            return f"guest={self.domain_name},".encode() in Path(f"/proc/{self._pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    async def _reconnect(self) -> bool:
+        """A new connection to libvirtd with this domain's events; False while libvirtd does not answer."""
+        try:
+            conn = await asyncio.to_thread(libvirt.open, self.spec.libvirt_uri)
+        except libvirt.libvirtError:
+            return False
+        try:
+            dom = await asyncio.to_thread(conn.lookupByName, self.domain_name)
+            callbacks = self._register_events(conn, dom)
+        except libvirt.libvirtError:
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(conn.close)
+            return False
+        old, self._conn, self._dom, self._callbacks = self._conn, conn, dom, callbacks
+        with contextlib.suppress(libvirt.libvirtError):
+            await asyncio.to_thread(old.close)
+        self.reconnects += 1
+        self.log.info("libvirt: reconnected to %s", self.spec.libvirt_uri)
+        return True
 
     async def connect_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_unix_connection(self._channels[self.spec.agent_port_name], limit=1 << 22)
@@ -400,9 +447,11 @@ def destroy_leftover(vm_id: str, uri: str = "qemu:///system") -> bool:
         raise UvmError(f"cannot connect to libvirt at {uri}: {libvirt_message(e)} ({HOW_TO_START})") from None
     try:
         dom = conn.lookupByName(DOMAIN_PREFIX + vm_id)
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as e:
         conn.close()
-        return False
+        if no_such_domain(e):
+            return False
+        raise UvmError(f"libvirt domain {DOMAIN_PREFIX + vm_id}: lookup: {libvirt_message(e)}") from None
     try:
         dom.destroy()
     except libvirt.libvirtError as e:
