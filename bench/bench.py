@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from measure import alive, mapping_pss_kib, median, pss_kib  # noqa: E402  (bench/, this script's directory)
+from measure import alive, mapping_pss_kib, median, pss_kib, pss_under_kib  # noqa: E402  (bench/, this script's directory)
 
 from schemas import oci  # noqa: E402
 from schemas.uvm_config import UvmConfig, default_image_dir  # noqa: E402
@@ -424,9 +424,10 @@ def task_status(ctd: PrivateContainerd, task_id: str) -> str:
     return "missing"
 
 
-def uvm_pss(task_id: str) -> dict[str, float]:
+def uvm_pss(task_id: str, template_dir: Path | None = None) -> dict[str, float]:
     """Host PSS (MiB) of a running task's shim daemon and of its QEMU (and of that, the guest's RAM and
-    file-backed pages: the kernel image, binaries and libraries, shared between VMs), and the guest's size."""
+    file-backed pages: the kernel image, binaries and libraries, shared between VMs; for a clone, its share
+    of the template's RAM file under template_dir), and the guest's size."""
     shims = processes_of_shim(task_id)
     if len(shims) != 1:
         raise RuntimeError(f"task {task_id}: expected one shim daemon, found {shims}")
@@ -437,15 +438,21 @@ def uvm_pss(task_id: str) -> dict[str, float]:
     guest_mib = int(argv[argv.index(b"-m") + 1])
     return {"shim_mib": pss_kib(shims[0]) / 1024, "qemu_mib": pss_kib(qemus[0]) / 1024,
             "qemu_guest_ram_mib": mapping_pss_kib(qemus[0], guest_mib << 10) / 1024,
-            "qemu_file_mib": pss_kib(qemus[0], "Pss_File") / 1024, "guest_mib": float(guest_mib)}
+            "qemu_file_mib": pss_kib(qemus[0], "Pss_File") / 1024, "guest_mib": float(guest_mib),
+            "qemu_template_mib": pss_under_kib(qemus[0], f"{template_dir}/") / 1024 if template_dir else 0.0}
 
 
-def idle_pss_figures(ctd: PrivateContainerd, rootfs: Path, timeout: float = 180.0) -> dict[str, object]:
-    """Host PSS of shim + QEMU per idle UVM: one running, then two at once (mean per VM: sharing)."""
+def idle_pss_figures(ctd: PrivateContainerd, rootfs: Path, timeout: float = 180.0, prefix: str = "idle",
+                     config: Path | None = None, template_dir: Path | None = None) -> dict[str, object]:
+    """Host PSS of shim + QEMU per idle UVM: one running, then two at once (mean per VM: sharing). With a
+    runtime config of start = "template" (its memory under template_dir), of clones; the template's RAM
+    file, resident in tmpfs and shared by every clone, is reported on its own."""
     started: list[str] = []
+    extra = ("--runtime-config-path", str(config)) if config else ()
 
     def start_idle(task_id: str) -> None:
-        ctd.ctr("run", "-d", "--runtime", SHIM_RUNTIME, "--rootfs", str(rootfs), task_id, *IDLE_ARGV, timeout=timeout)
+        ctd.ctr("run", "-d", "--runtime", SHIM_RUNTIME, *extra, "--rootfs", str(rootfs), task_id, *IDLE_ARGV,
+                timeout=timeout)
         started.append(task_id)
         deadline = time.monotonic() + timeout
         while (status := task_status(ctd, task_id)) != "RUNNING":
@@ -455,13 +462,16 @@ def idle_pss_figures(ctd: PrivateContainerd, rootfs: Path, timeout: float = 180.
         time.sleep(IDLE_SETTLE_S)
 
     try:
-        start_idle("idle0")
-        one = uvm_pss("idle0")
-        start_idle("idle1")
-        both = [uvm_pss(t) for t in started]
+        start_idle(f"{prefix}0")
+        one = uvm_pss(f"{prefix}0", template_dir)
+        start_idle(f"{prefix}1")
+        both = [uvm_pss(t, template_dir) for t in started]
         two = {k: statistics.mean(m[k] for m in both) for k in one}
+        resident = (sum(f.stat().st_blocks * 512 for f in template_dir.glob("*.mem")) / (1 << 20)
+                    if template_dir else 0.0)
         return {"guest_mib": one["guest_mib"], "one": {**one, "total_mib": one["shim_mib"] + one["qemu_mib"]},
-                "two_mean": {**two, "total_mib": two["shim_mib"] + two["qemu_mib"]}, "settle_s": IDLE_SETTLE_S}
+                "two_mean": {**two, "total_mib": two["shim_mib"] + two["qemu_mib"]}, "settle_s": IDLE_SETTLE_S,
+                "template_resident_mib": resident}
     finally:
         for task_id in started:
             ctd.ctr("task", "kill", "-s", "SIGKILL", task_id, check=False)
@@ -473,14 +483,23 @@ def shim_figures(tmp: Path, run_dir: Path, state_dir: Path, f0_argv: list[str], 
     """The containerd shim's figures: its actions, `ctr run` to workload against F0, idle PSS."""
     actions = shim_action_figures(tmp)
     base = Path(tempfile.mkdtemp(prefix="uvmcb-", dir="/tmp"))
+    memdir = Path("/dev/shm") / f"uvm-bench-shim-{os.getpid()}"
     try:
         rootfs = busybox_rootfs(base)
         with shim_environ(run_dir, state_dir), PrivateContainerd(base / "c", extra_path=[SHIM_BINARY.parent]) as ctd:
             run = shim_run_figures(ctd, rootfs, f0_argv, n)
             pss = idle_pss_figures(ctd, rootfs)
+            cfg = base / "template.toml"
+            cfg.write_text(f'[uvm]\nstart = "template"\ntemplate_memory_dir = "{memdir}"\n')
+            clone_pss = idle_pss_figures(ctd, rootfs, prefix="clone", config=cfg, template_dir=memdir)
     finally:
+        from uvm import template
+
+        for row in template.list_templates(UvmConfig(state_dir=state_dir)):
+            template.remove(Path(row["path"]))
+        shutil.rmtree(memdir, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
-    return {"ctr_run": run, "actions": actions, "idle_pss": pss}
+    return {"ctr_run": run, "actions": actions, "idle_pss": pss, "idle_pss_clones": clone_pss}
 
 
 def ctr_template_figures(tmp: Path, run_dir: Path, state_dir: Path, n: int) -> dict[str, object]:
@@ -528,6 +547,14 @@ def print_shim_figures(shim: dict[str, Any]) -> None:
           f"{one['qemu_mib']:.1f} = {one['total_mib']:.1f} MiB for one; two at once: {two['shim_mib']:.1f} + "
           f"{two['qemu_mib']:.1f} = {two['total_mib']:.1f} MiB each (target <= 100 MiB); of QEMU's, guest RAM "
           f"{one['qemu_guest_ram_mib']:.1f} MiB, file-backed {one['qemu_file_mib']:.1f} MiB (one VM)")
+    if "idle_pss_clones" in shim:
+        c = shim["idle_pss_clones"]
+        one, two = c["one"], c["two_mean"]
+        print(f"idle UVM host PSS with start = \"template\": shim {one['shim_mib']:.1f} + QEMU {one['qemu_mib']:.1f} "
+              f"= {one['total_mib']:.1f} MiB for one clone; two at once: {two['shim_mib']:.1f} + {two['qemu_mib']:.1f} "
+              f"= {two['total_mib']:.1f} MiB each (target <= 100 MiB), of which their share of the template's RAM file "
+              f"{two['qemu_template_mib']:.1f} MiB; the template ({c['template_resident_mib']:.0f} MiB resident in "
+              "tmpfs) is shared by every clone")
 
 
 def q35_argv(spec: builder.LaunchSpec, initrd: Path, with_root: bool) -> list[str]:
