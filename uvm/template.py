@@ -31,7 +31,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,7 +185,7 @@ def discard(tmpl: Template) -> bool:
     (another process rebuilt it meanwhile) or a builder holds its lock (a new one is coming). Whether
     it was removed."""
     try:
-        with _locked(tmpl.path.parent, tmpl.key, wait=0):
+        with _locked(tmpl.path.parent, tmpl.key):
             try:
                 current = TemplateMeta.model_validate_json((tmpl.path / META).read_bytes())
             except (OSError, ValidationError):
@@ -241,21 +241,45 @@ async def _warm_up(vm: Any) -> None:
                             f"{res.stderr.decode(errors='replace').strip()}")
 
 
+def _lock_file(root: Path, key: str) -> int:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise TemplateError(f"template directory {root}: {e.strerror or e}") from None
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 @contextlib.contextmanager
-def _locked(root: Path, key: str, wait: float = LOCK_WAIT_S) -> Iterator[None]:
-    """One builder per key across processes (waits for another builder, bounded)."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _locked(root: Path, key: str) -> Iterator[None]:
+    """key's builder lock, if no builder holds it now (else TemplateError)."""
+    fd = _lock_file(root, key)
+    try:
+        if not _try_lock(fd):
+            raise TemplateError(f"template {key}: another process is building it")
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def _building(root: Path, key: str, wait: float = LOCK_WAIT_S) -> AsyncIterator[None]:
+    """One builder per key across processes: waits (bounded, and cancellable: no thread is left
+    waiting for the lock) while another process builds it."""
+    fd = _lock_file(root, key)
     try:
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TemplateError(f"template {key}: another process has been building it for {wait:g}s")
-                time.sleep(0.1)
+        while not _try_lock(fd):
+            if time.monotonic() > deadline:
+                raise TemplateError(f"template {key}: another process has been building it for {wait:g}s")
+            await asyncio.sleep(0.1)
         yield
     finally:
         os.close(fd)
@@ -300,12 +324,7 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
     key = template_key(inputs)
     root = template_dir(config)
     final = root / key
-    cm = _locked(root, key)
-    try:
-        await asyncio.to_thread(cm.__enter__)  # held until the end: one builder per key
-    except OSError as e:
-        raise TemplateError(f"template directory {root}: {e.strerror or e}") from None
-    try:
+    async with _building(root, key):  # held until the end: one builder per key
         if not force:
             with contextlib.suppress(TemplateError):
                 return check(final, inputs)
@@ -358,8 +377,6 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
             raise TemplateError(f"template {key}: build failed: {e}") from e
         log.info("template %s built in %.2fs (%s)", key, meta.build_seconds, memory)
         return Template(key, final, meta)
-    finally:
-        cm.__exit__(None, None, None)
 
 
 def build_in_background(config: UvmConfig) -> None:

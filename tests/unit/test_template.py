@@ -149,3 +149,31 @@ def test_a_failed_clone_discards_its_template_but_not_a_newer_one_or_one_being_b
     # The template the clone failed on is still the one there: it goes, memory file included.
     assert template.discard(new)
     assert not path.exists() and not (tmp_path / "mem-new").exists()
+
+
+async def test_a_builder_waiting_for_the_lock_gives_up_in_time_and_can_be_cancelled(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    root, key = tmp_path / "templates", "k"
+    threads = threading.active_count()
+    with template._locked(root, key):  # another builder holds it
+        t0 = time.monotonic()
+        with pytest.raises(TemplateError, match="another process has been building it for 0.3s"):
+            async with template._building(root, key, wait=0.3):
+                pass
+        assert 0.3 <= time.monotonic() - t0 < 5
+        waiter = asyncio.ensure_future(template._building(root, key).__aenter__())
+        await asyncio.sleep(0.3)
+        waiter.cancel()  # the VM's start was cancelled (closed, timed out) while it waited
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    assert threading.active_count() == threads  # nothing left waiting for the lock in a thread
+    async with template._building(root, key, wait=0):  # free again: the cancelled waiter holds nothing
+        with pytest.raises(TemplateError, match="another process is building it"), template._locked(root, key):
+            pass
+    (root / f".{key}.lock").unlink()
+    with pytest.raises(TemplateError, match=f"template directory {root / 'f'}"):
+        (root / "f").write_text("")
+        async with template._building(root / "f", key):
+            pass
