@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from measure import alive, mapping_pss_kib, median, pss_kib, pss_under_kib  # noqa: E402  (bench/, this script's directory)
+from measure import alive, mapping_pss_kib, median, pss_kib, smaps_split  # noqa: E402  (bench/, this script's directory)
 
 from schemas import oci  # noqa: E402
 from schemas.uvm_config import UvmConfig, default_image_dir  # noqa: E402
@@ -439,7 +439,8 @@ def uvm_pss(task_id: str, template_dir: Path | None = None) -> dict[str, float]:
     return {"shim_mib": pss_kib(shims[0]) / 1024, "qemu_mib": pss_kib(qemus[0]) / 1024,
             "qemu_guest_ram_mib": mapping_pss_kib(qemus[0], guest_mib << 10) / 1024,
             "qemu_file_mib": pss_kib(qemus[0], "Pss_File") / 1024, "guest_mib": float(guest_mib),
-            "qemu_template_mib": pss_under_kib(qemus[0], f"{template_dir}/") / 1024 if template_dir else 0.0}
+            "qemu_template_mib": sum(smaps_split(qemus[0], str(f))["template_pss_mib"]
+                                     for f in template_dir.glob("*.mem")) if template_dir else 0.0}
 
 
 def idle_pss_figures(ctd: PrivateContainerd, rootfs: Path, timeout: float = 180.0, prefix: str = "idle",
@@ -479,6 +480,23 @@ def idle_pss_figures(ctd: PrivateContainerd, rootfs: Path, timeout: float = 180.
             ctd.ctr("container", "rm", task_id, check=False)
 
 
+def template_runtime_config(base: Path, memdir: Path) -> Path:
+    """A shim runtime config (`ctr run --runtime-config-path`) that clones each task's UVM from a template
+    whose guest RAM file goes to memdir."""
+    cfg = base / "template.toml"
+    cfg.write_text(f'[uvm]\nstart = "template"\ntemplate_memory_dir = "{memdir}"\n')
+    return cfg
+
+
+def remove_templates(state_dir: Path, memdir: Path) -> None:
+    """Remove the templates the bench's shims built under state_dir, and their RAM files' directory."""
+    from uvm import template
+
+    for row in template.list_templates(UvmConfig(state_dir=state_dir)):
+        template.remove(Path(row["path"]))
+    shutil.rmtree(memdir, ignore_errors=True)
+
+
 def shim_figures(tmp: Path, run_dir: Path, state_dir: Path, f0_argv: list[str], n: int) -> dict[str, object]:
     """The containerd shim's figures: its actions, `ctr run` to workload against F0, idle PSS."""
     actions = shim_action_figures(tmp)
@@ -489,15 +507,10 @@ def shim_figures(tmp: Path, run_dir: Path, state_dir: Path, f0_argv: list[str], 
         with shim_environ(run_dir, state_dir), PrivateContainerd(base / "c", extra_path=[SHIM_BINARY.parent]) as ctd:
             run = shim_run_figures(ctd, rootfs, f0_argv, n)
             pss = idle_pss_figures(ctd, rootfs)
-            cfg = base / "template.toml"
-            cfg.write_text(f'[uvm]\nstart = "template"\ntemplate_memory_dir = "{memdir}"\n')
-            clone_pss = idle_pss_figures(ctd, rootfs, prefix="clone", config=cfg, template_dir=memdir)
+            clone_pss = idle_pss_figures(ctd, rootfs, prefix="clone", config=template_runtime_config(base, memdir),
+                                         template_dir=memdir)
     finally:
-        from uvm import template
-
-        for row in template.list_templates(UvmConfig(state_dir=state_dir)):
-            template.remove(Path(row["path"]))
-        shutil.rmtree(memdir, ignore_errors=True)
+        remove_templates(state_dir, memdir)
         shutil.rmtree(base, ignore_errors=True)
     return {"ctr_run": run, "actions": actions, "idle_pss": pss, "idle_pss_clones": clone_pss}
 
@@ -507,8 +520,7 @@ def ctr_template_figures(tmp: Path, run_dir: Path, state_dir: Path, n: int) -> d
     warm-up of each: the first template run builds the template)."""
     memdir = Path("/dev/shm") / f"uvm-bench-ctr-{os.getpid()}"
     base = Path(tempfile.mkdtemp(prefix="uvmcb-", dir="/tmp"))
-    cfg = base / "template.toml"
-    cfg.write_text(f'[uvm]\nstart = "template"\ntemplate_memory_dir = "{memdir}"\n')
+    cfg = template_runtime_config(base, memdir)
     runs: dict[str, list[float]] = {"cold": [], "template": []}
     try:
         rootfs = busybox_rootfs(base)
@@ -522,11 +534,7 @@ def ctr_template_figures(tmp: Path, run_dir: Path, state_dir: Path, n: int) -> d
                 print(f"  ctr run {i + 1}: cold {runs['cold'][-1]:.2f}s  from a template {runs['template'][-1]:.2f}s",
                       flush=True)
     finally:
-        from uvm import template
-
-        for row in template.list_templates(UvmConfig(state_dir=state_dir)):
-            template.remove(Path(row["path"]))
-        shutil.rmtree(memdir, ignore_errors=True)
+        remove_templates(state_dir, memdir)
         shutil.rmtree(base, ignore_errors=True)
     cold, tmpl = median(runs["cold"]), median(runs["template"])
     return {"cold_s": cold, "template_s": tmpl, "ratio": tmpl / cold, "n": n, "runs": runs}

@@ -40,18 +40,6 @@ def mapping_pss_kib(pid: int, size_kib: int) -> int:
     return total
 
 
-def pss_under_kib(pid: int, prefix: str) -> int:
-    """Pss of pid's mappings of files whose path starts with prefix (a template's RAM file), in KiB."""
-    total, inside = 0, False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if not fields[0].endswith(":"):
-            inside = len(fields) >= 6 and fields[5].startswith(prefix)
-        elif fields[0] == "Pss:" and inside:
-            total += int(fields[1])
-    return total
-
-
 def smaps_split(pid: int, path: str) -> dict[str, float]:
     """QEMU's PSS (MiB): total, the part in mappings of path (the template RAM file), the rest, and USS."""
     total = in_path = uss = 0
