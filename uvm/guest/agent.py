@@ -250,9 +250,7 @@ class Agent:
         relay_r, relay_w = self.relay
         try:
             n = os.splice(src, relay_w, limit, flags=os.SPLICE_F_NONBLOCK)
-        except BlockingIOError:
-            raise
-        except OSError as e:
+        except OSError as e:  # BlockingIOError (EAGAIN) included: re-raised as it is
             if e.errno == errno.EINVAL:
                 self.splice = False
             raise
