@@ -265,9 +265,12 @@ class QemuBackend:
         self._kill()
 
     def _kill(self) -> None:
+        # os.kill, not Process.send_signal: that polls the child first (Popen.send_signal since Python
+        # 3.9), and a poll that reaps a QEMU which just died (killed by someone else, say) takes its
+        # status from asyncio's child watcher, which then reports "returncode 255" for it.
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signal.SIGKILL)
+                os.kill(self._proc.pid, signal.SIGKILL)
 
     async def wait_exit(self) -> HypervisorExit:
         if self._exit_task is None:
