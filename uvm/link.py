@@ -1,19 +1,18 @@
 """Host side of the agent link: framing -> connection -> typed client.
 
-``AgentConnection`` owns the byte stream: one reader task decodes frames, matches responses to
-pending requests by id, hands notifications to a callback, and on EOF, a malformed frame or any
-out-of-protocol message fails every pending call with the same ``LinkError`` and closes the
-transport. ``AgentClient`` is the thin typed layer: one method per request, each result validated
-against ``schemas.agent_models`` (the guest is untrusted).
+``AgentConnection`` owns the byte stream (an asyncio protocol on the agent socket): it decodes
+frames as they arrive, matches responses to pending requests by id, hands notifications to a
+callback, and on EOF, a malformed frame or any out-of-protocol message fails every pending call
+with the same ``LinkError`` and closes the transport. ``AgentClient`` is the thin typed layer: one
+method per request, each result validated against ``schemas.agent_models`` (the guest is untrusted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import json
 import logging
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas import agent as proto
 from schemas import agent_models as models
-from schemas import framing
+from schemas import framing, wirejson
 from schemas.validation import first_problem
 from uvm import errors
 from uvm.streams import CREDIT, InboundStream, OutboundStream, remember
@@ -43,18 +42,15 @@ _ERROR_TYPES: dict[str, type[errors.AgentError]] = {
 }
 
 
-class AgentConnection:
-    """Request/response multiplexing over one agent byte stream."""
+class AgentConnection(asyncio.Protocol):
+    """Request/response multiplexing over one agent byte stream.
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        name: str,
-        on_notify: Callable[[dict[str, Any]], None] | None = None,
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
+    An asyncio protocol on the socket: frames are decoded and dispatched as the bytes arrive, so a
+    response completes its call's future in the same event-loop step (no reader task in between:
+    a request round trip is one loop wake-up on the host, not two).
+    """
+
+    def __init__(self, name: str, on_notify: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.name = name
         self.log = logging.getLogger(f"uvm.{name}.agent")
         self._on_notify = on_notify
@@ -62,15 +58,27 @@ class AgentConnection:
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._next_id = 1
         self._closed: errors.UvmError | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._writable: asyncio.Future[None] | None = None  # while the socket's send buffer is full
+        self._lost: asyncio.Future[None] | None = None  # resolved by connection_lost
         self._streams: dict[int, InboundStream | OutboundStream] = {}
         self._forgotten: dict[int, None] = {}  # closed by the host: late guest frames are dropped quietly
         self._abandoned: dict[int, None] = {}  # calls the host stopped waiting for: their late answer is dropped
         self._next_sid = 1
         self.on_fail: Callable[[errors.UvmError], None] | None = None
 
-    def start(self) -> None:
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"{self.name}-agent-reader")
+    async def open(self, sock: socket.socket) -> None:
+        """Serve the link on sock, a connected stream socket (the host end of the agent channel).
+
+        The connection owns sock from here on, also when this raises."""
+        loop = asyncio.get_running_loop()
+        self._lost = loop.create_future()
+        try:
+            await loop.create_unix_connection(lambda: self, sock=sock)
+        except BaseException:
+            sock.close()
+            self._lost = None
+            raise
 
     @property
     def closed(self) -> errors.UvmError | None:
@@ -81,57 +89,85 @@ class AgentConnection:
         """Send a request; return (flags, payload) of its response. Raises LinkError if the link drops."""
         if self._closed is not None:
             raise self._closed.with_traceback(None)  # the same error object is raised again and again
-        req_id = self._next_id
-        self._next_id = self._next_id + 1 if self._next_id < 0xFFFFFFFF else 1
-        payload = json.dumps({"method": method, "params": params}, separators=(",", ":")).encode()
+        transport = self._transport
+        if transport is None:
+            raise errors.LinkError(f"agent link {self.name}: {method}: the link is not open", vm_id=self.name)
+        try:
+            payload = wirejson.dumps({"method": method, "params": params})
+        except (ValueError, TypeError) as e:
+            raise errors.UvmError(f"{method} request cannot be encoded: {e}", method=method) from None
         if len(payload) > proto.MAX_CONTROL_PAYLOAD:
             raise errors.UvmError(f"{method} request of {len(payload)} bytes exceeds the cap", method=method)
+        req_id = self._next_id
+        self._next_id = self._next_id + 1 if self._next_id < 0xFFFFFFFF else 1
         fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
         try:
             self.log.debug("--> %s #%d %s", method, req_id, payload[:200])
-            self._writer.write(framing.encode(framing.REQUEST, req_id, payload))
-            await self._writer.drain()
-        except (OSError, RuntimeError) as e:
-            self._pending.pop(req_id, None)
-            self.fail(errors.LinkError(f"agent link {self.name}: write failed: {e}", vm_id=self.name))
-            closed = self._closed
-            assert closed is not None
-            raise closed.with_traceback(None) from None
-        try:
+            transport.write(framing.encode(framing.REQUEST, req_id, payload))  # a failed send ends in fail()
+            if self._writable is not None:  # back-pressure: QEMU is not reading the socket
+                await asyncio.shield(self._writable)
             return await fut  # (the answer, or fail(), takes req_id out of _pending)
         except BaseException:
             if self._pending.pop(req_id, None) is not None:  # cancelled (a deadline, a gone client) unanswered
                 remember(self._abandoned, req_id, None, MAX_ABANDONED_CALLS)
             raise
 
-    async def _read_loop(self) -> None:
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._closed is not None:  # failed before the socket was taken over
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed is not None:
+            return
         try:
-            while True:
-                data = await self._reader.read(1 << 20)
-                if not data:
-                    clean = self._decoder.at_boundary()
-                    self.fail(errors.LinkError(
-                        f"agent link {self.name}: closed by the guest" + ("" if clean else " in the middle of a frame"),
-                        vm_id=self.name))
+            frames = self._decoder.feed(data)
+        except framing.FramingError as e:
+            self.fail(errors.GuestProtocolError(f"agent link {self.name}: malformed frame from the guest: {e}",
+                                                vm_id=self.name))
+            return
+        try:
+            for frame in frames:
+                problem = self._dispatch(frame)
+                if problem:
+                    self.fail(errors.GuestProtocolError(f"agent link {self.name}: {problem}", vm_id=self.name))
                     return
-                try:
-                    frames = self._decoder.feed(data)
-                except framing.FramingError as e:
-                    self.fail(errors.GuestProtocolError(f"agent link {self.name}: malformed frame from the guest: {e}",
-                                                        vm_id=self.name))
-                    return
-                for frame in frames:
-                    problem = self._dispatch(frame)
-                    if problem:
-                        self.fail(errors.GuestProtocolError(f"agent link {self.name}: {problem}", vm_id=self.name))
-                        return
-        except (OSError, asyncio.IncompleteReadError) as e:
-            self.fail(errors.LinkError(f"agent link {self.name}: read failed: {e}", vm_id=self.name))
         except Exception as e:  # whatever went wrong, pending calls must not hang
-            self.log.debug("agent reader failed", exc_info=True)
+            self.log.debug("agent link failed on guest data", exc_info=True)
             self.fail(errors.GuestProtocolError(f"agent link {self.name}: cannot process guest data: {e!r}",
                                                 vm_id=self.name))
+
+    def eof_received(self) -> bool:
+        clean = self._decoder.at_boundary()
+        self.fail(errors.LinkError(
+            f"agent link {self.name}: closed by the guest" + ("" if clean else " in the middle of a frame"),
+            vm_id=self.name))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self.fail(errors.LinkError(f"agent link {self.name}: closed by the guest", vm_id=self.name))
+        else:
+            self.fail(errors.LinkError(f"agent link {self.name}: read failed: {exc}", vm_id=self.name))
+        self._wake_writers()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- streams ---------------------------------------------------------------------------------
 
@@ -139,10 +175,8 @@ class AgentConnection:
         """Queue a frame (stream data, credit, close); a dead link drops it silently."""
         if self._closed is not None:
             return
-        try:
-            self._writer.write(framing.encode(ftype, fid, payload))
-        except (OSError, RuntimeError) as e:
-            self.fail(errors.LinkError(f"agent link {self.name}: write failed: {e}", vm_id=self.name))
+        if self._transport is not None:
+            self._transport.write(framing.encode(ftype, fid, payload))  # a failed send ends in fail()
 
     def open_inbound(self, name: str) -> InboundStream:
         stream = InboundStream(self._allocate_sid(), name, self.send_frame)
@@ -202,7 +236,7 @@ class AgentConnection:
             if len(frame.payload) > proto.MAX_CONTROL_PAYLOAD:
                 return f"notification of {len(frame.payload)} bytes exceeds the control cap"
             try:
-                msg = json.loads(frame.payload)
+                msg = wirejson.loads(frame.payload)
             except (ValueError, RecursionError):
                 return "notification is not JSON (or nested too deeply)"
             if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
@@ -233,20 +267,19 @@ class AgentConnection:
         self._pending.clear()
         for stream in self._streams.values():
             stream.fail(error)
+        self._wake_writers()  # a call waiting for the socket to drain finds its future failed
         if self.on_fail is not None:
             self.on_fail(error)
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        if self._transport is not None:
+            self._transport.close()  # sends what is queued, then closes
 
     async def aclose(self, error: errors.LinkError | None = None) -> None:
+        """Fail the link (if it is up) and close the socket, dropping what the guest did not take."""
         self.fail(error or errors.LinkError(f"agent link {self.name}: closed", vm_id=self.name))
-        task, self._reader_task = self._reader_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
+        if self._transport is not None:
+            self._transport.abort()
+        if self._lost is not None:
+            await asyncio.shield(self._lost)
 
 
 class AgentClient:
@@ -311,3 +344,4 @@ class AgentClient:
         if timeout is not None:
             params["timeout"] = timeout
         return await self.request(proto.RUN, params, models.RunResult)
+

@@ -147,19 +147,16 @@ def _default_run(request: Request) -> Reply:
     return ErrorReply(proto.E_NOT_FOUND, f"{argv[0]}: No such file or directory")
 
 
-async def open_stream_pair() -> tuple[
-    tuple[asyncio.StreamReader, asyncio.StreamWriter], tuple[asyncio.StreamReader, asyncio.StreamWriter]
-]:
-    """Two connected asyncio stream ends over a unix socket pair: (host end, guest end)."""
+async def open_guest_end() -> tuple[socket.socket, tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A unix socket pair: the host's end as a socket (for AgentConnection.open), the guest's as streams."""
     host_sock, guest_sock = socket.socketpair()
     try:
-        host = await asyncio.open_connection(sock=host_sock)
         guest = await asyncio.open_connection(sock=guest_sock)
     except BaseException:
         host_sock.close()
         guest_sock.close()
         raise
-    return host, guest
+    return host_sock, guest
 
 
 # -- the fake guest agent ------------------------------------------------------------------------
@@ -213,11 +210,11 @@ class FakeGuest:
 
     # -- connection ----------------------------------------------------------------------------
 
-    async def start(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def start(self) -> socket.socket:
         """Open the socket pair, start answering, and return the host's end of it."""
         if self._writer is not None or self._closed:
             raise ConnectionRefusedError("fake guest: the agent port is already connected or closed")
-        host, (self._reader, self._writer) = await open_stream_pair()
+        host, (self._reader, self._writer) = await open_guest_end()
         self._serve_task = asyncio.get_running_loop().create_task(self._serve(), name="fake-guest")
         return host
 
@@ -225,9 +222,8 @@ class FakeGuest:
         self, name: str = "fake", on_notify: Callable[[dict[str, Any]], None] | None = None
     ) -> tuple[AgentConnection, AgentClient]:
         """start() and wrap the host end in a started AgentConnection and its AgentClient."""
-        reader, writer = await self.start()
-        conn = AgentConnection(reader, writer, name, on_notify=on_notify)
-        conn.start()
+        conn = AgentConnection(name, on_notify=on_notify)
+        await conn.open(await self.start())
         return conn, AgentClient(conn)
 
     @property
@@ -490,7 +486,7 @@ class FakeBackend:
         self._exit = asyncio.get_running_loop().create_future()
         self.console_lines.append(f"fake: booting {spec.vm_id}")
 
-    async def connect_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def connect_agent(self) -> socket.socket:
         self.calls.append("connect_agent")
         if not self.running:
             raise ConnectionRefusedError(f"fake backend {self.spec.vm_id}: hypervisor not running")
@@ -653,7 +649,7 @@ __all__ = [
     "fake_agent",
     "hello_result",
     "make_test_config",
-    "open_stream_pair",
+    "open_guest_end",
     "oversized_header",
     "run_result",
 ]

@@ -250,10 +250,9 @@ class UtilityVM:
             async with asyncio.timeout(timeout):
                 await backend.launch(spec)
                 self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.id}-watch")
-                reader, writer = await backend.connect_agent()
-                self._conn = AgentConnection(reader, writer, self.id, on_notify=self._on_notify)
+                self._conn = AgentConnection(self.id, on_notify=self._on_notify)
                 self._conn.on_fail = self._on_link_lost
-                self._conn.start()
+                await self._conn.open(await backend.connect_agent())
                 self.agent = AgentClient(self._conn)
                 if clone:
                     # The clone's kernel carries the template's random state, clock and name: its

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -130,24 +130,17 @@ class AgentProcess:
 
 
 @pytest.fixture
-async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[[], Awaitable[tuple[AgentProcess, asyncio.StreamReader,
-                                                                                   asyncio.StreamWriter]]]]:
-    """Start agents (each with the host's stream ends); all killed, with their processes, at the end."""
-    started: list[tuple[AgentProcess, asyncio.StreamWriter]] = []
+def start_agent(tmp_path: Path) -> Iterator[Callable[[], AgentProcess]]:
+    """Start agents (the host's end of each link is proc.sock); all killed, with their processes, at the end."""
+    started: list[AgentProcess] = []
 
-    async def start() -> tuple[AgentProcess, asyncio.StreamReader, asyncio.StreamWriter]:
-        proc = AgentProcess(tmp_path / f"agent-{len(started)}.log")
-        reader, writer = await asyncio.open_connection(sock=proc.sock)
-        started.append((proc, writer))
-        return proc, reader, writer
+    def start() -> AgentProcess:
+        started.append(AgentProcess(tmp_path / f"agent-{len(started)}.log"))
+        return started[-1]
 
     yield start
     survivors: list[int] = []
-    for proc, writer in started:
-        proc.started |= _descendants(proc.popen.pid)  # before the agent dies and they are reparented
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+    for proc in started:
         survivors += proc.kill()
     assert not survivors, f"processes left behind: {survivors}"
 
@@ -163,14 +156,13 @@ class Exec:
 class Host:
     """The host's side of one local agent: connection, client, notifications and a process table."""
 
-    def __init__(self, agent: AgentProcess, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, agent: AgentProcess) -> None:
         self.agent = agent
         self.notes: list[dict[str, Any]] = []
         self.watchers: list[Callable[[dict[str, Any]], None]] = []
         self.table = ProcessTable()
         self._noted = asyncio.Event()
-        self.conn = AgentConnection(reader, writer, "local", on_notify=self._on_notify)
-        self.conn.start()
+        self.conn = AgentConnection("local", on_notify=self._on_notify)
         self.client = AgentClient(self.conn)
 
     def _on_notify(self, msg: dict[str, Any]) -> None:
@@ -225,9 +217,9 @@ class Host:
 
 
 @pytest.fixture
-async def host(start_agent: Callable[[], Awaitable[tuple[AgentProcess, asyncio.StreamReader, asyncio.StreamWriter]]],
-               ) -> AsyncIterator[Host]:
-    h = Host(*await start_agent())
+async def host(start_agent: Callable[[], AgentProcess]) -> AsyncIterator[Host]:
+    h = Host(start_agent())
+    await h.conn.open(h.agent.sock)
     try:
         yield h
     finally:
@@ -271,9 +263,13 @@ class RawPeer:
 
 
 @pytest.fixture
-async def raw(start_agent: Callable[[], Awaitable[tuple[AgentProcess, asyncio.StreamReader, asyncio.StreamWriter]]],
-              ) -> RawPeer:
-    return RawPeer(*await start_agent())
+async def raw(start_agent: Callable[[], AgentProcess]) -> AsyncIterator[RawPeer]:
+    proc = start_agent()
+    peer = RawPeer(proc, *await asyncio.open_connection(sock=proc.sock))
+    yield peer
+    peer.writer.close()
+    with contextlib.suppress(Exception):
+        await peer.writer.wait_closed()
 
 
 def sha(data: bytes) -> str:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -484,3 +485,58 @@ async def test_calls_on_a_dead_link_do_not_grow_the_error_traceback(agent: Agent
             await client.ping()
     assert conn.closed is not None
     assert _traceback_length(conn.closed) < 20
+
+
+async def _stalled_guest() -> tuple[AgentConnection, AgentClient, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose guest end reads nothing yet (a QEMU not draining the socket)."""
+    host_sock, guest_sock = socket.socketpair()
+    conn = AgentConnection("stall")
+    await conn.open(host_sock)
+    reader, writer = await asyncio.open_connection(sock=guest_sock, limit=1 << 22)
+    return conn, AgentClient(conn), reader, writer
+
+
+async def _flood(client: AgentClient, conn: AgentConnection) -> list[asyncio.Task[models.PingResult]]:
+    """Calls of ~512 KiB each until the connection sees back-pressure from the socket."""
+    blob = "x" * (512 << 10)
+    calls: list[asyncio.Task[models.PingResult]] = []
+    while conn._writable is None:  # set by pause_writing
+        seq = len(calls)
+        calls.append(asyncio.create_task(client.request("ping", {"seq": seq, "pad": blob}, models.PingResult)))
+        await asyncio.sleep(0)
+        assert len(calls) < 100, "the transport never paused"
+    return calls
+
+
+async def test_calls_wait_for_a_stalled_socket_and_complete_when_the_guest_reads() -> None:
+    conn, client, reader, writer = await _stalled_guest()
+    try:
+        calls = await _flood(client, conn)
+        await asyncio.sleep(0.05)
+        assert not any(c.done() for c in calls)
+        decoder = framing.FrameDecoder()
+        answered = 0
+        while answered < len(calls):  # now the guest reads everything and answers each request in order
+            for frame in decoder.feed(await asyncio.wait_for(reader.read(1 << 20), CALL_TIMEOUT)):
+                seq = json.loads(frame.payload)["params"]["seq"]
+                writer.write(framing.encode(framing.RESPONSE, frame.id, json.dumps({"seq": seq}).encode()))
+                answered += 1
+        results = await asyncio.wait_for(asyncio.gather(*calls), CALL_TIMEOUT)
+        assert [r.seq for r in results] == list(range(len(calls)))
+        assert conn._writable is None and conn.closed is None
+    finally:
+        await conn.aclose()
+        writer.close()
+
+
+async def test_calls_waiting_for_a_stalled_socket_are_released_when_the_link_drops() -> None:
+    conn, client, _, writer = await _stalled_guest()
+    try:
+        calls = await _flood(client, conn)
+        writer.transport.abort()  # the guest end goes away with the host's requests unread
+        for outcome in await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), CALL_TIMEOUT):
+            assert isinstance(outcome, errors.LinkError), outcome
+        with pytest.raises(errors.LinkError):
+            await client.ping()
+    finally:
+        await conn.aclose()

@@ -7,6 +7,7 @@ only starts and stops a hypervisor, opens the agent channel and reports how the 
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,8 +57,8 @@ class Backend(Protocol):
     async def launch(self, spec: LaunchSpec) -> None:
         """Start the hypervisor. Raises StartError (nothing left running) if it does not come up."""
 
-    async def connect_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open the host end of the agent channel."""
+    async def connect_agent(self) -> socket.socket:
+        """Open the host end of the agent channel: a connected, non-blocking stream socket."""
 
     async def request_powerdown(self) -> None:
         """Ask the guest to power off through the platform (ACPI); returns at once."""
@@ -82,3 +83,15 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Stop the hypervisor if needed and release every host resource. Idempotent."""
+
+
+async def connect_unix(path: str) -> socket.socket:
+    """A non-blocking stream socket connected to the unix socket at path (for AgentConnection.open)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -26,7 +27,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from uvm.backends.base import HypervisorExit, create_run_dir
+from uvm.backends.base import HypervisorExit, connect_unix, create_run_dir
 from uvm.backends.qemu import tail_lines
 from uvm.builder import LaunchSpec
 from uvm.errors import AlreadyExistsError, DiskError, StartError, UvmError
@@ -312,8 +313,8 @@ class LibvirtBackend:
         self.log.info("libvirt: reconnected to %s", self.spec.libvirt_uri)
         return True
 
-    async def connect_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_unix_connection(self._channels[self.spec.agent_port_name], limit=1 << 22)
+    async def connect_agent(self) -> socket.socket:
+        return await connect_unix(self._channels[self.spec.agent_port_name])
 
     def port_path(self, name: str) -> str:
         return self._channels[name]

@@ -14,13 +14,14 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.protocol import ConnectError
 
-from uvm.backends.base import HypervisorExit, create_run_dir
+from uvm.backends.base import HypervisorExit, connect_unix, create_run_dir
 from uvm.builder import LaunchSpec
 from uvm.errors import DiskError, StartError, TemplateError, UvmError
 
@@ -240,9 +241,8 @@ class QemuBackend:
             return HypervisorExit(None, -rc, self._shutdown_reason, detail)
         return HypervisorExit(rc, None, self._shutdown_reason, detail)
 
-    async def connect_agent(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        # A large reader limit: stream data arrives in frames of up to 1 MiB.
-        return await asyncio.open_unix_connection(str(self.run_dir / "agent.sock"), limit=1 << 22)
+    async def connect_agent(self) -> socket.socket:
+        return await connect_unix(str(self.run_dir / "agent.sock"))
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None and not (
