@@ -77,11 +77,11 @@ class FrameDecoder:
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
-        self.partial = bytearray()  # the start of a frame whose rest has not arrived (empty at a boundary)
+        self._buf = bytearray()
 
     @property
     def buffered(self) -> int:
-        return len(self.partial)
+        return len(self._buf)
 
     def _reject(self, magic: int, ftype: int, flags: int, length: int) -> FramingError:
         if magic != MAGIC:
@@ -98,7 +98,7 @@ class FrameDecoder:
         A header is checked as soon as it is complete, before its payload arrives. data is not
         kept: a caller may pass a view of its read buffer and reuse the buffer afterwards.
         """
-        if not self.partial and len(data) >= HEADER_SIZE:
+        if not self._buf and len(data) >= HEADER_SIZE:
             # The common case, one whole frame per read: checked and cut without the loop below
             # (under emulation every interpreted step of the agent's request path costs ~1 us).
             magic, ftype, flags, fid, length = HEADER.unpack_from(data)
@@ -107,9 +107,9 @@ class FrameDecoder:
                     raise self._reject(magic, ftype, flags, length)
                 return [Frame(ftype, fid, bytes(data[HEADER_SIZE:]), flags)]
         buf: bytes | bytearray | memoryview
-        if self.partial:
-            self.partial += data
-            buf = self.partial
+        if self._buf:
+            self._buf += data
+            buf = self._buf
         else:
             buf = data  # the common case (whole frames): no copy into the buffer
         frames: list[Frame] = []
@@ -125,12 +125,12 @@ class FrameDecoder:
                 break
             pos = start + length
             frames.append(Frame(ftype, fid, bytes(buf[start:pos]), flags))
-        if buf is self.partial:
-            del self.partial[:pos]
+        if buf is self._buf:
+            del self._buf[:pos]
         elif pos < end:
-            self.partial = bytearray(buf[pos:])
+            self._buf = bytearray(buf[pos:])
         return frames
 
     def at_boundary(self) -> bool:
         """True when no partial frame is buffered (an EOF here is clean; elsewhere it truncates)."""
-        return not self.partial
+        return not self._buf

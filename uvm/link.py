@@ -153,7 +153,6 @@ class AgentConnection(asyncio.Protocol):
             self.fail(errors.LinkError(f"agent link {self.name}: closed by the guest", vm_id=self.name))
         else:
             self.fail(errors.LinkError(f"agent link {self.name}: connection lost: {exc}", vm_id=self.name))
-        self._wake_writers()
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
