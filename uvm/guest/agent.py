@@ -682,7 +682,7 @@ class Agent:
 
     def has_timed_work(self) -> bool:
         return bool(not self.connected or self.stalled or self.timed_commands or (
-            self._runtime is not None and self._runtime.unreported))
+            self._runtime is not None and (self._runtime.unreported or self._runtime.freezing)))
 
     def check_timers(self) -> None:
         now = time.monotonic()

@@ -42,6 +42,7 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_PARENT = "uvmshim"
 SHARE_MODULES = ["modprobe", "-a", "9pnet_virtio", "9p"]
 EXIT_GRACE_S = 2.0
+FREEZE_WAIT_S = 10.0  # a pause answers once the cgroup is frozen, or fails (thawed again) after this
 TIOCSWINSZ = 0x5414
 TIOCSCTTY = 0x540E
 EPOLLPRI = 0x002
@@ -367,6 +368,7 @@ class Runtime(DiskMixin):
         self.mounted_shares: set[str] = set()
         self.share_modules_loaded = False
         self.unreported: set[GuestProcess] = set()  # exited, exit not yet reported (grace timers)
+        self.freezing: dict[int, tuple[Container, float]] = {}  # pause request -> (container, deadline)
 
     # -- reaping --------------------------------------------------------------------------------
 
@@ -396,6 +398,8 @@ class Runtime(DiskMixin):
     def tick(self, now: float) -> None:
         for proc in list(self.unreported):
             proc.maybe_report_exit(now)
+        for req_id in list(self.freezing):
+            self.check_frozen(req_id)
 
     # -- stdio set-up -----------------------------------------------------------------------------
 
@@ -807,9 +811,32 @@ class Runtime(DiskMixin):
                 return
             if c.state == want_from:
                 c.state = to
-            self.agent.reply(req_id, {})
+            if pause:
+                # crun writes cgroup.freeze and returns; a task busy in the kernel (a 9p call, say) is
+                # frozen only when it leaves it. Paused means frozen: answer once cgroup.events says so.
+                self.freezing[req_id] = (c, time.monotonic() + FREEZE_WAIT_S)
+                self.check_frozen(req_id)
+            else:
+                self.agent.reply(req_id, {})
 
         self.agent.run_helper(["crun", verb, c.id], done)
+
+    def check_frozen(self, req_id: int) -> None:
+        """Answer a pause whose cgroup is frozen now; past its deadline, thaw it and answer an error."""
+        c, deadline = self.freezing[req_id]
+        if read_kv(f"{c.cgroup}/cgroup.events").get("frozen", 1) == 1:  # no such file: the cgroup is gone
+            del self.freezing[req_id]
+            self.agent.reply(req_id, {})
+        elif time.monotonic() > deadline:
+            del self.freezing[req_id]
+            try:
+                write_file(f"{c.cgroup}/cgroup.freeze", "0")
+            except OSError:
+                pass
+            if c.state == proto.PAUSED:
+                c.state = proto.RUNNING
+            self.agent.reply_error(req_id, proto.E_INTERNAL,
+                                   f"pause container {c.id}: not frozen after {FREEZE_WAIT_S:g}s (thawed again)")
 
     def container_state(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
         return self.get(params.get("id")).describe()
