@@ -116,5 +116,7 @@ def clean(bundle: Path) -> list[str]:
     target = Path(state["rootfs_mounted"]) if state.get("rootfs_mounted") else bundle / "rootfs"
     if rootfs.unmount(target):
         done.append(f"unmounted {target}")
+    if rootfs.unstage_binds(bundle / rootfs.BINDS_DIR):
+        done.append(f"unmounted the bind mounts under {bundle / rootfs.BINDS_DIR}")
     forget(bundle)
     return done

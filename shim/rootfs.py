@@ -10,6 +10,8 @@ Two cases, as containerd presents them:
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,21 @@ class HostMount:
     options: tuple[str, ...]
 
 
-def is_mountpoint(path: Path) -> bool:
-    target = str(path.resolve())
+def mount_points_under(path: Path) -> list[Path]:
+    """Mount points at or below path in our mount namespace, deepest first."""
+    top = str(path.resolve())
+    found = []
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+        for line in f:
+            # Field 5 is the mount point, with space, tab, newline and backslash escaped as \ooo.
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ")[4])
+            if point == top or point.startswith(f"{top}/"):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def is_mountpoint(path: Path) -> bool:
+    return Path(path.resolve()) in mount_points_under(path)
 
 
 def _run(argv: list[str], what: str) -> None:
@@ -86,3 +99,96 @@ def host_root(bundle: Path, root_path: str) -> Path:
     if not any(root.iterdir()):
         raise errors.InvalidArgumentError(f"rootfs {root}: is empty: no usable root filesystem in the bundle")
     return root
+
+
+# -- bind mounts of host paths --------------------------------------------------------------------
+# A spec mount of type bind (`ctr run --mount type=bind,src=...`, Kubernetes volumes) names a host path
+# the guest cannot see. Each is bind-mounted on the host under one staging directory (<state>/binds/<n>,
+# n its index in spec.mounts; read-only ones remounted read-only there, so a hostile guest cannot write
+# through them), which is shared into the UVM as one more 9p share; the guest rewrites each source to its
+# path in that share before crun runs. A file source is bind-mounted on an empty file, so the guest sees
+# only that file, not its siblings.
+
+BINDS_DIR = "binds"
+MAX_BINDS = 64
+
+
+@dataclass(frozen=True)
+class BindMount:
+    index: int  # in spec.mounts
+    destination: str
+    source: Path  # on the host
+    readonly: bool
+    recursive: bool
+
+
+def is_bind(mount_type: str | None, options: list[str] | None) -> bool:
+    opts = options or []
+    return mount_type in ("bind", "rbind") or "bind" in opts or "rbind" in opts
+
+
+def bind_mounts(mounts: list[tuple[str, str | None, str | None, list[str] | None]], bundle: Path) -> list[BindMount]:
+    """The bind mounts among spec mounts given as (destination, source, type, options); a relative source
+    is relative to the bundle, as runc reads it. Raises InvalidArgumentError naming a mount whose source
+    is missing or not a directory or regular file."""
+    binds = []
+    for index, (destination, source, mount_type, options) in enumerate(mounts):
+        if not is_bind(mount_type, options):
+            continue
+        what = f"mount {destination}: bind source {source!r}"
+        if not source:
+            raise errors.InvalidArgumentError(f"mount {destination}: a bind mount needs a source")
+        path = Path(source) if os.path.isabs(source) else bundle / source
+        if not (path.is_dir() or path.is_file()):
+            problem = "is not a directory or regular file" if path.exists() else "does not exist"
+            raise errors.InvalidArgumentError(f"{what} {problem} on the host")
+        opts = options or []
+        binds.append(BindMount(index, destination, path, readonly="ro" in opts,
+                               recursive=mount_type == "rbind" or "rbind" in opts))
+    if len(binds) > MAX_BINDS:
+        raise errors.InvalidArgumentError(f"{len(binds)} bind mounts: at most {MAX_BINDS} are supported")
+    return binds
+
+
+def stage_binds(binds: list[BindMount], stage: Path) -> None:
+    """Bind-mount each source on stage/<index>, stage itself a read-only bind of itself (the guest cannot
+    add or remove entries there; a writable bind stays writable). Raises InvalidArgumentError (all undone)."""
+    unstage_binds(stage)  # a dead shim's, in the same bundle
+    try:
+        stage.mkdir(mode=0o700)
+        for b in binds:
+            target = stage / str(b.index)
+            if b.source.is_dir():
+                target.mkdir()
+            else:
+                target.touch(mode=0o600)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise errors.InvalidArgumentError(f"bind mounts: {e.filename}: {e.strerror}") from None
+    try:
+        _run(["mount", "--bind", str(stage), str(stage)], f"bind mounts: {stage}")
+        _run(["mount", "-o", "remount,bind,ro", str(stage)], f"bind mounts: {stage} read-only")
+        for b in binds:
+            target = stage / str(b.index)
+            what = f"mount {b.destination}: bind {b.source}"
+            _run(["mount", "--rbind" if b.recursive else "--bind", str(b.source), str(target)], what)
+            if b.readonly:
+                _run(["mount", "-o", "remount,bind,ro", str(target)], f"{what} read-only")
+    except BaseException:
+        unstage_binds(stage)
+        raise
+
+
+def unstage_binds(stage: Path) -> bool:
+    """Unmount and remove what stage_binds made (whatever a failure left of it). True if there was something.
+    Nothing is removed while anything is still mounted below stage: the sources are the user's files."""
+    if not stage.is_dir():
+        return False
+    for lazy in ([], ["-l"]):  # deepest first (each a leaf then), lazily if that failed
+        for point in mount_points_under(stage):
+            subprocess.run(["umount", *lazy, str(point)], capture_output=True, timeout=MOUNT_TIMEOUT_S, check=False)
+    left = mount_points_under(stage)
+    if left:
+        raise errors.UvmError(f"bind mounts: cannot unmount {left[0]}: leaving {stage} in place")
+    shutil.rmtree(stage)
+    return True

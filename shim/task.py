@@ -32,7 +32,7 @@ from shim import rootfs as host_rootfs
 from shim.events import timestamp
 from shim.stdio import ProcessIO
 from uvm import errors
-from uvm.container import Container, ContainerState, ContainerStatistics, Rootfs
+from uvm.container import Container, ContainerState, ContainerStatistics, Rootfs, SharedSource
 from uvm.lifecycle import stop_escalating
 from uvm.process import Process, ProcessExit
 from uvm.vm import UtilityVM
@@ -41,6 +41,7 @@ log = logging.getLogger("uvmshim.task")
 
 INIT = ""  # the exec id of a task's init process
 SHARE_TAG = "rootfs"
+BINDS_TAG = "binds"  # the share holding the task's bind mount sources (shim/rootfs.py)
 EXEC_FAILED_STATUS = 255  # an exec whose Start failed: a Wait on it returns this (runc releases it too)
 
 
@@ -82,6 +83,18 @@ def vm_id_for(namespace: str, task_id: str) -> str:
 
 def exit_of(info: ProcessExit) -> Exited:
     return Exited(info.exit_code, info.at)
+
+
+def unjoinable_namespaces(spec: oci.Spec) -> None:
+    """Drop the paths of namespaces to join (a Kubernetes pod's network namespace, its pause process's
+    /proc/PID/ns/...): they are the host's, which a container in its own UVM cannot enter; it gets new
+    ones of those types inside the UVM instead, as Kata does."""
+    namespaces = (spec.linux or {}).get("namespaces")
+    if not isinstance(namespaces, list):
+        return
+    for ns in namespaces:
+        if isinstance(ns, dict) and "path" in ns:
+            log.info("namespace %s: not joining the host's %s inside the UVM", ns.get("type"), ns.pop("path"))
 
 
 def parse_spec_json(data: bytes | str, what: str) -> oci.Spec:
@@ -130,6 +143,7 @@ class Task:
         self.container: Container | None = None
         self.procs: dict[str, TaskProcess] = {}
         self.rootfs_mounted: Path | None = None
+        self.binds_staged: Path | None = None
         self.started = False
         self.deleted = False
         self._starting: asyncio.Future[None] | None = None  # the init's Start, until it answered
@@ -155,18 +169,25 @@ class Task:
         init = TaskProcess(INIT, io)
         try:
             io.open()
+            binds = host_rootfs.bind_mounts([(m.destination, m.source, m.type, m.options) for m in spec.mounts],
+                                            self.bundle)
             root = self._prepare_rootfs(rootfs, spec)
+            shares = [Share(tag=SHARE_TAG, host_path=root, readonly=bool(spec.root and spec.root.readonly))]
+            if binds:
+                self.binds_staged = self.state_dir / host_rootfs.BINDS_DIR
+                host_rootfs.stage_binds(binds, self.binds_staged)
+                shares.append(Share(tag=BINDS_TAG, host_path=self.binds_staged, readonly=all(b.readonly for b in binds)))
+            unjoinable_namespaces(spec)
             self.vm = self._vm_factory(self.options.uvm_config(
-                id=vm_id_for(self.namespace, self.id),
-                shares=[Share(tag=SHARE_TAG, host_path=root, readonly=bool(spec.root and spec.root.readonly))],
-                console_log=self.state_dir / "uvm-console.log"))
+                id=vm_id_for(self.namespace, self.id), shares=shares, console_log=self.state_dir / "uvm-console.log"))
             self.vm.oom_listeners.append(self.on_oom)
             self._write_state()
             await self.vm.start()
             self._write_state()
             want_in, want_out, want_err = io.wants
-            self.container = await self.vm.create_container(self.id, spec, Rootfs(share=SHARE_TAG),
-                                                            stdin=want_in, stdout=want_out, stderr=want_err)
+            self.container = await self.vm.create_container(
+                self.id, spec, Rootfs(share=SHARE_TAG), stdin=want_in, stdout=want_out, stderr=want_err,
+                mount_sources={b.index: SharedSource(BINDS_TAG, str(b.index)) for b in binds})
         except BaseException:
             await io.close()
             await self.teardown()
@@ -427,5 +448,8 @@ class Task:
             if self.rootfs_mounted is not None:
                 host_rootfs.unmount(self.rootfs_mounted)
                 self.rootfs_mounted = None
+            if self.binds_staged is not None:
+                host_rootfs.unstage_binds(self.binds_staged)
+                self.binds_staged = None
             if released:  # else `delete` must still find the VM by this record
                 leftovers.forget(self.state_dir)

@@ -55,6 +55,18 @@ class Rootfs:
 
 
 @dataclass(frozen=True)
+class SharedSource:
+    """The source of a spec mount given as a path inside a 9p share of the UVM (a host directory or file
+    bind-mounted into a shared directory): the guest rewrites the mount's source to where it sees it."""
+
+    share: str
+    path: str = ""
+
+    def wire(self, index: int) -> dict[str, Any]:
+        return {"index": index, "share": self.share, "path": self.path}
+
+
+@dataclass(frozen=True)
 class ContainerStatistics:
     container: models.ContainerStats
     vm_rss_bytes: int  # the hypervisor process's resident memory on the host

@@ -33,7 +33,7 @@ from schemas.uvm_config import UvmConfig
 from schemas.validation import first_problem
 from uvm import builder, errors
 from uvm.backends.base import Backend, HypervisorExit
-from uvm.container import Container, ContainerState, Rootfs
+from uvm.container import Container, ContainerState, Rootfs, SharedSource
 from uvm.lifecycle import VmState
 from uvm.link import AgentClient, AgentConnection
 from uvm.process import Process, ProcessTable
@@ -565,15 +565,25 @@ class UtilityVM:
         return proc
 
     async def create_container(self, cid: str, spec: oci.Spec, rootfs: Rootfs, *, stdin: bool = False,
-                               stdout: bool = True, stderr: bool = True) -> Container:
-        """Create (not start) a container from an OCI spec, its rootfs a share subdirectory or UVM path.
+                               stdout: bool = True, stderr: bool = True,
+                               mount_sources: Mapping[int, SharedSource] | None = None) -> Container:
+        """Create (not start) a container from an OCI spec, its rootfs a share subdirectory or UVM path;
+        mount_sources maps indexes in spec.mounts to the share paths their sources are (bind mounts of
+        host paths).
 
-        Raises AlreadyExistsError, InvalidIdError, AgentInvalidArgumentError (bad spec or rootfs).
+        Raises AlreadyExistsError, InvalidIdError, InvalidArgumentError, AgentInvalidArgumentError (bad
+        spec or rootfs).
         """
         self._client("create_container")
         if cid in self.containers:
             raise errors.AlreadyExistsError(f"container {cid}: already exists in VM {self.id}", container=cid)
-        params = {"id": cid, "spec": spec.wire(), "rootfs": rootfs.wire()}
+        params: dict[str, Any] = {"id": cid, "spec": spec.wire(), "rootfs": rootfs.wire()}
+        if mount_sources:
+            bad = [i for i in mount_sources if not 0 <= i < len(spec.mounts)]
+            if bad:
+                raise errors.InvalidArgumentError(f"container {cid}: mount_sources: no spec mount {bad[0]}",
+                                                  container=cid)
+            params["mount_sources"] = [src.wire(i) for i, src in sorted(mount_sources.items())]
         init = await self._with_stdio("create_container", proto.CREATE, params, cid, spec.process.terminal,
                                       stdin, stdout, stderr)
         container = Container(self, cid, init)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from schemas import oci
 from schemas.uvm_config import Share, UvmConfig
 from uvm import errors
-from uvm.container import Container, ContainerState, Rootfs
+from uvm.container import Container, ContainerState, Rootfs, SharedSource
 from uvm.vm import UtilityVM
 
 # One UVM for the module (boots are slow under emulation): the tests share its event loop.
@@ -271,6 +271,31 @@ async def test_bad_input(vm: UtilityVM) -> None:
     states = [s.id for s in (await vm._client("list").request("list_containers", {}, __import__(
         "schemas.agent_models", fromlist=["ContainerList"]).ContainerList)).containers]
     assert "dup" not in states and "badcmd" not in states and "norootfs" not in states
+
+
+async def test_bind_mount_sources_in_a_share(vm: UtilityVM, busybox_rootfs: Path) -> None:
+    """A spec mount whose source the host names as a path in a share (what the shim does for a bind
+    mount of a host path): the container sees it at its destination; a bad one is refused by name."""
+    src = busybox_rootfs.parent / f"bindsrc-{vm.started_from}"
+    src.mkdir(exist_ok=True)
+    (src / "in").write_text("from the host\n")
+    spec = oci.default_spec(["sh", "-c", "cat /mnt/b/in; echo from the container > /mnt/b/out"], env=ENV)
+    spec.mounts.append(oci.Mount(destination="/mnt/b", type="bind", source="/ignored", options=["rbind", "rw"]))
+    index = len(spec.mounts) - 1
+    c = await vm.create_container(f"c{next(_seq)}", spec, ROOTFS, mount_sources={index: SharedSource("shares", src.name)})
+    await c.start()
+    assert c.init.stdout is not None
+    assert await c.init.stdout.read_all() == b"from the host\n"
+    assert (await c.wait_timeout(60)).exit_code == 0
+    assert (src / "out").read_text() == "from the container\n"
+    await c.close()
+    for cid, sources, error, match in [
+            ("badsrc1", {index: SharedSource("shares", "../etc")}, errors.AgentInvalidArgumentError, "relative"),
+            ("badsrc2", {index: SharedSource("shares", "missing")}, errors.AgentInvalidArgumentError, "/mnt/b"),
+            ("badsrc3", {index + 1: SharedSource("shares", src.name)}, errors.InvalidArgumentError, "no spec mount")]:
+        with pytest.raises(error, match=match):
+            await vm.create_container(cid, spec, ROOTFS, mount_sources=sources)
+        assert cid not in vm.containers
 
 
 async def test_vm_death_releases_every_waiter(make_config: Callable[..., UvmConfig], busybox_rootfs: Path) -> None:

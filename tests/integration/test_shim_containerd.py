@@ -77,7 +77,7 @@ def assert_clean(ctd: PrivateContainerd, *ids: str) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         left = {"shims": _shim_processes(), "shared": sorted(map(str, ctd.shared_entries_of(*ids))),
-                "mounts": [str(m) for m in mounts_under(ctd.base_dir) if "rootfs" in str(m)],
+                "mounts": [str(m) for m in mounts_under(ctd.base_dir) if {"rootfs", "binds"} & set(m.parts)],
                 "qemu": [p for i in ids for p in _vm_processes(ctd, i)]}
         if not any(left.values()):
             return
@@ -286,6 +286,32 @@ def test_image_run(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
     res = run(ctd, "run", "--rm", *RUNTIME, IMAGE_REF, "img1", "/bin/sh", "-c", "echo from-image > /f; cat /f")
     assert (res.returncode, res.stdout) == (0, b"from-image\n"), res.stderr
     assert_clean(ctd, "img1")
+
+
+def test_bind_mounts_of_host_paths(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
+    """`ctr run --mount type=bind,...`: a host directory read and written, a host file read-only (its
+    siblings not shared); a missing source fails the run naming it."""
+    ctd, rootfs = env
+    data, conf = tmp_path / "data", tmp_path / "conf"
+    data.mkdir()
+    conf.mkdir()
+    (data / "in").write_text("dir from the host\n")
+    (conf / "f").write_text("file from the host\n")
+    (conf / "sibling").write_text("not shared\n")
+    script = ("cat /mnt/data/in /mnt/f; echo from the container > /mnt/data/out; "
+              "echo x 2>/dev/null > /mnt/f || echo read-only; ls /mnt")
+    res = run(ctd, "run", "--rm", *RUNTIME, "--mount", f"type=bind,src={data},dst=/mnt/data,options=rbind:rw",
+              "--mount", f"type=bind,src={conf / 'f'},dst=/mnt/f,options=rbind:ro", "--rootfs", str(rootfs), "bind1",
+              "/bin/sh", "-c", script)
+    assert (res.returncode, res.stdout) == (0, b"dir from the host\nfile from the host\nread-only\ndata\nf\n"), res.stderr
+    assert (data / "out").read_text() == "from the container\n"
+    assert (conf / "f").read_text() == "file from the host\n"
+    assert_clean(ctd, "bind1")
+    res = run(ctd, "run", "--rm", *RUNTIME, "--mount", f"type=bind,src={tmp_path / 'missing'},dst=/mnt/m,options=rbind",
+              "--rootfs", str(rootfs), "bind2", "/bin/true")
+    assert res.returncode != 0 and b"/mnt/m" in res.stderr and b"does not exist" in res.stderr, res.stderr
+    run(ctd, "container", "rm", "bind2")
+    assert_clean(ctd, "bind2")
 
 
 @pytest.mark.parametrize("case", ["bad-config", "empty-rootfs"])

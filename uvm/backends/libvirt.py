@@ -91,7 +91,7 @@ def domain_xml(spec: LaunchSpec, console: Path) -> str:
     ports = "".join(f"<channel type='unix'><source mode='bind'/><target type='virtio' name={quoteattr(p)}/></channel>"
                     for p in spec.extra_ports)
     shares = "".join(
-        f"<filesystem type='mount' accessmode='passthrough'><source dir={quoteattr(str(s.host_path))}/>"
+        f"<filesystem type='mount' accessmode='passthrough' multidevs='remap'><source dir={quoteattr(str(s.host_path))}/>"
         f"<target dir={quoteattr(s.tag)}/>{'<readonly/>' if s.readonly else ''}{pci()}</filesystem>" for s in spec.shares)
     return f"""<domain type='{"kvm" if spec.accel == "kvm" else "qemu"}'>
   <name>{DOMAIN_PREFIX}{escape(spec.vm_id)}</name>

@@ -80,7 +80,7 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
                  "-device", "virtio-net-device,netdev=net0"]
     for n, share in enumerate(spec.shares):
         ro = ",readonly=on" if share.readonly else ""
-        argv += ["-fsdev", f"local,id=fs{n},path={share.host_path},security_model=none{ro}",
+        argv += ["-fsdev", f"local,id=fs{n},path={share.host_path},security_model=none,multidevs=remap{ro}",
                  "-device", f"virtio-9p-device,fsdev=fs{n},mount_tag={share.tag}"]
     if spec.incoming is not None:
         argv += ["-incoming", "defer"]

@@ -573,6 +573,8 @@ class Runtime(DiskMixin):
             self.check_layers(rootfs)  # mounted below, once the bundle exists
         else:
             root_path = self.rootfs_path(rootfs)
+        spec = dict(spec)
+        self.mount_sources(spec, params.get("mount_sources"))
         self.ensure_cgroups()
         bundle = f"{CONTAINERS_DIR}/{cid}"
         procs.remove_tree(bundle)
@@ -582,7 +584,6 @@ class Runtime(DiskMixin):
         c = Container(cid, bundle)
         c.overlay = layered
         self.containers[cid] = c
-        spec = dict(spec)
         spec["root"] = {"path": root_path, "readonly": bool((spec.get("root") or {}).get("readonly", False))}
         linux = dict(spec.get("linux") or {})
         linux["cgroupsPath"] = f"/{CGROUP_PARENT}/{cid}"
@@ -615,17 +616,39 @@ class Runtime(DiskMixin):
             if not path.startswith("/") or not os.path.isdir(path):
                 raise err(proto.E_INVALID, f"rootfs {path!r} is not a directory in the UVM")
             return path
-        if not isinstance(share, str) or not share or "/" in share:
-            raise err(proto.E_INVALID, f"invalid share tag {share!r}")
-        if path.startswith("/") or ".." in path.split("/"):
-            raise err(proto.E_INVALID, f"rootfs.path {path!r} must be relative inside the share")
-        mnt = f"{SHARES_DIR}/{share}"
-        if share not in self.mounted_shares:
-            self.mount_share(share, mnt)
-        full = f"{mnt}/{path}" if path else mnt
+        full = self.share_path(share, path, "rootfs.path")
         if not os.path.isdir(full):
             raise err(proto.E_INVALID, f"rootfs {path!r} is not a directory in share {share}")
         return full
+
+    def share_path(self, share: Any, path: Any, what: str) -> str:
+        """Where path inside the 9p share tag is in the UVM (the share mounted on first use)."""
+        if not isinstance(share, str) or not share or "/" in share or share in (".", ".."):
+            raise err(proto.E_INVALID, f"invalid share tag {share!r}")
+        if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/"):
+            raise err(proto.E_INVALID, f"{what} {path!r} must be a relative path inside the share")
+        mnt = f"{SHARES_DIR}/{share}"
+        if share not in self.mounted_shares:
+            self.mount_share(share, mnt)
+        return f"{mnt}/{path}" if path else mnt
+
+    def mount_sources(self, spec: dict[str, Any], sources: Any) -> None:
+        """Point the spec mounts named in sources ([{index, share, path}]) at their paths in the shares."""
+        if sources is None:
+            return
+        mounts = spec.get("mounts")
+        if not isinstance(sources, list) or not isinstance(mounts, list):
+            raise err(proto.E_INVALID, "mount_sources must be a list, with spec.mounts a list")
+        rewritten = list(mounts)
+        for entry in sources:
+            index = entry.get("index") if isinstance(entry, dict) else None
+            if type(index) is not int or not 0 <= index < len(mounts) or not isinstance(mounts[index], dict):
+                raise err(proto.E_INVALID, f"mount_sources: {entry!r} names no spec mount")
+            full = self.share_path(entry.get("share"), entry.get("path"), "mount_sources path")
+            if not os.path.lexists(full):
+                raise err(proto.E_INVALID, f"mount {mounts[index].get('destination')}: {full} is missing in the UVM")
+            rewritten[index] = {**mounts[index], "source": full}
+        spec["mounts"] = rewritten
 
     def check_layers(self, rootfs: dict[str, Any]) -> None:
         layers, scratch = rootfs.get("layers"), rootfs.get("scratch")

@@ -1,0 +1,134 @@
+"""Bind mounts of host paths (`ctr run --mount type=bind,...`, Kubernetes volumes): staged on the host
+under the task's state directory and shared into the UVM (real mounts here, no VM; the e2e suite runs
+them through containerd into a real guest)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shim import leftovers
+from shim import rootfs as host_rootfs
+from shim.task import BINDS_TAG, SHARE_TAG
+from tests.unit.test_shim_task import INIT_PID, Harness, Runtime, within
+from uvm import errors
+from uvm.testing import Request
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, Path]:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a").write_text("in data\n")
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    (conf / "hosts").write_text("127.0.0.1 localhost\n")
+    (conf / "secret").write_text("not for the guest\n")
+    return {"data": data, "hosts": conf / "hosts"}
+
+
+def spec_mounts(sources: dict[str, Path]) -> list[dict[str, Any]]:
+    return [{"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/data", "type": "bind", "source": str(sources["data"]), "options": ["rbind", "rw"]},
+            {"destination": "/etc/hosts", "source": str(sources["hosts"]), "options": ["bind", "ro"]}]
+
+
+def as_tuples(mounts: list[dict[str, Any]]) -> list[tuple[str, str | None, str | None, list[str] | None]]:
+    return [(m["destination"], m.get("source"), m.get("type"), m.get("options")) for m in mounts]
+
+
+def test_bind_mounts_are_the_bind_typed_or_optioned_ones(tmp_path: Path, sources: dict[str, Path]) -> None:
+    (tmp_path / "rel").mkdir()
+    mounts = [*spec_mounts(sources), {"destination": "/rel", "source": "rel", "type": "none", "options": ["bind"]}]
+    binds = host_rootfs.bind_mounts(as_tuples(mounts), tmp_path)
+    assert [(b.index, b.destination, b.source, b.readonly, b.recursive) for b in binds] == [
+        (1, "/data", sources["data"], False, True), (2, "/etc/hosts", sources["hosts"], True, False),
+        (3, "/rel", tmp_path / "rel", False, False)]
+
+
+@pytest.mark.parametrize("source, problem", [(None, "needs a source"), ("/nonexistent/x", "does not exist"),
+                                             ("/dev/null", "not a directory or regular file")])
+def test_a_bad_bind_source_is_named(tmp_path: Path, source: str | None, problem: str) -> None:
+    with pytest.raises(errors.InvalidArgumentError, match=problem) as e:
+        host_rootfs.bind_mounts([("/x", source, "bind", None)], tmp_path)
+    assert "mount /x" in str(e.value)
+
+
+def test_staged_binds_are_what_the_mounts_say_and_leave_nothing(tmp_path: Path, sources: dict[str, Path]) -> None:
+    stage = tmp_path / "state" / host_rootfs.BINDS_DIR
+    stage.parent.mkdir()
+    binds = host_rootfs.bind_mounts(as_tuples(spec_mounts(sources)), tmp_path)
+    host_rootfs.stage_binds(binds, stage)
+    try:
+        assert sorted(p.name for p in stage.iterdir()) == ["1", "2"]  # the file's siblings are not there
+        assert (stage / "1" / "a").read_text() == "in data\n"
+        (stage / "1" / "b").write_text("from the guest\n")  # rw: reaches the host directory
+        assert (sources["data"] / "b").read_text() == "from the guest\n"
+        assert (stage / "2").read_text() == "127.0.0.1 localhost\n"
+        for path in (stage / "2", stage / "new"):  # the ro file, and the staging directory itself
+            with pytest.raises(OSError) as e:
+                path.write_text("x")
+            assert e.value.errno == errno.EROFS
+    finally:
+        assert host_rootfs.unstage_binds(stage)
+    assert not stage.exists() and not host_rootfs.mount_points_under(tmp_path)
+    assert (sources["data"] / "a").read_text() == "in data\n" and sources["hosts"].exists()
+    assert not host_rootfs.unstage_binds(stage)
+
+
+def test_a_failed_staging_is_undone(tmp_path: Path, sources: dict[str, Path]) -> None:
+    binds = host_rootfs.bind_mounts(as_tuples(spec_mounts(sources)), tmp_path)
+    sources["hosts"].unlink()  # gone between the check and the mount: a file source, now missing
+    stage = tmp_path / host_rootfs.BINDS_DIR
+    with pytest.raises(errors.InvalidArgumentError, match="/etc/hosts"):
+        host_rootfs.stage_binds(binds, stage)
+    assert not stage.exists() and not host_rootfs.mount_points_under(tmp_path)
+
+
+def test_delete_of_a_dead_shims_bundle_unstages_its_binds(tmp_path: Path, sources: dict[str, Path]) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    host_rootfs.stage_binds(host_rootfs.bind_mounts(as_tuples(spec_mounts(sources)), tmp_path),
+                            bundle / host_rootfs.BINDS_DIR)
+    done = leftovers.clean(bundle)
+    assert any("bind mounts" in d for d in done)
+    assert not host_rootfs.mount_points_under(tmp_path) and not (bundle / host_rootfs.BINDS_DIR).exists()
+
+
+async def test_a_task_shares_its_bind_sources_and_the_guest_is_told_where(
+        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(tmp_path)
+    spec = json.loads((h.task.bundle / "config.json").read_text())
+    spec["mounts"] = spec_mounts(sources)
+    spec["linux"] = {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "pid"}]}
+    (h.task.bundle / "config.json").write_text(json.dumps(spec))
+    seen: list[dict[str, Any]] = []
+
+    def create(runtime: Runtime, req: Request) -> dict[str, Any]:
+        seen.append(req.params)
+        runtime.running.add(INIT_PID)
+        return {"pid": INIT_PID}
+
+    monkeypatch.setattr(Runtime, "create", create)
+    stage = h.task.bundle / host_rootfs.BINDS_DIR
+    try:
+        await h.create()
+        assert h.task.vm is not None
+        assert [(s.tag, s.host_path, s.readonly) for s in h.task.vm.config.shares] == [
+            (SHARE_TAG, h.task.bundle / "rootfs", False), (BINDS_TAG, stage, False)]
+        assert host_rootfs.mount_points_under(stage)
+        [params] = seen
+        assert params["mount_sources"] == [{"index": 1, "share": BINDS_TAG, "path": "1"},
+                                           {"index": 2, "share": BINDS_TAG, "path": "2"}]
+        assert params["spec"]["mounts"] == spec_mounts(sources)  # the guest rewrites the sources
+        assert params["spec"]["linux"]["namespaces"] == [{"type": "network"}, {"type": "pid"}]
+    finally:
+        await within(h.task.teardown())
+    assert not stage.exists() and not host_rootfs.mount_points_under(tmp_path)
