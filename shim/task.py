@@ -13,6 +13,7 @@ import contextlib
 import enum
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +98,51 @@ def unjoinable_namespaces(spec: oci.Spec) -> None:
             log.info("namespace %s: not joining the host's %s inside the UVM", ns.get("type"), ns.pop("path"))
 
 
+ANNOTATION_MEMORY = "io.uvmshim.uvm.memory_mib"  # the task's UVM shape, as hcsshim's computetopology annotations
+ANNOTATION_CPUS = "io.uvmshim.uvm.cpus"
+MIB = 1 << 20
+
+
+def uvm_shape(spec: oci.Spec, options: ShimOptions) -> dict[str, int]:
+    """The UVM's memory and vCPUs for this container, as Kata sizes its VM: the configured size plus the
+    container's memory limit and CPU quota (rounded up), so the guest's own footprint does not eat the
+    container's share; annotations set either outright. vCPUs stay within the host's CPUs; memory beyond
+    the host's is refused. Raises InvalidArgumentError naming the annotation or the limit."""
+    base = options.uvm_config(id="shape")
+    shape = {"memory_mib": base.memory_mib, "cpus": base.cpus}
+    resources = (spec.linux or {}).get("resources")
+    try:
+        res = oci.LinuxResources.model_validate(resources) if isinstance(resources, dict) else None
+    except ValidationError as e:
+        raise errors.InvalidArgumentError(f"linux.resources: {first_problem(e)}") from None
+    if res and res.memory and res.memory.limit and res.memory.limit > 0:
+        shape["memory_mib"] += -(-res.memory.limit // MIB)
+    if res and res.cpu and res.cpu.quota and res.cpu.quota > 0 and res.cpu.period:
+        shape["cpus"] += -(-res.cpu.quota // res.cpu.period)
+    for key, field in ((ANNOTATION_MEMORY, "memory_mib"), (ANNOTATION_CPUS, "cpus")):
+        value = (spec.annotations or {}).get(key)
+        if value is not None:
+            try:
+                shape[field] = UvmConfig.model_validate({"id": "shape", field: int(value)}).model_dump()[field]
+            except (ValueError, ValidationError):
+                raise errors.InvalidArgumentError(f"annotation {key}={value!r}: not a valid {field}") from None
+    shape["cpus"] = min(shape["cpus"], os.cpu_count() or 1, 64)
+    host_mib = host_memory_mib()
+    if host_mib and shape["memory_mib"] > host_mib:
+        raise errors.InvalidArgumentError(f"the UVM would need {shape['memory_mib']} MiB (configured "
+                                          f"{base.memory_mib} + the container's memory limit): more than the "
+                                          f"host's {host_mib} MiB")
+    return shape
+
+
+def host_memory_mib() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(f.readline().split()[1]) // 1024  # MemTotal: N kB
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def parse_spec_json(data: bytes | str, what: str) -> oci.Spec:
     try:
         return oci.Spec.model_validate_json(data)
@@ -171,6 +217,7 @@ class Task:
             io.open()
             binds = host_rootfs.bind_mounts([(m.destination, m.source, m.type, m.options) for m in spec.mounts],
                                             self.bundle)
+            shape = uvm_shape(spec, self.options)
             root = self._prepare_rootfs(rootfs, spec)
             shares = [Share(tag=SHARE_TAG, host_path=root, readonly=bool(spec.root and spec.root.readonly))]
             if binds:
@@ -179,7 +226,8 @@ class Task:
                 shares.append(Share(tag=BINDS_TAG, host_path=self.binds_staged, readonly=all(b.readonly for b in binds)))
             unjoinable_namespaces(spec)
             self.vm = self._vm_factory(self.options.uvm_config(
-                id=vm_id_for(self.namespace, self.id), shares=shares, console_log=self.state_dir / "uvm-console.log"))
+                id=vm_id_for(self.namespace, self.id), shares=shares, console_log=self.state_dir / "uvm-console.log",
+                **shape))
             self.vm.oom_listeners.append(self.on_oom)
             self._write_state()
             await self.vm.start()

@@ -314,6 +314,17 @@ def test_bind_mounts_of_host_paths(env: tuple[PrivateContainerd, Path], tmp_path
     assert_clean(ctd, "bind2")
 
 
+def test_the_uvm_is_sized_for_the_memory_limit(env: tuple[PrivateContainerd, Path]) -> None:
+    """`ctr run --memory-limit`: the container's UVM has that much memory on top of the configured 256 MiB
+    (as Kata sizes its VM; the limit itself is the cgroup's, which crun sets)."""
+    ctd, rootfs = env
+    res = run(ctd, "run", "--rm", *RUNTIME, "--memory-limit", str(512 << 20), "--rootfs", str(rootfs), "mem1",
+              "/bin/grep", "MemTotal", "/proc/meminfo")
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.split()[1]) > (256 + 512 - 96) << 10, res.stdout  # less what the kernel keeps
+    assert_clean(ctd, "mem1")
+
+
 @pytest.mark.parametrize("case", ["bad-config", "empty-rootfs"])
 def test_bad_input_fails_the_run_with_a_message(env: tuple[PrivateContainerd, Path], tmp_path: Path, case: str) -> None:
     """A config with an unknown key fails the shim's start; an empty rootfs fails Create: ctr shows why."""

@@ -195,3 +195,68 @@ async def test_a_delete_cancelled_midway_still_releases_the_vm_and_only_then_for
 async def test_resize_of_a_process_without_a_terminal_is_a_no_op(h: Harness, size: tuple[int, int]) -> None:
     await h.create()
     await within(h.task.resize(INIT, *size))
+
+
+def spec_with(**fields: Any) -> Any:
+    from schemas import oci
+
+    return oci.Spec.model_validate({"process": {"args": ["sh"]}, **fields})
+
+
+@pytest.mark.parametrize("fields, shape", [
+    ({}, (256, 1)),
+    ({"linux": {"resources": {"memory": {"limit": 512 << 20}}}}, (768, 1)),
+    ({"linux": {"resources": {"memory": {"limit": (100 << 20) + 1}, "cpu": {"quota": 150000, "period": 100000}}}},
+     (357, 3)),
+    ({"linux": {"resources": {"memory": {"limit": -1}}}}, (256, 1)),
+    ({"annotations": {"io.uvmshim.uvm.memory_mib": "1024", "io.uvmshim.uvm.cpus": "2"},
+      "linux": {"resources": {"memory": {"limit": 512 << 20}}}}, (1024, 2)),
+])
+def test_the_uvm_is_sized_for_the_container(fields: dict[str, Any], shape: tuple[int, int],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Kata: the configured size plus the container's memory limit and CPU quota; annotations win."""
+    from shim.task import uvm_shape
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert uvm_shape(spec_with(**fields), ShimOptions()) == {"memory_mib": shape[0], "cpus": shape[1]}
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"annotations": {"io.uvmshim.uvm.memory_mib": "lots"}}, "io.uvmshim.uvm.memory_mib='lots'"),
+    ({"annotations": {"io.uvmshim.uvm.cpus": "0"}}, "io.uvmshim.uvm.cpus='0'"),
+    ({"linux": {"resources": {"memory": {"limit": 1 << 50}}}}, "more than the host's"),
+    ({"linux": {"resources": {"pids": {"limit": "many"}}}}, "linux.resources"),
+])
+def test_a_uvm_shape_that_cannot_be_is_refused_by_name(fields: dict[str, Any], problem: str) -> None:
+    from shim.task import uvm_shape
+
+    with pytest.raises(errors.InvalidArgumentError) as e:
+        uvm_shape(spec_with(**fields), ShimOptions())
+    assert problem in str(e.value)
+
+
+async def test_a_task_boots_its_uvm_with_the_shape_and_a_bad_one_leaves_nothing(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    configs: list[UvmConfig] = []
+    factory = h.task._vm_factory
+
+    def vm(config: UvmConfig) -> UtilityVM:
+        configs.append(config)
+        return factory(config)
+
+    h.task._vm_factory = vm
+    spec = json.loads((h.task.bundle / "config.json").read_text())
+    spec["linux"] = {"resources": {"memory": {"limit": 64 << 20}}}
+    (h.task.bundle / "config.json").write_text(json.dumps(spec))
+    try:
+        await h.create()
+        assert configs[0].memory_mib == 256 + 64
+    finally:
+        await within(h.task.teardown())
+    bad = Harness(tmp_path / "bad")
+    spec["annotations"] = {"io.uvmshim.uvm.memory_mib": "-5"}
+    (bad.task.bundle / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(errors.InvalidArgumentError, match="memory_mib"):
+        await bad.create()
+    assert not bad.factory.backends and bad.task.vm is None
+    assert sorted(p.name for p in bad.task.bundle.iterdir()) == ["config.json", "rootfs"]
