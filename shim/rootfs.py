@@ -107,7 +107,8 @@ def host_root(bundle: Path, root_path: str) -> Path:
 # n its index in spec.mounts; read-only ones remounted read-only there, so a hostile guest cannot write
 # through them), which is shared into the UVM as one more 9p share; the guest rewrites each source to its
 # path in that share before crun runs. A file source is bind-mounted on an empty file, so the guest sees
-# only that file, not its siblings.
+# only that file, not its siblings. Entries a guest adds to the staging directory (writable when some
+# bind is) are removed with it, once nothing is mounted below it.
 
 BINDS_DIR = "binds"
 MAX_BINDS = 64
@@ -143,7 +144,7 @@ def bind_mounts(mounts: list[tuple[str, str | None, str | None, list[str] | None
             problem = "is not a directory or regular file" if path.exists() else "does not exist"
             raise errors.InvalidArgumentError(f"{what} {problem} on the host")
         opts = options or []
-        binds.append(BindMount(index, destination, path, readonly="ro" in opts,
+        binds.append(BindMount(index, destination, path, readonly="ro" in opts or "rro" in opts,
                                recursive=mount_type == "rbind" or "rbind" in opts))
     if len(binds) > MAX_BINDS:
         raise errors.InvalidArgumentError(f"{len(binds)} bind mounts: at most {MAX_BINDS} are supported")
@@ -151,8 +152,12 @@ def bind_mounts(mounts: list[tuple[str, str | None, str | None, list[str] | None
 
 
 def stage_binds(binds: list[BindMount], stage: Path) -> None:
-    """Bind-mount each source on stage/<index>, stage itself a read-only bind of itself (the guest cannot
-    add or remove entries there; a writable bind stays writable). Raises InvalidArgumentError (all undone)."""
+    """Bind-mount each source on stage/<index>. Raises InvalidArgumentError (everything undone).
+
+    Each bind is made rprivate at once: a bind of a source on a shared mount (systemd's /) is otherwise
+    a peer of it, and unmounting a copy of one of its submounts would unmount the user's original. A
+    read-only bind is read-only all the way down (every submount an rbind copied), so a hostile guest
+    cannot write through any of it."""
     unstage_binds(stage)  # a dead shim's, in the same bundle
     try:
         stage.mkdir(mode=0o700)
@@ -166,14 +171,14 @@ def stage_binds(binds: list[BindMount], stage: Path) -> None:
         shutil.rmtree(stage, ignore_errors=True)
         raise errors.InvalidArgumentError(f"bind mounts: {e.filename}: {e.strerror}") from None
     try:
-        _run(["mount", "--bind", str(stage), str(stage)], f"bind mounts: {stage}")
-        _run(["mount", "-o", "remount,bind,ro", str(stage)], f"bind mounts: {stage} read-only")
         for b in binds:
             target = stage / str(b.index)
             what = f"mount {b.destination}: bind {b.source}"
             _run(["mount", "--rbind" if b.recursive else "--bind", str(b.source), str(target)], what)
+            _run(["mount", "--make-rprivate", str(target)], f"{what}: private")
             if b.readonly:
-                _run(["mount", "-o", "remount,bind,ro", str(target)], f"{what} read-only")
+                for point in mount_points_under(target):
+                    _run(["mount", "-o", "remount,bind,ro", str(point)], f"{what}: {point} read-only")
     except BaseException:
         unstage_binds(stage)
         raise

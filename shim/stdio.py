@@ -9,14 +9,26 @@ ours keeps the process's stdin open across clients that come and go (`ctr task a
 Output is copied with backpressure: the agent link's credits stop the guest when containerd's reader
 is slow, and a reader that stalls for OUTPUT_STALL_S drops the rest of that output rather than
 holding the task's exit forever.
+
+As runc's shim, an output may also be a URI: `file:///path` appends stdout and stderr to that file, and
+`binary:///path/to/logger?key=value` starts that logging binary for the process with the process's
+stdout on its fd 3, stderr on fd 4 and fd 5 to close (or write to) once it is ready, CONTAINER_ID and
+CONTAINER_NAMESPACE in its environment (`ctr run --log-uri`, nerdctl's logging drivers); the stdout URI
+decides for both outputs. The logger is stopped with the process's stdio: its input closed, a moment
+to finish, then SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import logging
 import os
+import signal
+import sys
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from uvm import errors
 from uvm.process import Process
@@ -84,11 +96,121 @@ def open_fifo_writer(path: str, what: str) -> int:
         raise errors.InvalidArgumentError(f"{what} {path}: cannot open: {e.strerror}") from None
 
 
+LOGGER_READY_TIMEOUT_S = 10.0
+LOGGER_EOF_GRACE_S = 1.0  # a logger that exits by itself at the end of its input is not signalled
+LOGGER_TERM_TIMEOUT_S = 12.0  # runc's shim: SIGTERM, then SIGKILL after this long
+# fds 3, 4, 5 of the logger: dup2 of descriptors passed at 10 and above, so none is overwritten early
+_LOGGER_EXEC = ("import os, sys\n"
+                "for new, old in enumerate(sys.argv[1:4], 3):\n"
+                "    os.dup2(int(old), new, inheritable=True)\n"
+                "    os.close(int(old))\n"
+                "os.execv(sys.argv[4], sys.argv[4:])\n")
+
+
+def parse_output(value: str, what: str) -> tuple[str, str]:
+    """A containerd stdio string as (scheme, path): a FIFO path (or fifo://), file:// or binary://.
+    Raises InvalidArgumentError naming an unknown scheme or a relative path."""
+    if "://" not in value:
+        return "fifo", value
+    uri = urlsplit(value)
+    path = unquote(uri.path)
+    if uri.scheme not in ("fifo", "file", "binary"):
+        raise errors.InvalidArgumentError(f"{what} {value}: unknown stdio scheme {uri.scheme!r} "
+                                          "(a FIFO path, file:// or binary://)")
+    if not path.startswith("/"):
+        raise errors.InvalidArgumentError(f"{what} {value}: the path must be absolute")
+    return uri.scheme, path
+
+
+def open_log_file(path: str, what: str) -> int:
+    """file://: the file opened for appending (created with its directory, as runc's shim does)."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise errors.InvalidArgumentError(f"{what} {path}: cannot open: {e.strerror}") from None
+
+
+def check_executable(path: str, what: str) -> None:
+    if not os.access(path, os.X_OK) or os.path.isdir(path):
+        raise errors.InvalidArgumentError(f"{what}: {path} is not an executable file")
+
+
+class Logger:
+    """A binary:// logging process; the write ends of its stdout and stderr pipes are ours until stop."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, stdout: int, stderr: int, what: str) -> None:
+        self.proc = proc
+        self.stdout = stdout
+        self.stderr = stderr
+        self.what = what
+
+    @classmethod
+    async def start(cls, uri: str, path: str, container_id: str, namespace: str, what: str) -> Logger:
+        """Start the logger and wait until it is ready. Raises InvalidArgumentError (nothing left)."""
+        check_executable(path, f"{what} {uri}")
+        args = [x for kv in parse_qsl(urlsplit(uri).query, keep_blank_values=True) for x in kv]
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdout, stderr: it reads; ready: it writes
+        ours = [pipes[0][1], pipes[1][1], pipes[2][0]]
+        theirs = [pipes[0][0], pipes[1][0], pipes[2][1]]
+        try:
+            child = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in theirs]
+            theirs += child
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-S", "-E", "-c", _LOGGER_EXEC, *map(str, child), path, *args, pass_fds=child,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env={"CONTAINER_ID": container_id, "CONTAINER_NAMESPACE": namespace})
+        except OSError as e:
+            for fd in ours + theirs:
+                os.close(fd)
+            raise errors.InvalidArgumentError(f"{what} {uri}: cannot start the logger: {e}") from None
+        for fd in theirs:  # the logger has its own copies
+            os.close(fd)
+        ready = ours[2]
+        logger = cls(proc, ours[0], ours[1], f"{what} {uri}")
+        try:
+            # Ready: it wrote to fd 5 or closed it (exiting counts: as runc's shim, EOF is ready too).
+            await fd_ready(ready, write=False, timeout=LOGGER_READY_TIMEOUT_S)
+            return logger
+        except TimeoutError:
+            await logger.stop()
+            raise errors.InvalidArgumentError(f"{logger.what}: not ready after {LOGGER_READY_TIMEOUT_S:g}s") from None
+        except BaseException:
+            await logger.stop()
+            raise
+        finally:
+            os.close(ready)
+
+    def close_input(self) -> None:
+        for fd in (self.stdout, self.stderr):
+            if fd >= 0:
+                os.close(fd)
+        self.stdout = self.stderr = -1
+
+    async def stop(self) -> None:
+        """Close its input (if still ours), let it finish, then SIGTERM, then SIGKILL."""
+        self.close_input()
+        for sig, grace in ((None, LOGGER_EOF_GRACE_S), (signal.SIGTERM, LOGGER_TERM_TIMEOUT_S), (signal.SIGKILL, None)):
+            if sig is not None and self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
+                return
+            except TimeoutError:
+                log.warning("%s: logger still running %gs after %s", self.what, grace,
+                            sig.name if sig is not None else "the end of its input")
+
+
 class ProcessIO:
     """The FIFOs of one containerd process and the tasks copying between them and the process."""
 
-    def __init__(self, name: str, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+    def __init__(self, name: str, stdin: str, stdout: str, stderr: str, terminal: bool, *,
+                 container_id: str = "", namespace: str = "") -> None:
         self.name = name
+        self.container_id = container_id or name  # what a binary:// logger is told (runc: the exec id for an exec)
+        self.namespace = namespace
+        self._logger: Logger | None = None
         self.stdin_path = stdin
         self.stdout_path = stdout
         self.stderr_path = "" if terminal else stderr  # a terminal merges stderr into stdout
@@ -105,18 +227,38 @@ class ProcessIO:
         """Which of stdin, stdout, stderr the process needs as streams."""
         return bool(self.stdin_path), bool(self.stdout_path), bool(self.stderr_path)
 
-    def open(self) -> None:
-        """Open the output FIFOs now, so a bad path fails the create. Raises InvalidArgumentError."""
+    async def open(self) -> None:
+        """Open the outputs now (FIFOs, a file, or a started logger), so a bad one fails the create.
+        Raises InvalidArgumentError."""
         try:
+            scheme, target = parse_output(self.stdout_path, f"{self.name}: stdout") if self.stdout_path else ("", "")
             for path, what in ((self.stdout_path, "stdout"), (self.stderr_path, "stderr")):
-                if path:
-                    self._out_fds.append(open_fifo_writer(path, f"{self.name}: {what}"))
+                if not path:
+                    continue
+                if scheme == "file":
+                    self._out_fds.append(open_log_file(target, f"{self.name}: {what}"))
+                elif scheme == "binary":
+                    if self._logger is None:
+                        self._logger = await Logger.start(self.stdout_path, target, self.container_id, self.namespace,
+                                                          f"{self.name}: stdout")
+                    self._out_fds.append(os.dup(self._logger.stdout if what == "stdout" else self._logger.stderr))
+                else:
+                    fifo = parse_output(path, f"{self.name}: {what}")[1]
+                    self._out_fds.append(open_fifo_writer(fifo, f"{self.name}: {what}"))
+            if self._logger is not None:  # only the dups above feed it now: closing them ends its input
+                self._logger.close_input()
             if self.stdin_path:
                 self._in_fd = open_fifo_reader(self.stdin_path, f"{self.name}: stdin")
                 self._in_hold = os.open(self.stdin_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a reader is open
         except BaseException:
             self._close_fds()
+            await self._stop_logger()
             raise
+
+    async def _stop_logger(self) -> None:
+        if self._logger is not None:
+            logger, self._logger = self._logger, None
+            await logger.stop()
 
     def attach(self, proc: Process) -> None:
         """Start copying: the FIFOs opened by open() to/from the process's streams."""
@@ -184,3 +326,4 @@ class ProcessIO:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._close_fds()
+        await asyncio.shield(self._stop_logger())

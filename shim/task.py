@@ -101,13 +101,17 @@ def unjoinable_namespaces(spec: oci.Spec) -> None:
 ANNOTATION_MEMORY = "io.uvmshim.uvm.memory_mib"  # the task's UVM shape, as hcsshim's computetopology annotations
 ANNOTATION_CPUS = "io.uvmshim.uvm.cpus"
 MIB = 1 << 20
+DEFAULT_CPU_PERIOD = 100_000  # µs, the kernel's and runc's
+MAX_CPUS = UvmConfig.model_fields["cpus"].metadata[-1].le
+MAX_MEMORY_MIB = UvmConfig.model_fields["memory_mib"].metadata[-1].le
 
 
 def uvm_shape(spec: oci.Spec, options: ShimOptions) -> dict[str, int]:
     """The UVM's memory and vCPUs for this container, as Kata sizes its VM: the configured size plus the
-    container's memory limit and CPU quota (rounded up), so the guest's own footprint does not eat the
-    container's share; annotations set either outright. vCPUs stay within the host's CPUs; memory beyond
-    the host's is refused. Raises InvalidArgumentError naming the annotation or the limit."""
+    container's memory limit and CPU quota (rounded up; a quota without a period is per 100 ms, as runc
+    reads it), so the guest's own footprint does not eat the container's share; annotations set either
+    outright. Both stay within the host's (memory limits may overcommit the host, as Kubernetes allows).
+    Raises InvalidArgumentError naming the annotation or the resources."""
     base = options.uvm_config(id="shape")
     shape = {"memory_mib": base.memory_mib, "cpus": base.cpus}
     resources = (spec.linux or {}).get("resources")
@@ -117,8 +121,8 @@ def uvm_shape(spec: oci.Spec, options: ShimOptions) -> dict[str, int]:
         raise errors.InvalidArgumentError(f"linux.resources: {first_problem(e)}") from None
     if res and res.memory and res.memory.limit and res.memory.limit > 0:
         shape["memory_mib"] += -(-res.memory.limit // MIB)
-    if res and res.cpu and res.cpu.quota and res.cpu.quota > 0 and res.cpu.period:
-        shape["cpus"] += -(-res.cpu.quota // res.cpu.period)
+    if res and res.cpu and res.cpu.quota and res.cpu.quota > 0:
+        shape["cpus"] += -(-res.cpu.quota // (res.cpu.period or DEFAULT_CPU_PERIOD))
     for key, field in ((ANNOTATION_MEMORY, "memory_mib"), (ANNOTATION_CPUS, "cpus")):
         value = (spec.annotations or {}).get(key)
         if value is not None:
@@ -126,12 +130,8 @@ def uvm_shape(spec: oci.Spec, options: ShimOptions) -> dict[str, int]:
                 shape[field] = UvmConfig.model_validate({"id": "shape", field: int(value)}).model_dump()[field]
             except (ValueError, ValidationError):
                 raise errors.InvalidArgumentError(f"annotation {key}={value!r}: not a valid {field}") from None
-    shape["cpus"] = min(shape["cpus"], os.cpu_count() or 1, 64)
-    host_mib = host_memory_mib()
-    if host_mib and shape["memory_mib"] > host_mib:
-        raise errors.InvalidArgumentError(f"the UVM would need {shape['memory_mib']} MiB (configured "
-                                          f"{base.memory_mib} + the container's memory limit): more than the "
-                                          f"host's {host_mib} MiB")
+    shape["cpus"] = min(shape["cpus"], os.cpu_count() or 1, MAX_CPUS)
+    shape["memory_mib"] = min(shape["memory_mib"], host_memory_mib() or MAX_MEMORY_MIB, MAX_MEMORY_MIB)
     return shape
 
 
@@ -211,10 +211,10 @@ class Task:
             raise errors.InvalidArgumentError(f"bundle {self.bundle}: config.json: {e.strerror}") from None
         spec = parse_spec_json(spec_text, f"bundle {self.bundle}: config.json")
         spec.process.terminal = terminal
-        io = ProcessIO(self.id, stdin, stdout, stderr, terminal)
+        io = ProcessIO(self.id, stdin, stdout, stderr, terminal, namespace=self.namespace)
         init = TaskProcess(INIT, io)
         try:
-            io.open()
+            await io.open()
             binds = host_rootfs.bind_mounts([(m.destination, m.source, m.type, m.options) for m in spec.mounts],
                                             self.bundle)
             shape = uvm_shape(spec, self.options)
@@ -354,8 +354,9 @@ class Task:
             raise errors.InvalidArgumentError(f"task {self.id}: exec {exec_id}: process spec: {validation_summary(e)}") \
                 from None
         spec.terminal = terminal
-        io = ProcessIO(f"{self.id}/{exec_id}", stdin, stdout, stderr, terminal)
-        io.open()
+        io = ProcessIO(f"{self.id}/{exec_id}", stdin, stdout, stderr, terminal, container_id=exec_id,
+                       namespace=self.namespace)
+        await io.open()
         self.procs[exec_id] = TaskProcess(exec_id, io, spec)
         self.publish("/tasks/exec-added", ev.TaskExecAdded(container_id=self.id, exec_id=exec_id))
 
@@ -493,11 +494,18 @@ class Task:
                 if p.proc is not None and not p.exit.done():  # killed with the container (before TaskDelete)
                     self._exited(p, Exited(137, now))
                 await p.io.close()
-            if self.rootfs_mounted is not None:
-                host_rootfs.unmount(self.rootfs_mounted)
-                self.rootfs_mounted = None
-            if self.binds_staged is not None:
-                host_rootfs.unstage_binds(self.binds_staged)
-                self.binds_staged = None
+            # The binds first (the user's files are behind them), each step whatever the other did.
+            unmounted = True
+            for attr, undo in (("binds_staged", host_rootfs.unstage_binds), ("rootfs_mounted", host_rootfs.unmount)):
+                path = getattr(self, attr)
+                if path is not None:
+                    try:
+                        undo(path)
+                        setattr(self, attr, None)
+                    except errors.UvmError as e:
+                        log.error("task %s: %s", self.id, e.message)
+                        unmounted = False
+            if not unmounted:
+                raise errors.UvmError(f"task {self.id}: mounts left under {self.state_dir}", container=self.id)
             if released:  # else `delete` must still find the VM by this record
                 leftovers.forget(self.state_dir)

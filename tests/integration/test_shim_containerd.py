@@ -325,6 +325,33 @@ def test_the_uvm_is_sized_for_the_memory_limit(env: tuple[PrivateContainerd, Pat
     assert_clean(ctd, "mem1")
 
 
+@pytest.mark.parametrize("scheme", ["file", "binary"])
+def test_log_uri(env: tuple[PrivateContainerd, Path], tmp_path: Path, scheme: str) -> None:
+    """`ctr run --log-uri`: the output goes to a file, or to a logging binary started by the shim (fd 3
+    stdout, fd 4 stderr, fd 5 closed when ready, CONTAINER_ID/CONTAINER_NAMESPACE), as runc's shim does."""
+    ctd, rootfs = env
+    out = tmp_path / "out.log"
+    if scheme == "file":
+        uri = f"file://{out}"
+    else:
+        logger = tmp_path / "logger"
+        logger.write_text('#!/bin/sh\nexec 5>&-\n'  # args: tag t1 OUT ''
+                          '{ echo "$CONTAINER_NAMESPACE/$CONTAINER_ID $2"; cat <&3; cat <&4; } > "$3.tmp"\nmv "$3.tmp" "$3"\n')
+        logger.chmod(0o755)
+        uri = f"binary://{logger}?tag=t1&{out}"
+    tid = f"log{scheme}"
+    res = run(ctd, "run", "--rm", *RUNTIME, "--log-uri", uri, "--rootfs", str(rootfs), tid,
+              "/bin/sh", "-c", "echo to stdout; echo to stderr >&2; exit 3")
+    assert res.returncode == 3, res.stderr
+    deadline = time.monotonic() + 30  # the logger finishes on its own once its input ends
+    while scheme == "binary" and not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    expected = ["to stdout", "to stderr"] if scheme == "file" else [f"{ctd.namespace}/{tid} t1", "to stdout",
+                                                                   "to stderr"]
+    assert sorted(out.read_text().splitlines()) == sorted(expected)
+    assert_clean(ctd, tid)
+
+
 @pytest.mark.parametrize("case", ["bad-config", "empty-rootfs"])
 def test_bad_input_fails_the_run_with_a_message(env: tuple[PrivateContainerd, Path], tmp_path: Path, case: str) -> None:
     """A config with an unknown key fails the shim's start; an empty rootfs fails Create: ctr shows why."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +74,11 @@ def test_staged_binds_are_what_the_mounts_say_and_leave_nothing(tmp_path: Path, 
         (stage / "1" / "b").write_text("from the guest\n")  # rw: reaches the host directory
         assert (sources["data"] / "b").read_text() == "from the guest\n"
         assert (stage / "2").read_text() == "127.0.0.1 localhost\n"
-        for path in (stage / "2", stage / "new"):  # the ro file, and the staging directory itself
-            with pytest.raises(OSError) as e:
-                path.write_text("x")
-            assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            (stage / "2").write_text("x")
+        assert e.value.errno == errno.EROFS
+        (stage / "junk").mkdir()  # what a guest may add where some bind is writable: removed with the stage
+        (stage / "junk" / "f").write_text("x")
     finally:
         assert host_rootfs.unstage_binds(stage)
     assert not stage.exists() and not host_rootfs.mount_points_under(tmp_path)
@@ -132,3 +135,38 @@ async def test_a_task_shares_its_bind_sources_and_the_guest_is_told_where(
     finally:
         await within(h.task.teardown())
     assert not stage.exists() and not host_rootfs.mount_points_under(tmp_path)
+
+
+PROPAGATION = """
+import subprocess, sys
+from pathlib import Path
+from shim import rootfs
+base = Path(sys.argv[1])
+run = lambda *a: subprocess.run(a, check=True)
+run("mount", "-t", "tmpfs", "tmpfs", str(base))  # a shared mount, as systemd's / is
+run("mount", "--make-shared", str(base))
+src = base / "src"
+(src / "sub").mkdir(parents=True)
+run("mount", "-t", "tmpfs", "tmpfs", str(src / "sub"))  # the user's own submount
+(src / "sub" / "f").write_text("user data")
+stage = base / "state" / "binds"
+stage.parent.mkdir()
+binds = rootfs.bind_mounts([("/v", str(src), "bind", ["rbind", "ro"])], base)
+rootfs.stage_binds(binds, stage)
+try:
+    (stage / "0" / "sub" / "f").write_text("from the guest")
+    print("WRITABLE")
+except OSError as e:
+    print("errno", e.errno)
+rootfs.unstage_binds(stage)
+print("SOURCE", (src / "sub" / "f").read_text(), rootfs.is_mountpoint(src / "sub"))
+"""
+
+
+def test_unstaging_an_rbind_of_a_shared_mount_keeps_the_users_submounts(tmp_path: Path) -> None:
+    """A source on a shared mount with a submount, bound rbind,ro: the submount's copy is read-only too,
+    and unmounting the copies leaves the user's submount mounted (in a private mount namespace)."""
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", PROPAGATION,
+                          str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"errno {errno.EROFS}", "SOURCE user data True"]

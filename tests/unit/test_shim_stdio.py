@@ -90,13 +90,13 @@ class FakeProcess:
 
 
 @pytest.mark.parametrize("missing", ["stdin", "stdout", "stderr"])
-def test_open_with_a_missing_path_names_it_and_leaks_no_fd(fifos: dict[str, str], tmp_path: Path,
+async def test_open_with_a_missing_path_names_it_and_leaks_no_fd(fifos: dict[str, str], tmp_path: Path,
                                                            missing: str) -> None:
     paths = {**fifos, missing: str(tmp_path / "absent")}
     pio = ProcessIO("t", paths["stdin"], paths["stdout"], paths["stderr"], terminal=False)
     before = open_fds()
     with pytest.raises(errors.InvalidArgumentError) as info:
-        pio.open()
+        await pio.open()
     assert str(tmp_path / "absent") in str(info.value)
     assert missing in str(info.value)
     assert open_fds() == before
@@ -105,7 +105,7 @@ def test_open_with_a_missing_path_names_it_and_leaks_no_fd(fifos: dict[str, str]
 async def test_open_without_paths_opens_nothing() -> None:
     pio = ProcessIO("t", "", "", "", terminal=False)
     before = open_fds()
-    pio.open()
+    await pio.open()
     assert pio.wants == (False, False, False)
     assert open_fds() == before
     await pio.close()
@@ -202,7 +202,7 @@ async def test_attach_relays_output_in_order_and_drained_waits_for_it(fifos: dic
     err_chunks = [b"warn 1\n", b"warn 2\n"]
     proc = FakeProcess(stdout=out_chunks, stderr=err_chunks, stdin=False)
     pio = ProcessIO("t", "", fifos["stdout"], fifos["stderr"], terminal=False)
-    pio.open()
+    await pio.open()
     out_fd = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
     err_fd = os.open(fifos["stderr"], os.O_RDONLY | os.O_NONBLOCK)
     try:
@@ -224,7 +224,7 @@ async def test_drained_waits_for_a_slow_reader(fifos: dict[str, str]) -> None:
     chunks = [bytes([i]) * 65536 for i in range(16)]  # 1 MiB, in the order it must arrive
     proc = FakeProcess(stdout=chunks, stdin=False)
     pio = ProcessIO("t", "", fifos["stdout"], "", terminal=False)
-    pio.open()
+    await pio.open()
     reader_fd = os.open(fifos["stdout"], os.O_RDONLY)
     received = bytearray()
     total = sum(map(len, chunks))
@@ -250,7 +250,7 @@ async def test_drained_waits_for_a_slow_reader(fifos: dict[str, str]) -> None:
 async def test_terminal_relays_only_stdout(fifos: dict[str, str]) -> None:
     proc = FakeProcess(stdout=[b"tty output"], stderr=[b"never read"], stdin=False)
     pio = ProcessIO("t", "", fifos["stdout"], fifos["stderr"], terminal=True)
-    pio.open()
+    await pio.open()
     out_fd = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
     try:
         pio.attach(proc.as_process())
@@ -267,7 +267,7 @@ async def with_stdin(fifos: dict[str, str]) -> AsyncIterator[tuple[FakeProcess, 
     """A process with stdin and its ProcessIO (stdin and stdout FIFOs), open and attached; closed afterwards."""
     proc = FakeProcess(stdout=[], stdin=True)
     pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
-    pio.open()
+    await pio.open()
     try:
         pio.attach(proc.as_process())
         yield proc, pio
@@ -318,7 +318,7 @@ async def test_close_is_idempotent_and_closes_every_fd(fifos: dict[str, str]) ->
     baseline = open_fds()
     proc = FakeProcess(stdout=[b"a"], stderr=[b"b"], stdin=True)
     pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], fifos["stderr"], terminal=False)
-    pio.open()
+    await pio.open()
     assert open_fds() == baseline + 4  # stdout, stderr, and stdin twice (our reader and our writer)
     pio.attach(proc.as_process())
     await asyncio.sleep(0.05)  # the copies run; stdin waits for a client that never comes
@@ -333,8 +333,102 @@ async def test_close_stops_an_output_copy_blocked_on_a_full_fifo(fifos: dict[str
     baseline = open_fds()
     proc = FakeProcess(stdout=[b"x" * 65536] * 32, stdin=False)  # 2 MiB, nobody reads
     pio = ProcessIO("t", "", fifos["stdout"], "", terminal=False)
-    pio.open()
+    await pio.open()
     pio.attach(proc.as_process())
     await asyncio.sleep(0.1)
     await asyncio.wait_for(pio.close(), 2.0)
     assert open_fds() == baseline
+
+
+# -- file:// and binary:// outputs (runc's shim's log URIs) ------------------------------------------------
+
+LOGGER = """#!/bin/sh
+# A logging binary as containerd's shims run it: stdout on fd 3, stderr on fd 4, fd 5 closed when ready.
+out="$1"
+exec 5>&-
+{ echo "env $CONTAINER_ID $CONTAINER_NAMESPACE args $*"; cat <&3 | sed 's/^/out: /'; cat <&4 | sed 's/^/err: /'; } > "$out.tmp"
+mv "$out.tmp" "$out"
+"""
+
+
+def waiting_logger(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "logger"
+    script.write_text(body)
+    script.chmod(0o755)
+    return script
+
+
+async def test_a_file_uri_appends_both_outputs_to_the_file(tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "c1.log"
+    uri = f"file://{log_file}"
+    pio = ProcessIO("t", "", uri, uri, terminal=False)
+    before = open_fds()
+    await pio.open()
+    pio.attach(FakeProcess(stdout=[b"one\n", b"two\n"], stderr=[b"oops\n"], stdin=False).as_process())
+    await pio.drained()
+    await pio.close()
+    assert sorted(log_file.read_bytes().splitlines()) == [b"one", b"oops", b"two"]
+    assert open_fds() == before
+
+
+async def test_a_binary_uri_starts_the_logger_feeds_it_and_stops_it(tmp_path: Path) -> None:
+    script = waiting_logger(tmp_path, LOGGER)
+    out = tmp_path / "logged"
+    uri = f"binary://{script}?{out}"  # a query key with no value: one argument, then an empty one
+    pio = ProcessIO("t", "", uri, uri, terminal=False, container_id="c1", namespace="ns1")
+    before = open_fds()
+    await pio.open()
+    assert pio._logger is not None
+    logger = pio._logger.proc
+    pio.attach(FakeProcess(stdout=[b"one\n", b"two\n"], stderr=[b"oops\n"], stdin=False).as_process())
+    await pio.drained()
+    await pio.close()
+    assert logger.returncode == 0  # it saw the end of its input and finished by itself
+    assert out.read_text() == f"env c1 ns1 args {out} \nout: one\nout: two\nerr: oops\n"
+    assert open_fds() == before
+
+
+async def test_a_logger_that_ignores_the_end_of_its_input_is_terminated(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shim.stdio.LOGGER_EOF_GRACE_S", 0.1)
+    script = waiting_logger(tmp_path, "#!/bin/sh\nexec 5>&-\nexec sleep 30\n")
+    pio = ProcessIO("t", "", f"binary://{script}", "", terminal=False)
+    await pio.open()
+    assert pio._logger is not None
+    logger = pio._logger.proc
+    await pio.close()
+    assert logger.returncode == -15
+
+
+@pytest.mark.parametrize("uri, problem", [
+    ("https://example.com/log", "unknown stdio scheme 'https'"),
+    ("binary:///nonexistent/logger", "/nonexistent/logger is not an executable file"),
+    ("binary:///tmp", "/tmp is not an executable file"),
+    ("file:///proc/nope/log", "cannot open"),
+])
+async def test_a_bad_output_uri_is_named_and_leaves_nothing(uri: str, problem: str) -> None:
+    pio = ProcessIO("t", "", uri, uri, terminal=False)
+    before = open_fds()
+    with pytest.raises(errors.InvalidArgumentError, match="t: stdout") as info:
+        await pio.open()
+    assert problem in str(info.value)
+    assert open_fds() == before
+
+
+async def test_a_logger_never_ready_is_stopped_and_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shim.stdio.LOGGER_READY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("shim.stdio.LOGGER_EOF_GRACE_S", 0.1)
+    script = waiting_logger(tmp_path, "#!/bin/sh\nexec sleep 30\n")
+    pio = ProcessIO("t", "", f"binary://{script}", "", terminal=False)
+    before = open_fds()
+    with pytest.raises(errors.InvalidArgumentError, match="not ready after 0.3s"):
+        await pio.open()
+    assert open_fds() == before
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and str(script).encode() in _cmdline(p)]
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -208,7 +208,7 @@ def spec_with(**fields: Any) -> Any:
     ({"linux": {"resources": {"memory": {"limit": 512 << 20}}}}, (768, 1)),
     ({"linux": {"resources": {"memory": {"limit": (100 << 20) + 1}, "cpu": {"quota": 150000, "period": 100000}}}},
      (357, 3)),
-    ({"linux": {"resources": {"memory": {"limit": -1}}}}, (256, 1)),
+    ({"linux": {"resources": {"memory": {"limit": -1}, "cpu": {"quota": 50000}}}}, (256, 2)),  # period: 100 ms
     ({"annotations": {"io.uvmshim.uvm.memory_mib": "1024", "io.uvmshim.uvm.cpus": "2"},
       "linux": {"resources": {"memory": {"limit": 512 << 20}}}}, (1024, 2)),
 ])
@@ -221,10 +221,19 @@ def test_the_uvm_is_sized_for_the_container(fields: dict[str, Any], shape: tuple
     assert uvm_shape(spec_with(**fields), ShimOptions()) == {"memory_mib": shape[0], "cpus": shape[1]}
 
 
+def test_the_uvm_stays_within_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memory limit above the host's memory (Kubernetes lets limits overcommit; 2^63 means no limit to
+    some tools) and a quota above its CPUs give a UVM of the host's size."""
+    from shim.task import host_memory_mib, uvm_shape
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    spec = spec_with(linux={"resources": {"memory": {"limit": (1 << 63) - 1}, "cpu": {"quota": 800000, "period": 100000}}})
+    assert uvm_shape(spec, ShimOptions()) == {"memory_mib": host_memory_mib(), "cpus": 2}
+
+
 @pytest.mark.parametrize("fields, problem", [
     ({"annotations": {"io.uvmshim.uvm.memory_mib": "lots"}}, "io.uvmshim.uvm.memory_mib='lots'"),
     ({"annotations": {"io.uvmshim.uvm.cpus": "0"}}, "io.uvmshim.uvm.cpus='0'"),
-    ({"linux": {"resources": {"memory": {"limit": 1 << 50}}}}, "more than the host's"),
     ({"linux": {"resources": {"pids": {"limit": "many"}}}}, "linux.resources"),
 ])
 def test_a_uvm_shape_that_cannot_be_is_refused_by_name(fields: dict[str, Any], problem: str) -> None:
