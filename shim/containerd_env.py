@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -37,6 +36,7 @@ from types import TracebackType
 from typing import Any
 
 from shim.leftovers import process_cmdlines
+from shim.rootfs import mount_points_under as mounts_under
 from uvm.demo import busybox_rootfs
 from uvm.errors import AlreadyStoppedError, StateError, UvmError
 
@@ -342,17 +342,6 @@ def _entries(directory: Path) -> list[Path]:
 
 def _entry_names(directory: Path) -> set[str]:
     return {p.name for p in _entries(directory)}
-
-
-def mounts_under(path: Path) -> list[Path]:
-    """Mount points at or below ``path`` in our mount namespace, deepest first (the order to unmount in)."""
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        # Field 5 is the mount point, with space, tab, newline and backslash escaped as \ooo.
-        mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ")[4])
-        if mount_point == str(path) or mount_point.startswith(f"{path}/"):
-            found.append(Path(mount_point))
-    return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
 def processes_with_arg(arg: str) -> list[int]:

@@ -85,7 +85,7 @@ def unmount(target: Path) -> bool:
         if res.returncode != 0:
             subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=MOUNT_TIMEOUT_S, check=False)
             if is_mountpoint(target):
-                raise errors.UvmError(f"rootfs {target}: cannot unmount: {res.stderr.decode().strip()}")
+                raise errors.UvmError(f"mount {target}: cannot unmount: {res.stderr.decode().strip()}")
     return found
 
 
@@ -189,9 +189,8 @@ def unstage_binds(stage: Path) -> bool:
     Nothing is removed while anything is still mounted below stage: the sources are the user's files."""
     if not stage.is_dir():
         return False
-    for lazy in ([], ["-l"]):  # deepest first (each a leaf then), lazily if that failed
-        for point in mount_points_under(stage):
-            subprocess.run(["umount", *lazy, str(point)], capture_output=True, timeout=MOUNT_TIMEOUT_S, check=False)
+    for point in mount_points_under(stage):  # deepest first: each a leaf when its turn comes
+        unmount(point)
     left = mount_points_under(stage)
     if left:
         raise errors.UvmError(f"bind mounts: cannot unmount {left[0]}: leaving {stage} in place")

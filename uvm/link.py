@@ -343,4 +343,3 @@ class AgentClient:
         if timeout is not None:
             params["timeout"] = timeout
         return await self.request(proto.RUN, params, models.RunResult)
-
