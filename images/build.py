@@ -3,7 +3,8 @@
 
 Outputs (under ``--out``, default ``images/out``), each named by the hash of its inputs:
 
-* ``vmlinux-<h>``        the ELF kernel extracted from linux-image-amd64's bzImage (PVH entry)
+* ``vmlinux-<h>``        the ELF kernel extracted from linux-image-amd64's bzImage (PVH entry), its
+                         runs of zero pages turned into bss (see ``zero_pages_as_bss``)
 * ``initramfs-<h>.cpio`` uncompressed newc archive: static busybox, the kernel modules the boot
                          needs, and ``/init`` (images/init)
 * ``rootfs-<h>.erofs``   read-only root: python3, crun, busybox, the kernel modules loaded on demand,
@@ -25,6 +26,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -231,8 +233,86 @@ def kernel_tree(cache: Path) -> tuple[Path, str, str]:
     return tree, kver, key
 
 
-def build_vmlinux(tree: Path, kver: str, key: str, out: Path) -> Path:
-    target = out / f"vmlinux-{key}"
+ELF_PAGE = 4096
+PT_LOAD = 1
+PHDR = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr: type flags offset vaddr paddr filesz memsz align
+MIN_ZERO_RUN_PAGES = 16
+VMLINUX_FORMAT = "vmlinux 3: zero pages as bss, compact"
+
+
+def zero_runs(data: bytes, start: int, end: int) -> list[tuple[int, int]]:
+    """Page-aligned runs (offsets relative to start) of at least MIN_ZERO_RUN_PAGES zero pages in data[start:end]."""
+    runs: list[tuple[int, int]] = []
+    run_start = -1
+    for at in range(start, end, ELF_PAGE):
+        zero = data.count(0, at, min(at + ELF_PAGE, end)) == min(ELF_PAGE, end - at)
+        if zero and run_start < 0:
+            run_start = at
+        elif not zero and run_start >= 0:
+            runs.append((run_start - start, at - start))
+            run_start = -1
+    if run_start >= 0:
+        runs.append((run_start - start, end - start))
+    return [(a, b) for a, b in runs if b - a >= MIN_ZERO_RUN_PAGES * ELF_PAGE]
+
+
+def zero_pages_as_bss(elf: bytes) -> bytes:
+    """The kernel ELF with each loadable segment's long runs of zero pages (.bss, .brk, the early
+    page-table scratch, alignment padding: ~27 of its 57 MiB) declared as memory without file bytes,
+    splitting the segment where a run is inside it, and the file rewritten without them.
+
+    QEMU keeps every loaded segment's file bytes mapped for the VM's lifetime (to reload them at a
+    reset): zero pages left out of the file are pages no QEMU maps. A fresh guest's RAM is zero and
+    the UVM never resets (-no-reboot), so the kernel finds the same bytes. The layout is the ELF
+    header, the program headers, then each segment's bytes at a page-aligned offset; section headers
+    (nothing loads them) are dropped, a note is moved with the bytes that hold it."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise SystemExit("image build: the kernel is not a little-endian 64-bit ELF")
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    if phentsize != PHDR.size:
+        raise SystemExit(f"image build: kernel ELF program headers of {phentsize} bytes")
+    loads: list[list[int]] = []  # [flags, old offset, vaddr, paddr, filesz, memsz, align]
+    others: list[tuple[int, ...]] = []
+    for i in range(phnum):
+        ptype, flags, offset, vaddr, paddr, filesz, memsz, align = PHDR.unpack_from(elf, phoff + i * PHDR.size)
+        if ptype != PT_LOAD:
+            others.append((ptype, flags, offset, vaddr, paddr, filesz, memsz, align))
+            continue
+        if offset % ELF_PAGE or vaddr % ELF_PAGE:
+            raise SystemExit(f"image build: kernel ELF segment at {vaddr:#x} is not page-aligned")
+        done = 0
+        for run_start, run_end in zero_runs(elf, offset, offset + filesz):
+            end = memsz if run_end >= filesz else run_end
+            loads.append([flags, offset + done, vaddr + done, paddr + done, run_start - done, end - done, ELF_PAGE])
+            done = end
+        if done < filesz:
+            loads.append([flags, offset + done, vaddr + done, paddr + done, filesz - done, memsz - done, ELF_PAGE])
+    count = len(loads) + len(others)
+    at = (64 + count * PHDR.size + ELF_PAGE - 1) & ~(ELF_PAGE - 1)
+    body = bytearray()
+    phdrs: list[tuple[int, ...]] = []
+    moved: list[tuple[int, int, int]] = []  # (old offset, size, new offset)
+    for flags, old, vaddr, paddr, filesz, memsz, align in loads:
+        body += bytes(at - 64 - count * PHDR.size - len(body)) + elf[old:old + filesz]
+        phdrs.append((PT_LOAD, flags, at, vaddr, paddr, filesz, memsz, align))
+        moved.append((old, filesz, at))
+        at = (at + filesz + ELF_PAGE - 1) & ~(ELF_PAGE - 1)
+    for ptype, flags, offset, vaddr, paddr, filesz, memsz, align in others:
+        home = [new + offset - old for old, size, new in moved if old <= offset and offset + filesz <= old + size]
+        if filesz and not home:
+            raise SystemExit(f"image build: kernel ELF segment of type {ptype:#x} is outside the loaded bytes")
+        phdrs.append((ptype, flags, home[0] if home else 0, vaddr, paddr, filesz, memsz, align))
+    head = bytearray(elf[:64])
+    struct.pack_into("<Q", head, 0x20, 64)  # e_phoff
+    struct.pack_into("<Q", head, 0x28, 0)  # e_shoff
+    struct.pack_into("<HH", head, 0x38, count, 0)  # e_phnum, e_shentsize
+    struct.pack_into("<HH", head, 0x3C, 0, 0)  # e_shnum, e_shstrndx
+    return bytes(head) + b"".join(PHDR.pack(*ph) for ph in phdrs) + bytes(body)
+
+
+def build_vmlinux(tree: Path, kver: str, kkey: str, out: Path) -> Path:
+    target = out / f"vmlinux-{sha256_of([VMLINUX_FORMAT, kkey])}"
     if target.exists():
         step(f"vmlinux up to date ({target.name})")
         return target
@@ -251,7 +331,7 @@ def build_vmlinux(tree: Path, kver: str, key: str, out: Path) -> Path:
     else:
         raise SystemExit("image build: no xz-compressed ELF found in the kernel image")
     tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(elf)
+    tmp.write_bytes(zero_pages_as_bss(elf))
     atomic_publish(tmp, target)
     return target
 

@@ -68,6 +68,10 @@ class UvmConfig(BaseModel):
     initrd: Path | None = None
     rootfs: Path | None = None
     kernel_args: Annotated[str, Field(max_length=2048)] = ""
+    # The guest kernel's lockdown (kernel_lockdown(7)). confidentiality also keeps tracefs from
+    # creating its thousands of event files at boot (~9 MiB of slab in every UVM, and boot time);
+    # "integrity" or "none" for a guest whose containers use tracefs, kprobes, perf or BPF tracing.
+    guest_lockdown: Literal["none", "integrity", "confidentiality"] = "confidentiality"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     boot_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
     backend: Literal["qemu", "libvirt"] = "qemu"
@@ -81,6 +85,9 @@ class UvmConfig(BaseModel):
     # else boots cold (and builds one in the background if template_autobuild).
     start: Literal["cold", "template", "auto"] = "cold"
     template_autobuild: bool = False
+    # Templates kept: after each build, the least recently used beyond this many are removed (and
+    # any whose image or QEMU binary has changed since: nothing can use them again).
+    template_max_count: Annotated[int, Field(ge=1, le=256)] = 8
     template_dir: Path | None = Field(default=None, description="default: <state_dir>/templates")
     template_memory_dir: Path = Path("/dev/shm/uvmshim-templates")
     console_log: Path | None = None

@@ -149,6 +149,8 @@ def build(config: UvmConfig) -> LaunchSpec:
         khz = host_tsc_khz()
         if khz:
             cmdline += f" tsc_early_khz={khz}"
+    if config.guest_lockdown != "none":
+        cmdline += f" lockdown={config.guest_lockdown}"
     cmdline += f" uvm.id={config.id}"
     if config.kernel_args:
         try:

@@ -213,9 +213,16 @@ def test_tcg_adds_tsc_early_khz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     spec = builder.build(make_test_config(tmp_path, accel="tcg", tb_size_mib=64, kernel_args="init=/x"))
     assert spec.accel == "tcg"
     assert spec.cmdline.startswith(builder.BASE_CMDLINE)
-    assert spec.cmdline.split()[-3:] == ["tsc_early_khz=2400000", "uvm.id=vm1", "init=/x"]
+    assert spec.cmdline.split()[-4:] == ["tsc_early_khz=2400000", "lockdown=confidentiality", "uvm.id=vm1", "init=/x"]
     assert spec.cpu_model == "qemu64"
     assert spec.tb_size_mib == 64
+
+
+@pytest.mark.parametrize("level", ["confidentiality", "integrity", "none"])
+def test_guest_lockdown_on_the_command_line(tmp_path: Path, level: str) -> None:
+    spec = builder.build(make_test_config(tmp_path, guest_lockdown=level))
+    words = spec.cmdline.split()
+    assert [w for w in words if w.startswith("lockdown=")] == ([] if level == "none" else [f"lockdown={level}"])
 
 
 def test_tcg_with_the_real_host_tsc(tmp_path: Path) -> None:
