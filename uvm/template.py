@@ -165,11 +165,15 @@ def check(path: Path, inputs: dict[str, Any] | None = None) -> Template:
 
 
 def find(config: UvmConfig, spec: builder.LaunchSpec) -> Template:
-    """The valid template for spec, or TemplateError saying why there is none."""
+    """The valid template for spec, or TemplateError saying why there is none. Its directory's
+    mtime records the use (prune keeps the most recently used)."""
     if spec.backend != "qemu":
         raise TemplateError(f"templates need the qemu backend (this VM uses {spec.backend})")
     inputs = key_inputs(spec)
-    return check(template_dir(config) / template_key(inputs), inputs)
+    found = check(template_dir(config) / template_key(inputs), inputs)
+    with contextlib.suppress(OSError):
+        os.utime(found.path)
+    return found
 
 
 def remove(path: Path) -> None:
@@ -178,6 +182,57 @@ def remove(path: Path) -> None:
         meta = TemplateMeta.model_validate_json((path / META).read_bytes())
         meta.memory_file.unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _outdated(meta: TemplateMeta) -> str | None:
+    """Why no VM can use this template any more (its image files or QEMU binary changed), if so."""
+    identities = [*meta.inputs.get("image", [])[1:], meta.inputs.get("qemu")]
+    for identity in identities:
+        if not isinstance(identity, list) or not identity:
+            return "its inputs do not name their files"
+        try:
+            now = _file_identity(Path(identity[0]))
+        except OSError:
+            now = None
+        if now != identity:
+            return f"{identity[0]} changed since it was built"
+    return None
+
+
+def prune(root: Path, max_count: int, keep: str | None = None) -> list[str]:
+    """Remove the templates under root that cannot be used again (corrupt, their memory file gone,
+    their image or QEMU changed) and, of the rest, the least recently used beyond max_count (keep is
+    never removed). A template whose lock is held (being built, or discarded) is left alone. Returns
+    the keys removed."""
+    usable: list[tuple[float, Path]] = []
+    removed: list[str] = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not path.is_dir() or path.name.startswith(".") or path.name == keep:
+            continue
+        try:
+            with _locked(root, path.name):
+                try:
+                    why = _outdated(check(path).meta)
+                except TemplateError as e:
+                    why = str(e)
+                if why is None:
+                    usable.append((path.stat().st_mtime, path))
+                    continue
+                log.info("removing template %s: %s", path.name, why)
+                remove(path)
+                removed.append(path.name)
+        except (TemplateError, OSError):
+            continue  # a builder holds it, or it went away meanwhile
+    usable.sort(reverse=True)
+    for _, path in usable[max_count - (1 if keep else 0):]:
+        try:
+            with _locked(root, path.name):
+                log.info("removing template %s: least recently used of more than %d", path.name, max_count)
+                remove(path)
+                removed.append(path.name)
+        except (TemplateError, OSError):
+            continue
+    return removed
 
 
 def discard(tmpl: Template) -> bool:
@@ -376,7 +431,9 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
                 raise
             raise TemplateError(f"template {key}: build failed: {e}") from e
         log.info("template %s built in %.2fs (%s)", key, meta.build_seconds, memory)
-        return Template(key, final, meta)
+    with contextlib.suppress(OSError):
+        await asyncio.to_thread(prune, root, config.template_max_count, key)
+    return Template(key, final, meta)
 
 
 def build_in_background(config: UvmConfig) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas.uvm_config import Share
+from schemas.uvm_config import Share, UvmConfig
 from uvm import template
 from uvm.builder import LaunchSpec
 from uvm.errors import TemplateError
@@ -86,8 +86,6 @@ def test_check_detects_every_kind_of_damage(spec: LaunchSpec, tmp_path: Path) ->
 
 
 def test_list_and_remove(spec: LaunchSpec, tmp_path: Path) -> None:
-    from schemas.uvm_config import UvmConfig
-
     memory = tmp_path / "mem"
     path = _fake_template(tmp_path / "templates", spec, memory)
     config = UvmConfig(template_dir=tmp_path / "templates")
@@ -177,3 +175,32 @@ async def test_a_builder_waiting_for_the_lock_gives_up_in_time_and_can_be_cancel
         (root / "f").write_text("")
         async with template._building(root / "f", key):
             pass
+
+
+def test_prune_removes_what_cannot_be_used_and_the_least_recently_used(spec: LaunchSpec, tmp_path: Path) -> None:
+    root = tmp_path / "templates"
+    paths = {cpus: _fake_template(root, dataclasses.replace(spec, cpus=cpus), tmp_path / f"mem{cpus}")
+             for cpus in (1, 2, 3, 4, 5)}
+    for age, cpus in enumerate((1, 2, 3, 4, 5)):  # 1 used most recently, 5 least
+        os.utime(paths[cpus], (time.time() - age * 60, time.time() - age * 60))
+    (paths[3] / template.STATE).write_bytes(b"junk")  # corrupt
+    other_kernel = tmp_path / "kernel2"
+    other_kernel.write_bytes(b"k2")
+    gone = _fake_template(root, dataclasses.replace(spec, kernel=other_kernel, cpus=6), tmp_path / "mem6")
+    other_kernel.write_bytes(b"kernel 2, rebuilt")  # the image it was built from changed: never usable again
+    with template._locked(root, paths[5].name):  # being built (or discarded) by another process
+        removed = template.prune(root, max_count=2, keep=paths[4].name)
+    assert sorted(removed) == sorted([paths[2].name, paths[3].name, gone.name])
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted(
+        [paths[1].name, paths[4].name, paths[5].name])  # the newest, the one kept, the locked one
+    assert not (tmp_path / "mem2").exists() and not (tmp_path / "mem6").exists()
+    assert template.prune(root, max_count=8) == []
+
+
+def test_find_records_the_use(spec: LaunchSpec, tmp_path: Path) -> None:
+    root = tmp_path / "templates"
+    path = _fake_template(root, spec, tmp_path / "mem")
+    os.utime(path, (0, 0))
+    config = UvmConfig(template_dir=root)
+    assert template.find(config, spec).path == path
+    assert path.stat().st_mtime > time.time() - 60
