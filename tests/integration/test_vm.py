@@ -60,6 +60,12 @@ async def test_boot_hello_and_commands(vm: UtilityVM) -> None:
         await vm.run(["true"], cwd="relative")
     await vm.ping(42)
 
+    # guest_lockdown (default confidentiality): kernel memory and tracing closed to what runs in the guest
+    res = await vm.run(["sh", "-c", "mount -t securityfs none /sys/kernel/security && cat /sys/kernel/security/lockdown;"
+                                    " umount /sys/kernel/security; mount -t tracefs none /mnt && ls /mnt | wc -l; umount /mnt"])
+    assert res.stdout.decode().split() == ["none", "integrity", "[confidentiality]", "0"], res  # tracefs: no files
+
+
 
 async def test_output_over_the_cap_is_truncated_not_fatal(vm: UtilityVM) -> None:
     res = await vm.run(["sh", "-c", "head -c 600000 /dev/zero; echo done >&2"])
