@@ -163,8 +163,6 @@ def build(config: UvmConfig) -> LaunchSpec:
         host = share.host_path.absolute()
         if not host.is_dir():
             raise ConfigError(f"share {share.tag}: {host} is not a directory", share=share.tag)
-        if "," in str(host):
-            raise ConfigError(f"share {share.tag}: {host}: a ',' in the path cannot be passed to QEMU")
         shares.append(share.model_copy(update={"host_path": host}))
     if config.backend != "qemu" and (config.ssh_port is not None or config.console_socket):
         what = "ssh_port (user-network port forwarding)" if config.ssh_port is not None else "console_socket"

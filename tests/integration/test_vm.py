@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from schemas.uvm_config import UvmConfig
+from schemas.uvm_config import Share, UvmConfig
 from tests.conftest import assert_no_leftovers
 from uvm import errors
 from uvm.lifecycle import VmState
@@ -65,6 +65,28 @@ async def test_boot_hello_and_commands(vm: UtilityVM) -> None:
                                     " umount /sys/kernel/security; mount -t tracefs none /mnt && ls /mnt | wc -l; umount /mnt"])
     assert res.stdout.decode().split() == ["none", "integrity", "[confidentiality]", "0"], res  # tracefs: no files
 
+
+
+async def test_paths_with_commas(make_config: Callable[..., UvmConfig], suite_dir: Path) -> None:
+    """QEMU ends an option's value at a ',': paths holding one (a share, the run directory, the
+    console log) are passed escaped, and the VM boots and uses them."""
+    share = suite_dir / "share,with,commas"
+    share.mkdir()
+    (share / "f").write_text("through 9p\n")
+    v = UtilityVM(make_config(shares=[Share(tag="c", host_path=share)], run_dir=suite_dir / "run,dir",
+                              console_log=suite_dir / "console,log"))
+    await v.start()
+    try:
+        res = await v.run(["sh", "-c", "modprobe -a 9pnet_virtio 9p && mount -t 9p -o trans=virtio c /mnt && cat /mnt/f"
+                                        " && umount /mnt"])
+        assert (res.exit_status, res.stdout) == (0, b"through 9p\n"), res
+        assert (suite_dir / "run,dir" / v.id / "agent.sock").exists()
+    finally:
+        await v.close()
+    assert (suite_dir / "console,log").stat().st_size > 0
+    (suite_dir / "console,log").unlink()
+    assert not list((suite_dir / "run,dir").iterdir())
+    assert_no_leftovers(suite_dir)
 
 
 async def test_output_over_the_cap_is_truncated_not_fatal(vm: UtilityVM) -> None:

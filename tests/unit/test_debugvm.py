@@ -5,6 +5,7 @@ and the ProcessDetails a Pids reply carries."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.containerd import runc_options_pb2
-from schemas.uvm_config import UvmConfig
+from schemas.uvm_config import Share, UvmConfig
 from shim import debugvm
 from shim.runuvm import RunuvmError
 from shim.service import process_details
@@ -291,3 +292,16 @@ def test_a_nic_is_part_of_a_template_key_but_not_its_port(tmp_path: Path) -> Non
     assert template.template_key(with_nic) == template.template_key(other_port) != template.template_key(plain)
     console = template.key_inputs(builder.build(make_test_config(tmp_path, console_socket=True)))
     assert template.template_key(console) == template.template_key(plain)  # only the chardev's host side
+
+
+def test_commas_in_paths_are_doubled_in_qemu_options(tmp_path: Path) -> None:
+    base = tmp_path / "a,b"
+    base.mkdir()
+    spec = builder.build(make_test_config(base, shares=[Share(tag="s", host_path=base)]))
+    spec = dataclasses.replace(spec, memory_file=base / "m,em")
+    argv = qemu_argv(spec, base / "r,un")
+    doubled = str(base).replace(",", ",,")
+    assert f"local,id=fs0,path={doubled},security_model=none,multidevs=remap" in argv
+    assert f"socket,id=agent,path={doubled}/r,,un/agent.sock,server=on,wait=off" in argv
+    assert any(a.startswith(f"memory-backend-file,id=ram,size=64M,mem-path={doubled}/m,,em,") for a in argv)
+    assert f"unix:{doubled}/r,,un/qmp.sock,server=on,wait=off" in argv

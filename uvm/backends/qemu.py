@@ -33,14 +33,19 @@ CONSOLE_SOCKET = "console.sock"  # in the run directory, with UvmConfig.console_
 MIGRATE_MAX_BANDWIDTH = 1 << 40
 
 
+def opt(path: Path | str) -> str:
+    """path as a value in a QEMU option list, where a ',' ends the value unless doubled."""
+    return str(path).replace(",", ",,")
+
+
 def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
     """The qemu-system command line for spec (microvm, virtio-mmio devices)."""
-    console = spec.console_log or run_dir / "console.log"
+    console = opt(spec.console_log or run_dir / "console.log")
     machine = "microvm"
     memory: list[str] = []
     if spec.memory_file is not None:
         machine += ",memory-backend=ram"
-        memory = ["-object", f"memory-backend-file,id=ram,size={spec.memory_mib}M,mem-path={spec.memory_file},"
+        memory = ["-object", f"memory-backend-file,id=ram,size={spec.memory_mib}M,mem-path={opt(spec.memory_file)},"
                              f"share={'on' if spec.memory_shared else 'off'}"]
     argv = [
         spec.qemu_binary,
@@ -55,24 +60,24 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", spec.cmdline,
-        "-chardev", (f"socket,id=console,path={run_dir / CONSOLE_SOCKET},server=on,wait=off,logfile={console}"
+        "-chardev", (f"socket,id=console,path={opt(run_dir / CONSOLE_SOCKET)},server=on,wait=off,logfile={console}"
                      if spec.console_socket else f"file,id=console,path={console}"),
         "-serial", "chardev:console",
-        "-drive", f"if=none,id=rootfs,file={spec.rootfs},format=raw,readonly=on",
+        "-drive", f"if=none,id=rootfs,file={opt(spec.rootfs)},format=raw,readonly=on",
         "-device", "virtio-blk-device,drive=rootfs",
         # Entropy from the host: without it the guest kernel's random pool is not ready until it has
         # run its jitter-entropy loop, which python3's start waits for (~1.4 s of a boot under TCG).
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng0",
         "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent,path={run_dir / 'agent.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=agent,path={opt(run_dir / 'agent.sock')},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={spec.agent_port_name}",
-        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+        "-qmp", f"unix:{opt(run_dir / 'qmp.sock')},server=on,wait=off",
     ]
     for n in range(spec.scsi_controllers):
         argv += ["-device", f"virtio-scsi-device,id=scsi{n}"]
     for name in spec.extra_ports:
-        argv += ["-chardev", f"socket,id=port-{name},path={run_dir / f'port-{name}.sock'},server=on,wait=off",
+        argv += ["-chardev", f"socket,id=port-{name},path={opt(run_dir / f'port-{name}.sock')},server=on,wait=off",
                  "-device", f"virtserialport,chardev=port-{name},name={name}"]
     if spec.ssh_port is not None:
         # restrict=on: the guest reaches nothing outside the VM; the forwarded port still reaches it.
@@ -80,7 +85,7 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
                  "-device", "virtio-net-device,netdev=net0"]
     for n, share in enumerate(spec.shares):
         ro = ",readonly=on" if share.readonly else ""
-        argv += ["-fsdev", f"local,id=fs{n},path={share.host_path},security_model=none,multidevs=remap{ro}",
+        argv += ["-fsdev", f"local,id=fs{n},path={opt(share.host_path)},security_model=none,multidevs=remap{ro}",
                  "-device", f"virtio-9p-device,fsdev=fs{n},mount_tag={share.tag}"]
     if spec.incoming is not None:
         argv += ["-incoming", "defer"]
