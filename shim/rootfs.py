@@ -42,7 +42,7 @@ def mount_points_under(path: Path) -> list[Path]:
 
 
 def is_mountpoint(path: Path) -> bool:
-    return Path(path.resolve()) in mount_points_under(path)
+    return path.resolve() in mount_points_under(path)
 
 
 def _run(argv: list[str], what: str) -> None:

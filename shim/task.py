@@ -33,6 +33,7 @@ from shim import rootfs as host_rootfs
 from shim.events import timestamp
 from shim.stdio import ProcessIO
 from uvm import errors
+from uvm.builder import host_memory_mib
 from uvm.container import Container, ContainerState, ContainerStatistics, Rootfs, SharedSource
 from uvm.lifecycle import stop_escalating
 from uvm.process import Process, ProcessExit
@@ -131,16 +132,12 @@ def uvm_shape(spec: oci.Spec, options: ShimOptions) -> dict[str, int]:
             except (ValueError, ValidationError):
                 raise errors.InvalidArgumentError(f"annotation {key}={value!r}: not a valid {field}") from None
     shape["cpus"] = min(shape["cpus"], os.cpu_count() or 1, MAX_CPUS)
-    shape["memory_mib"] = min(shape["memory_mib"], host_memory_mib() or MAX_MEMORY_MIB, MAX_MEMORY_MIB)
-    return shape
-
-
-def host_memory_mib() -> int | None:
     try:
-        with open("/proc/meminfo") as f:
-            return int(f.readline().split()[1]) // 1024  # MemTotal: N kB
-    except (OSError, ValueError, IndexError):
-        return None
+        host_mib = host_memory_mib()
+    except (OSError, ValueError, errors.ConfigError):  # no readable MemTotal: the config's bound alone
+        host_mib = MAX_MEMORY_MIB
+    shape["memory_mib"] = min(shape["memory_mib"], host_mib, MAX_MEMORY_MIB)
+    return shape
 
 
 def parse_spec_json(data: bytes | str, what: str) -> oci.Spec:

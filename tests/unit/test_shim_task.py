@@ -224,7 +224,8 @@ def test_the_uvm_is_sized_for_the_container(fields: dict[str, Any], shape: tuple
 def test_the_uvm_stays_within_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """A memory limit above the host's memory (Kubernetes lets limits overcommit; 2^63 means no limit to
     some tools) and a quota above its CPUs give a UVM of the host's size."""
-    from shim.task import host_memory_mib, uvm_shape
+    from shim.task import uvm_shape
+    from uvm.builder import host_memory_mib
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     spec = spec_with(linux={"resources": {"memory": {"limit": (1 << 63) - 1}, "cpu": {"quota": 800000, "period": 100000}}})
