@@ -378,7 +378,7 @@ async def _template(args: argparse.Namespace) -> int:
         print(f"runuvm template rm: no template {unknown[0]}", file=sys.stderr)
         return 1
     for key in (known if args.all else args.keys):
-        template.remove(known[key])
+        template.delete(known[key])
         print(f"removed {key}")
     return 0
 

@@ -184,6 +184,19 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def delete(path: Path) -> None:
+    """Remove the template at path and its lock file (`runuvm template rm`). While a builder holds its
+    lock, the template is removed all the same (a new one is coming) and the lock file stays."""
+    try:
+        with _locked(path.parent, path.name):
+            remove(path)
+            _unlink_lock(path.parent, path.name)
+            return
+    except TemplateError:
+        pass
+    remove(path)
+
+
 def _outdated(meta: TemplateMeta) -> str | None:
     """Why no VM can use this template any more (its image files or QEMU binary changed), if so."""
     identities = [*meta.inputs.get("image", [])[1:], meta.inputs.get("qemu")]
@@ -220,6 +233,7 @@ def prune(root: Path, max_count: int, keep: str | None = None) -> list[str]:
                     continue
                 log.info("removing template %s: %s", path.name, why)
                 remove(path)
+                _unlink_lock(root, path.name)
                 removed.append(path.name)
         except (TemplateError, OSError):
             continue  # a builder holds it, or it went away meanwhile
@@ -229,6 +243,7 @@ def prune(root: Path, max_count: int, keep: str | None = None) -> list[str]:
             with _locked(root, path.name):
                 log.info("removing template %s: least recently used of more than %d", path.name, max_count)
                 remove(path)
+                _unlink_lock(root, path.name)
                 removed.append(path.name)
         except (TemplateError, OSError):
             continue
@@ -248,6 +263,7 @@ def discard(tmpl: Template) -> bool:
             if current is not None and current.memory_file != tmpl.meta.memory_file:
                 return False  # each build has its own memory file: this is a newer template
             remove(tmpl.path)
+            _unlink_lock(tmpl.path.parent, tmpl.key)
             return True
     except (TemplateError, OSError):
         return False
@@ -296,10 +312,14 @@ async def _warm_up(vm: Any) -> None:
                             f"{res.stderr.decode(errors='replace').strip()}")
 
 
+def _lock_path(root: Path, key: str) -> Path:
+    return root / f".{key}.lock"
+
+
 def _lock_file(root: Path, key: str) -> int:
     try:
         root.mkdir(parents=True, exist_ok=True)
-        return os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return os.open(_lock_path(root, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise TemplateError(f"template directory {root}: {e.strerror or e}") from None
 
@@ -312,13 +332,35 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+def _is_current(fd: int, path: Path) -> bool:
+    """Whether the lock file open as fd is still the one at path (a template's lock file goes with it:
+    a lock taken on a file unlinked meanwhile locks nothing another process would see)."""
+    st = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _unlink_lock(root: Path, key: str) -> None:
+    """Remove key's lock file, as the last step of removing its template while holding that lock."""
+    with contextlib.suppress(OSError):
+        _lock_path(root, key).unlink()
+
+
 @contextlib.contextmanager
 def _locked(root: Path, key: str) -> Iterator[None]:
     """key's builder lock, if no builder holds it now (else TemplateError)."""
-    fd = _lock_file(root, key)
-    try:
+    while True:
+        fd = _lock_file(root, key)
         if not _try_lock(fd):
+            os.close(fd)
             raise TemplateError(f"template {key}: another process is building it")
+        if _is_current(fd, _lock_path(root, key)):
+            break
+        os.close(fd)  # removed with its template between our open and our lock: take the new one
+    try:
         yield
     finally:
         os.close(fd)
@@ -328,16 +370,27 @@ def _locked(root: Path, key: str) -> Iterator[None]:
 async def _building(root: Path, key: str, wait: float = LOCK_WAIT_S) -> AsyncIterator[None]:
     """One builder per key across processes: waits (bounded, and cancellable: no thread is left
     waiting for the lock) while another process builds it."""
+    deadline = time.monotonic() + wait
+    path = _lock_path(root, key)
     fd = _lock_file(root, key)
     try:
-        deadline = time.monotonic() + wait
-        while not _try_lock(fd):
-            if time.monotonic() > deadline:
-                raise TemplateError(f"template {key}: another process has been building it for {wait:g}s")
-            await asyncio.sleep(0.1)
+        while True:
+            if _try_lock(fd):
+                if _is_current(fd, path):
+                    break
+            elif _is_current(fd, path):  # another builder holds it
+                if time.monotonic() > deadline:
+                    raise TemplateError(f"template {key}: another process has been building it for {wait:g}s")
+                await asyncio.sleep(0.1)
+                continue
+            # Its holder removed the file with the template: the lock is the new file's now.
+            os.close(fd)
+            fd = -1
+            fd = _lock_file(root, key)
         yield
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def _sweep(root: Path, key: str) -> None:
@@ -384,12 +437,12 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
             with contextlib.suppress(TemplateError):
                 return check(final, inputs)
         await asyncio.to_thread(_sweep, root, key)
-        await asyncio.to_thread(_check_room, config.template_memory_dir, config.memory_mib)
         bid = secrets.token_hex(4)
         memory = config.template_memory_dir.absolute() / f"{key}-{bid}.mem"
         work = root / f".{key}-{bid}"
         t0 = time.monotonic()
         try:
+            await asyncio.to_thread(_check_room, config.template_memory_dir, config.memory_mib)
             work.mkdir(mode=0o700)
             (work / MEMORY_NOTE).write_text(str(memory))  # for _sweep, if this builder gets killed
             shares = []
@@ -425,6 +478,8 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
         except BaseException as e:
             shutil.rmtree(work, ignore_errors=True)
             memory.unlink(missing_ok=True)
+            if not final.exists():
+                _unlink_lock(root, key)  # no template of this key: nothing left of the attempt
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 raise TemplateError(f"template {key}: no room left: {e}") from None
             if isinstance(e, TemplateError) or not isinstance(e, Exception):

@@ -145,7 +145,7 @@ async def test_no_room_for_the_template_memory(config: Callable[..., UvmConfig],
         finally:
             await vm.close()
         assert list(small.iterdir()) == []
-        assert [p.name for p in (tmp_path / "templates").iterdir() if not p.name.endswith(".lock")] == []
+        assert list((tmp_path / "templates").iterdir()) == []  # not even the key's lock file
     finally:
         subprocess.run(["umount", str(small)], check=True)
     assert_no_leftovers(suite_dir)
@@ -177,6 +177,7 @@ def test_cli_template_build_list_boot_rm(suite_dir: Path, image_dir: Path, tmp_p
     assert runuvm("template", "rm", "--all").returncode == 0
     assert json.loads(runuvm("template", "list", "--format", "json").stdout) == []
     assert not Path(rows[0]["memory_file"]).exists()
+    assert list((tmp_path / "state" / "templates").iterdir()) == []  # the lock files went with them
     if made_memory_dir:
         default_memory_dir.rmdir()
     assert_no_leftovers(suite_dir)

@@ -144,9 +144,10 @@ def test_a_failed_clone_discards_its_template_but_not_a_newer_one_or_one_being_b
     with template._locked(root, new.key):
         assert not template.discard(new)
     assert path.exists()
-    # The template the clone failed on is still the one there: it goes, memory file included.
+    # The template the clone failed on is still the one there: it goes, memory file and lock file included.
     assert template.discard(new)
     assert not path.exists() and not (tmp_path / "mem-new").exists()
+    assert list(root.iterdir()) == []
 
 
 async def test_a_builder_waiting_for_the_lock_gives_up_in_time_and_can_be_cancelled(tmp_path: Path) -> None:
@@ -194,7 +195,33 @@ def test_prune_removes_what_cannot_be_used_and_the_least_recently_used(spec: Lau
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted(
         [paths[1].name, paths[4].name, paths[5].name])  # the newest, the one kept, the locked one
     assert not (tmp_path / "mem2").exists() and not (tmp_path / "mem6").exists()
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == sorted(
+        f".{paths[n].name}.lock" for n in (1, 5))  # the removed ones' lock files went with them (4: not looked at)
     assert template.prune(root, max_count=8) == []
+
+
+async def test_a_lock_file_removed_with_its_template_is_not_locked_again(tmp_path: Path) -> None:
+    import asyncio
+
+    root, key = tmp_path / "templates", "k"
+    waiting = template._building(root, key)
+    with template._locked(root, key):
+        waiter = asyncio.ensure_future(waiting.__aenter__())
+        await asyncio.sleep(0.3)  # it opened the lock file and waits for it
+        template._unlink_lock(root, key)  # the holder removed the template, its lock file last
+    await asyncio.wait_for(waiter, 10)  # then the waiter locks the key's new lock file...
+    try:
+        with pytest.raises(TemplateError, match="another process is building it"), template._locked(root, key):
+            pass  # ... the one every other process sees
+    finally:
+        await waiting.__aexit__(None, None, None)
+    with template._locked(root, key):
+        template._unlink_lock(root, key)
+    assert list(root.iterdir()) == []
+    path = root / "t1"
+    path.mkdir()
+    template.delete(path)  # runuvm template rm: the lock file goes too
+    assert list(root.iterdir()) == []
 
 
 def test_find_records_the_use(spec: LaunchSpec, tmp_path: Path) -> None:
