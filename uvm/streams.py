@@ -1,7 +1,7 @@
 """Host side of stdio streams on the agent link, with credit-based flow control.
 
 ``InboundStream`` (guest -> host: stdout, stderr) holds what the guest sent until the consumer
-reads it, and only then gives the guest credit for more: at most ``STREAM_WINDOW`` bytes per
+reads it, and only then gives the guest credit for more: at most ``OUTPUT_WINDOW`` bytes per
 stream are ever buffered on the host, and a consumer that never reads stalls only its own process.
 ``OutboundStream`` (host -> guest: stdin) sends no more than the guest's credit and waits for it.
 Data is delivered in order, exactly once; EOF is the guest's CLOSE frame. A guest that sends more
@@ -40,7 +40,7 @@ class InboundStream:
         self.name = name
         self._send = send
         self._buf = bytearray()
-        self._outstanding = proto.STREAM_WINDOW  # bytes the guest may still send
+        self._outstanding = proto.OUTPUT_WINDOW  # bytes the guest may still send
         self._eof = False
         self._closed_by_host = False
         self._error: errors.UvmError | None = None
@@ -131,7 +131,7 @@ class OutboundStream:
         self.sid = sid
         self.name = name
         self._send = send
-        self._credit = proto.STREAM_WINDOW
+        self._credit = proto.INPUT_WINDOW
         self._sent_unacked = 0
         self._closed = False
         self._error: errors.UvmError | None = None
@@ -166,7 +166,7 @@ class OutboundStream:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            size = min(len(view), self._credit, proto.STREAM_CHUNK)
+            size = min(len(view), self._credit, proto.INPUT_CHUNK)
             self._credit -= size
             self._sent_unacked += size
             self.sent += size

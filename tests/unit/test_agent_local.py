@@ -39,7 +39,8 @@ from uvm.streams import InboundStream, OutboundStream
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE = 10.0  # a hang is a failure, not a stuck test run
-WINDOW = proto.STREAM_WINDOW
+WINDOW = proto.OUTPUT_WINDOW  # guest -> host (stdout/stderr)
+IN_WINDOW = proto.INPUT_WINDOW  # host -> guest (stdin)
 AGENT_MAIN = "import sys; from uvm.guest.agent import Agent; Agent(port_fd=int(sys.argv[1])).serve()"
 
 
@@ -416,7 +417,7 @@ async def test_exec_streams_output_and_reports_the_exit_after_eof(host: Host) ->
 
 
 async def test_exec_stdin_reaches_the_process_and_close_is_its_eof(host: Host) -> None:
-    data = os.urandom(3 * WINDOW + 1234)  # more than a window: stdin flows on the guest's credit
+    data = os.urandom(3 * IN_WINDOW + 1234)  # more than a window: stdin flows on the guest's credit
     e = await host.exec(["cat"], stdin=True)
     assert e.stdin is not None and e.stdout is not None and e.stderr is not None
     stdin = e.stdin
@@ -652,7 +653,7 @@ async def test_stdin_write_to_an_exited_process_does_not_hang(host: Host) -> Non
     proc = await host.create_process(["true"], stdin=True, stdout=False, stderr=False)
     await within(proc.wait())
     try:
-        await asyncio.wait_for(proc.write_stdin(b"x" * (WINDOW + 1)), 2.0)
+        await asyncio.wait_for(proc.write_stdin(b"x" * (IN_WINDOW + 1)), 2.0)
     except errors.UvmError:
         pass  # an error is fine (the process has exited); a hang is not
 

@@ -27,8 +27,10 @@ from uvm.vm import UtilityVM
 
 T = TypeVar("T")
 DEADLINE = 5.0  # a hang is a failure, not a stuck test run
-WINDOW = proto.STREAM_WINDOW
-CHUNK = proto.STREAM_CHUNK
+WINDOW = proto.OUTPUT_WINDOW  # guest -> host (stdout/stderr)
+CHUNK = proto.OUTPUT_CHUNK
+IN_WINDOW = proto.INPUT_WINDOW  # host -> guest (stdin)
+IN_CHUNK = proto.INPUT_CHUNK
 
 Agent = tuple[FakeGuest, AgentConnection, AgentClient]
 
@@ -65,7 +67,7 @@ def kinds(guest: FakeGuest, sid: int) -> list[str]:
 
 
 async def fill(guest: FakeGuest, sid: int, size: int, byte: bytes = b"w") -> bytes:
-    """Send size bytes on sid in frames of at most STREAM_CHUNK (no credit check); return them."""
+    """Send size bytes on sid in frames of at most OUTPUT_CHUNK (no credit check); return them."""
     data = byte * size
     for pos in range(0, size, CHUNK):
         await guest.send_data(sid, data[pos:pos + CHUNK])
@@ -212,7 +214,7 @@ async def test_eof_comes_after_the_buffered_data(agent: Agent) -> None:
 # -- inbound: protocol violations --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("first", "extra"), [(WINDOW, 1), (WINDOW - 10, 20), (1, WINDOW)])
+@pytest.mark.parametrize(("first", "extra"), [(WINDOW, 1), (WINDOW - 10, 20), (WINDOW - CHUNK + 1, CHUNK)])
 async def test_guest_sending_more_than_its_window_drops_the_link_naming_the_stream(
     agent: Agent, first: int, extra: int,
 ) -> None:
@@ -346,13 +348,13 @@ async def test_link_failure_ends_inbound_after_the_buffered_data(agent: Agent) -
 # -- outbound (stdin) ------------------------------------------------------------------------------------
 
 
-async def test_write_sends_data_in_chunks_of_at_most_stream_chunk(agent: Agent) -> None:
+async def test_write_sends_data_in_chunks_of_at_most_input_chunk(agent: Agent) -> None:
     guest, conn, client = agent
     inp = conn.open_outbound("UVM stdin")
-    data = random.Random(3).randbytes(2 * CHUNK + 1234)
+    data = random.Random(3).randbytes(2 * IN_CHUNK + 1234)
     await within(inp.write(data))
     await barrier(client)
-    assert [len(f.payload) for f in guest.stream_frames(inp.sid)] == [CHUNK, CHUNK, 1234]
+    assert [len(f.payload) for f in guest.stream_frames(inp.sid)] == [IN_CHUNK, IN_CHUNK, 1234]
     assert kinds(guest, inp.sid) == ["data"] * 3
     assert guest.data_received(inp.sid) == data
     assert inp.sent == len(data)
@@ -361,26 +363,26 @@ async def test_write_sends_data_in_chunks_of_at_most_stream_chunk(agent: Agent) 
 async def test_write_never_exceeds_the_credit_and_resumes_with_credit(agent: Agent) -> None:
     guest, conn, client = agent
     inp = conn.open_outbound("UVM stdin")
-    data = random.Random(4).randbytes(WINDOW + 100_000)
+    data = random.Random(4).randbytes(IN_WINDOW + 100_000)
     writer = asyncio.create_task(inp.write(data))
     try:
-        await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= WINDOW))
+        await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= IN_WINDOW))
         await asyncio.sleep(0.05)
         await barrier(client)
-        assert len(guest.data_received(inp.sid)) == WINDOW and not writer.done()  # blocked: no credit
+        assert len(guest.data_received(inp.sid)) == IN_WINDOW and not writer.done()  # blocked: no credit
         await guest.send_credit(inp.sid, 30_000)
-        await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= WINDOW + 30_000))
+        await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= IN_WINDOW + 30_000))
         await asyncio.sleep(0.05)
         await barrier(client)
-        assert len(guest.data_received(inp.sid)) == WINDOW + 30_000 and not writer.done()  # exactly the credit
-        await guest.send_credit(inp.sid, WINDOW)
+        assert len(guest.data_received(inp.sid)) == IN_WINDOW + 30_000 and not writer.done()  # exactly the credit
+        await guest.send_credit(inp.sid, IN_WINDOW)
         await within(writer)
     finally:
         writer.cancel()
     await barrier(client)
     assert guest.data_received(inp.sid) == data
     sizes = [len(f.payload) for f in guest.stream_frames(inp.sid)]
-    assert sizes == [CHUNK] * (WINDOW // CHUNK) + [30_000, 70_000]
+    assert sizes == [IN_CHUNK] * (IN_WINDOW // IN_CHUNK) + [30_000, 70_000]
     assert conn.closed is None
 
 
@@ -420,21 +422,21 @@ async def test_write_after_close_is_a_state_error(agent: Agent) -> None:
 async def test_close_wakes_a_blocked_writer_with_a_state_error(agent: Agent) -> None:
     guest, conn, client = agent
     inp = conn.open_outbound("UVM stdin")
-    writer = asyncio.create_task(inp.write(b"q" * (WINDOW + 1)))
-    await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= WINDOW))
+    writer = asyncio.create_task(inp.write(b"q" * (IN_WINDOW + 1)))
+    await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= IN_WINDOW))
     assert not writer.done()
     inp.close()
     with pytest.raises(errors.StateError):
         await within(writer)
     await barrier(client)
-    assert kinds(guest, inp.sid)[-1] == "close" and len(guest.data_received(inp.sid)) == WINDOW
+    assert kinds(guest, inp.sid)[-1] == "close" and len(guest.data_received(inp.sid)) == IN_WINDOW
 
 
 async def test_link_failure_wakes_a_blocked_writer_with_the_link_error(agent: Agent) -> None:
     guest, conn, _ = agent
     inp = conn.open_outbound("UVM stdin")
-    writer = asyncio.create_task(inp.write(b"q" * (WINDOW + 1)))
-    await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= WINDOW))
+    writer = asyncio.create_task(inp.write(b"q" * (IN_WINDOW + 1)))
+    await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= IN_WINDOW))
     await guest.hangup()
     with pytest.raises(errors.LinkError, match="^agent link vm-s: closed by the guest$") as info:
         await within(writer)
@@ -448,8 +450,8 @@ async def test_link_failure_wakes_a_blocked_writer_with_the_link_error(agent: Ag
 async def test_protocol_violation_elsewhere_wakes_a_blocked_writer(agent: Agent) -> None:
     guest, conn, _ = agent
     inp = conn.open_outbound("UVM stdin")
-    writer = asyncio.create_task(inp.write(b"q" * (WINDOW + 1)))
-    await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= WINDOW))
+    writer = asyncio.create_task(inp.write(b"q" * (IN_WINDOW + 1)))
+    await within(guest.wait_until(lambda: len(guest.data_received(inp.sid)) >= IN_WINDOW))
     await guest.send_data(999, b"?")
     with pytest.raises(errors.GuestProtocolError, match="data frame for unknown stream 999"):
         await within(writer)
@@ -772,6 +774,6 @@ async def test_stdin_write_after_the_process_exited_does_not_hang(agent: Agent) 
     table.add(proc)
     table.on_exit(exit_event(42, exit_status=0))
     try:  # the guest consumes nothing any more: one window goes out, then no credit ever comes back
-        await asyncio.wait_for(proc.write_stdin(b"x" * (WINDOW + 1)), 1.0)
+        await asyncio.wait_for(proc.write_stdin(b"x" * (IN_WINDOW + 1)), 1.0)
     except errors.UvmError:
         pass  # an error is fine (the process has exited); a hang is not

@@ -38,7 +38,7 @@ class OutStream:
         self.fd = fd
         self.owns_fd = owns_fd
         self.pipe = pipe  # the read end of a pipe: its data can be spliced to the port
-        self.credit = proto.STREAM_WINDOW
+        self.credit = proto.OUTPUT_WINDOW
         self.registered = False
         self.ended = False
         self.on_end = on_end
@@ -57,7 +57,7 @@ class OutStream:
     def on_readable(self, fd: int, mask: int) -> None:
         if self.pipe and self.agent.splice:
             try:
-                n = self.agent.send_from_pipe(framing.DATA, self.sid, self.fd, min(self.credit, proto.STREAM_CHUNK))
+                n = self.agent.send_from_pipe(framing.DATA, self.sid, self.fd, min(self.credit, proto.OUTPUT_CHUNK))
             except BlockingIOError:
                 return
             except OSError as e:
@@ -68,7 +68,7 @@ class OutStream:
             else:
                 self._sent(n)
                 return
-        buf = self.agent.scratch[:min(self.credit, proto.STREAM_CHUNK)]
+        buf = self.agent.scratch[:min(self.credit, proto.OUTPUT_CHUNK)]
         try:
             n = os.readv(self.fd, [buf])
         except BlockingIOError:
@@ -126,7 +126,7 @@ class InStream:
         """Queue host data; returns a protocol violation description, if any."""
         if self.closing or self.closed:
             return None  # a race with the process's end: drop quietly
-        if len(self.buf) + len(data) > proto.STREAM_WINDOW:
+        if len(self.buf) + len(data) > proto.INPUT_WINDOW:
             return f"stdin stream {self.sid}: host sent more than its credit"
         self.buf += data
         self._flush()
@@ -147,7 +147,7 @@ class InStream:
         written = 0
         while self.buf:
             try:
-                n = os.write(self.fd, self.buf[:proto.STREAM_CHUNK])
+                n = os.write(self.fd, self.buf[:proto.INPUT_CHUNK])
             except BlockingIOError:
                 break
             except OSError:  # EPIPE: the process closed its stdin; what is left is dropped
