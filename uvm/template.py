@@ -354,10 +354,14 @@ def _locked(root: Path, key: str) -> Iterator[None]:
     """key's builder lock, if no builder holds it now (else TemplateError)."""
     while True:
         fd = _lock_file(root, key)
-        if not _try_lock(fd):
+        try:
+            if not _try_lock(fd):
+                raise TemplateError(f"template {key}: another process is building it")
+            current = _is_current(fd, _lock_path(root, key))
+        except BaseException:
             os.close(fd)
-            raise TemplateError(f"template {key}: another process is building it")
-        if _is_current(fd, _lock_path(root, key)):
+            raise
+        if current:
             break
         os.close(fd)  # removed with its template between our open and our lock: take the new one
     try:
