@@ -135,6 +135,16 @@ async def uvm_start(run_dir: Path, state_dir: Path, timeout: float = 120.0, **co
         await vm.close()
 
 
+async def ping_median(client: UtilityVM | AgentClient, n: int = 200) -> float:
+    """Median round trip of n pings (seq 0..n-1) to a UVM's agent or through a client."""
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await client.ping(i)
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
 async def link_figures(run_dir: Path, state_dir: Path, rounds: int = 3) -> dict[str, float]:
     """Agent request round trip and stdout throughput, against a raw virtio-serial port in the same UVM."""
     vm = UtilityVM(UvmConfig(run_dir=run_dir, state_dir=state_dir, extra_ports=["bench"], boot_timeout=120))
@@ -188,21 +198,11 @@ async def link_figures(run_dir: Path, state_dir: Path, rounds: int = 3) -> dict[
                                                 stderr=False)
             client = AgentClient(bare)
             await asyncio.wait_for(client.ping(1), 60)
-            times = []
-            for i in range(200):
-                t0 = time.perf_counter()
-                await client.ping(i)
-                times.append(time.perf_counter() - t0)
-            out["bare_rtt"].append(median(times))
+            out["bare_rtt"].append(await ping_median(client))
             await responder.kill()
             await responder.wait()
             await bare.aclose()
-            times = []
-            for i in range(200):
-                t0 = time.perf_counter()
-                await vm.ping(i)
-                times.append(time.perf_counter() - t0)
-            out["agent_rtt"].append(median(times))
+            out["agent_rtt"].append(await ping_median(vm))
             # Raw throughput: dd into the port directly, and through a Python relay (pipe -> port).
             writers = {"raw_mbps": f"exec 3<>{dev}; dd if=/dev/zero bs=65536 count={size >> 16} >&3 2>/dev/null",
                        "pyraw_mbps": f'dd if=/dev/zero bs=65536 count={size >> 16} 2>/dev/null | python3 -S -c "$RELAY"'}
