@@ -189,8 +189,7 @@ def delete(path: Path) -> None:
     lock, the template is removed all the same (a new one is coming) and the lock file stays."""
     try:
         with _locked(path.parent, path.name):
-            remove(path)
-            _unlink_lock(path.parent, path.name)
+            _remove_locked(path)
             return
     except TemplateError:
         pass
@@ -232,8 +231,7 @@ def prune(root: Path, max_count: int, keep: str | None = None) -> list[str]:
                     usable.append((path.stat().st_mtime, path))
                     continue
                 log.info("removing template %s: %s", path.name, why)
-                remove(path)
-                _unlink_lock(root, path.name)
+                _remove_locked(path)
                 removed.append(path.name)
         except (TemplateError, OSError):
             continue  # a builder holds it, or it went away meanwhile
@@ -242,8 +240,7 @@ def prune(root: Path, max_count: int, keep: str | None = None) -> list[str]:
         try:
             with _locked(root, path.name):
                 log.info("removing template %s: least recently used of more than %d", path.name, max_count)
-                remove(path)
-                _unlink_lock(root, path.name)
+                _remove_locked(path)
                 removed.append(path.name)
         except (TemplateError, OSError):
             continue
@@ -262,8 +259,7 @@ def discard(tmpl: Template) -> bool:
                 current = None
             if current is not None and current.memory_file != tmpl.meta.memory_file:
                 return False  # each build has its own memory file: this is a newer template
-            remove(tmpl.path)
-            _unlink_lock(tmpl.path.parent, tmpl.key)
+            _remove_locked(tmpl.path)
             return True
     except (TemplateError, OSError):
         return False
@@ -349,21 +345,37 @@ def _unlink_lock(root: Path, key: str) -> None:
         _lock_path(root, key).unlink()
 
 
-@contextlib.contextmanager
-def _locked(root: Path, key: str) -> Iterator[None]:
-    """key's builder lock, if no builder holds it now (else TemplateError)."""
+def _remove_locked(path: Path) -> None:
+    """Remove the template at path and then its lock file, which the caller holds."""
+    remove(path)
+    _unlink_lock(path.parent, path.name)
+
+
+def _acquire(root: Path, key: str) -> int | None:
+    """key's lock file, open and locked by us; None while another process holds it."""
+    path = _lock_path(root, key)
     while True:
         fd = _lock_file(root, key)
         try:
-            if not _try_lock(fd):
-                raise TemplateError(f"template {key}: another process is building it")
-            current = _is_current(fd, _lock_path(root, key))
+            locked = _try_lock(fd)
+            current = locked and _is_current(fd, path)
         except BaseException:
             os.close(fd)
             raise
         if current:
-            break
-        os.close(fd)  # removed with its template between our open and our lock: take the new one
+            return fd
+        os.close(fd)
+        if not locked:
+            return None
+        # Locked a file its holder removed with the template meanwhile: the lock is the new file's now.
+
+
+@contextlib.contextmanager
+def _locked(root: Path, key: str) -> Iterator[None]:
+    """key's builder lock, if no builder holds it now (else TemplateError)."""
+    fd = _acquire(root, key)
+    if fd is None:
+        raise TemplateError(f"template {key}: another process is building it")
     try:
         yield
     finally:
@@ -373,28 +385,16 @@ def _locked(root: Path, key: str) -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def _building(root: Path, key: str, wait: float = LOCK_WAIT_S) -> AsyncIterator[None]:
     """One builder per key across processes: waits (bounded, and cancellable: no thread is left
-    waiting for the lock) while another process builds it."""
+    waiting for the lock, and nothing is held while waiting) while another process builds it."""
     deadline = time.monotonic() + wait
-    path = _lock_path(root, key)
-    fd = _lock_file(root, key)
+    while (fd := _acquire(root, key)) is None:
+        if time.monotonic() > deadline:
+            raise TemplateError(f"template {key}: another process has been building it for {wait:g}s")
+        await asyncio.sleep(0.1)
     try:
-        while True:
-            if _try_lock(fd):
-                if _is_current(fd, path):
-                    break
-            elif _is_current(fd, path):  # another builder holds it
-                if time.monotonic() > deadline:
-                    raise TemplateError(f"template {key}: another process has been building it for {wait:g}s")
-                await asyncio.sleep(0.1)
-                continue
-            # Its holder removed the file with the template: the lock is the new file's now.
-            os.close(fd)
-            fd = -1
-            fd = _lock_file(root, key)
         yield
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
 
 
 def _sweep(root: Path, key: str) -> None:

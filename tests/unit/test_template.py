@@ -218,6 +218,17 @@ async def test_a_lock_file_removed_with_its_template_is_not_locked_again(tmp_pat
     with template._locked(root, key):
         template._unlink_lock(root, key)
     assert list(root.iterdir()) == []
+    # A lock file opened before its holder removed it is not the key's lock any more.
+    fd = template._lock_file(root, key)
+    try:
+        assert template._is_current(fd, template._lock_path(root, key))
+        template._unlink_lock(root, key)
+        assert not template._is_current(fd, template._lock_path(root, key))
+        os.close(template._lock_file(root, key))  # another process made the key's new lock file
+        assert not template._is_current(fd, template._lock_path(root, key))
+    finally:
+        os.close(fd)
+        template._unlink_lock(root, key)
     path = root / "t1"
     path.mkdir()
     template.delete(path)  # runuvm template rm: the lock file goes too
