@@ -275,25 +275,29 @@ class PrivateContainerd:
                 log.warning("containerd at %s died (status %s): starting it again to clean up",
                             self.address, self._proc.returncode)
                 self._spawn(timeout=20)
-            self._remove_tasks_and_containers()
+            self.remove_tasks_and_containers()
         except ContainerdEnvError as e:
             log.warning("containerd at %s: cleanup through containerd failed, killing everything: %s", self.address, e)
         finally:
             self._stop_daemon()
-            _kill_processes_with_arg(str(self.address))
+            kill_processes_with_arg(str(self.address))
             self._unmount_all()
             self._remove_base_dir()
 
-    def _remove_tasks_and_containers(self) -> None:
-        """Through containerd, so that shims run their own cleanup; in every namespace. Raises CtrError."""
+    def remove_tasks_and_containers(self) -> list[str]:
+        """Kill and remove every task and container through containerd, so that shims run their own
+        cleanup; in every namespace. Returns the "namespace/id" of each removed. Raises CtrError."""
+        removed: list[str] = []
         if self._proc is None or self._proc.poll() is not None:
-            return
+            return removed
         for ns in self._ctr(self.namespace, ["namespaces", "ls", "-q"], timeout=10).stdout.decode().split():
             for task in self._ctr(ns, ["tasks", "ls", "-q"], timeout=10).stdout.decode().split():
                 self._ctr(ns, ["tasks", "kill", "-s", "SIGKILL", task], timeout=10, check=False)
                 self._ctr(ns, ["tasks", "rm", "-f", task], timeout=30, check=False)
             for container in self._ctr(ns, ["containers", "ls", "-q"], timeout=10).stdout.decode().split():
                 self._ctr(ns, ["containers", "rm", container], timeout=30, check=False)
+                removed.append(f"{ns}/{container}")
+        return removed
 
     def _stop_daemon(self) -> None:
         proc = self._proc
@@ -350,7 +354,7 @@ def processes_with_arg(arg: str) -> list[int]:
     return [pid for pid, cmdline in process_cmdlines() if arg.encode() in cmdline.split(b"\0")]
 
 
-def _kill_processes_with_arg(arg: str, grace: float = 5.0) -> None:
+def kill_processes_with_arg(arg: str, grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL, what still runs with ``arg`` in its argv: shims outlive containerd by design.
     They are not our children, so poll /proc (by argv, not by pid, which could be reused) to see them go."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -312,6 +312,8 @@ class Task:
             try:
                 await container.start()
                 self.started = True
+                assert p.proc is not None
+                p.io.attach_stdin(p.proc)
                 self.publish("/tasks/start", ev.TaskStart(container_id=self.id, pid=p.pid))
             finally:
                 self._starting.set_result(None)
@@ -329,6 +331,7 @@ class Task:
             raise
         p.pid = p.proc.pid
         p.io.attach(p.proc)
+        p.io.attach_stdin(p.proc)
         p.watcher = asyncio.create_task(self._watch(p), name=f"{self.id}-{exec_id}-exit")
         self.publish("/tasks/exec-started", ev.TaskExecStarted(container_id=self.id, exec_id=exec_id, pid=p.pid))
         return p.pid

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from shim.containerd_env import PrivateContainerd, build_busybox_image_tar, mounts_under, processes_with_arg
+from shim.containerd_env import (
+    PrivateContainerd,
+    build_busybox_image_tar,
+    kill_processes_with_arg,
+    mounts_under,
+    processes_with_arg,
+)
 from shim.leftovers import processes_using
 from uvm.demo import busybox_rootfs
 
@@ -65,6 +71,20 @@ def env(suite_dir: Path, image_dir: Path) -> Iterator[tuple[PrivateContainerd, P
 
             shutil.rmtree(base, ignore_errors=True)
     assert not _shim_processes(), "shim processes left behind"
+
+
+@pytest.fixture(autouse=True)
+def nothing_outlives_its_test(env: tuple[PrivateContainerd, Path]) -> Iterator[None]:
+    """A task or shim a test leaves behind fails that test and is removed here, not left to fail every
+    later test of the module too (one hung `ctr run` once showed up in CI as 15 failures)."""
+    yield
+    ctd, _ = env
+    tasks = ctd.remove_tasks_and_containers()
+    shims = _shim_processes()
+    if shims:
+        kill_processes_with_arg("shim.main")
+    if tasks or shims:
+        pytest.fail(f"left behind by this test (now removed): tasks {tasks}, shim processes {shims}")
 
 
 def run(ctd: PrivateContainerd, *args: str, input: bytes | None = b"",

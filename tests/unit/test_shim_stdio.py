@@ -270,6 +270,7 @@ async def with_stdin(fifos: dict[str, str]) -> AsyncIterator[tuple[FakeProcess, 
     await pio.open()
     try:
         pio.attach(proc.as_process())
+        pio.attach_stdin(proc.as_process())
         yield proc, pio
     finally:
         await pio.close()
@@ -305,6 +306,28 @@ async def test_close_io_before_the_client_closes_delivers_everything_then_eof(fi
         assert proc.stdin_data == b"last words, really"
 
 
+async def test_stdin_is_fed_from_the_start_not_from_the_create(fifos: dict[str, str]) -> None:
+    """Until attach_stdin (the process's start) the input waits in the FIFO, as with runc's shim; a CloseIO
+    that came before the start (ctr's input ended early) still delivers all of it, then end of file."""
+    proc = FakeProcess(stdout=[], stdin=True)
+    pio = ProcessIO("t", fifos["stdin"], fifos["stdout"], "", terminal=False)
+    await pio.open()
+    try:
+        pio.attach(proc.as_process())  # the create
+        writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+        os.write(writer, b"early input")
+        await pio.close_stdin(proc.as_process())
+        os.close(writer)
+        await asyncio.sleep(0.1)
+        assert proc.stdin_data == b"" and not proc.stdin_closed.is_set()
+        pio.attach_stdin(proc.as_process())  # the start
+        pio.attach_stdin(proc.as_process())  # idempotent
+        await asyncio.wait_for(proc.stdin_closed.wait(), 2.0)
+        assert proc.stdin_data == b"early input" and proc.close_stdin_calls == 1
+    finally:
+        await pio.close()
+
+
 async def test_close_io_without_any_client_is_eof(fifos: dict[str, str]) -> None:
     async with with_stdin(fifos) as (proc, pio):
         await asyncio.sleep(0.05)
@@ -321,6 +344,7 @@ async def test_close_is_idempotent_and_closes_every_fd(fifos: dict[str, str]) ->
     await pio.open()
     assert open_fds() == baseline + 4  # stdout, stderr, and stdin twice (our reader and our writer)
     pio.attach(proc.as_process())
+    pio.attach_stdin(proc.as_process())
     await asyncio.sleep(0.05)  # the copies run; stdin waits for a client that never comes
     await asyncio.wait_for(pio.close(), 2.0)
     assert open_fds() == baseline

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from google.protobuf.message import Message
 
 from schemas import agent as proto
+from schemas.framing import DATA
 from schemas.shim_options import ShimOptions
 from schemas.uvm_config import UvmConfig
 from shim import leftovers
@@ -135,6 +137,26 @@ async def test_task_start_goes_out_before_an_exit_that_comes_first(h: Harness) -
     assert h.topics == ["/tasks/create", "/tasks/start", "/tasks/exit"]
     await within(h.task.delete(INIT))
     assert h.topics[-1] == "/tasks/delete"
+
+
+async def test_the_init_is_fed_its_stdin_from_its_start(h: Harness) -> None:
+    """Before the start, the client's input stays in the stdin FIFO (as with runc's shim) rather than going
+    into the guest, so a client like ctr installs its CloseIO before its input can run out (containerd#4489)."""
+    fifos = {name: str(h.tmp / f"init-{name}") for name in ("stdin", "stdout")}
+    for path in fifos.values():
+        os.mkfifo(path)
+    await within(h.task.create([], fifos["stdin"], fifos["stdout"], "", False))
+    guest = h.factory.last.guest
+    writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(writer, b"input before the start")
+        await asyncio.sleep(0.1)
+        assert not [f for f in guest.stream_frames() if f.type == DATA]
+        await within(h.task.start(INIT))
+        await within(guest.wait_until(lambda: any(f.type == DATA for f in guest.stream_frames())))
+        assert b"".join(f.payload for f in guest.stream_frames() if f.type == DATA) == b"input before the start"
+    finally:
+        os.close(writer)
 
 
 async def test_a_failed_exec_start_releases_a_wait_already_waiting(h: Harness) -> None:
