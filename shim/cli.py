@@ -40,14 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("id")
     c.add_argument("--bundle", "-b", type=Path, default=Path("."))
     c.add_argument("--pid-file", type=Path)
-    for name in ("--shim-log", "--vm-log", "--vm-console", "--console-socket"):
-        c.add_argument(name, type=Path, help=argparse.SUPPRESS)
+    _add_create_options(c)
     r = sub.add_parser("run", help="create and start a container; relays stdio and exits with its code")
     r.add_argument("id")
     r.add_argument("--bundle", "-b", type=Path, default=Path("."))
     r.add_argument("--detach", "-d", action="store_true")
     r.add_argument("--pid-file", type=Path)
     r.add_argument("--tty", "-t", action="store_true")
+    _add_create_options(r)
     for verb, text in (("start", "start a created container"), ("pause", "freeze every process"),
                        ("resume", "thaw a paused container")):
         sub.add_parser(verb, help=text).add_argument("id")
@@ -126,6 +126,21 @@ def _parser() -> argparse.ArgumentParser:
     scratch.add_argument("--size-gb", type=int, default=20)
     scratch.add_argument("--cache-path", type=Path, default=None)
     return p
+
+
+def _add_create_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shim-log", type=Path, help="the container's shim daemon logs to this file")
+    p.add_argument("--vm-log", type=Path, help="the UVM's log records (lifecycle, QMP, agent, guest) go to this file")
+    p.add_argument("--vm-console", type=Path, help="the UVM's serial console is written to this file")
+    p.add_argument("--console-socket", type=Path,
+                   help="unix socket that receives the master of the process's terminal (process.terminal)")
+
+
+def _create_options(args: argparse.Namespace) -> Any:
+    from shim.runuvm import CreateOptions
+
+    return CreateOptions(shim_log=args.shim_log, vm_log=args.vm_log, vm_console=args.vm_console,
+                         console_socket=args.console_socket)
 
 
 def _create_scratch(args: argparse.Namespace) -> int:
@@ -425,9 +440,9 @@ async def _container_command(args: argparse.Namespace) -> int:
     rt = Runuvm(args.root or default_root(), debug=args.debug)
     cmd = args.command
     if cmd == "create":
-        await rt.create(args.id, args.bundle, args.pid_file)
+        await rt.create(args.id, args.bundle, args.pid_file, options=_create_options(args))
     elif cmd == "run":
-        return await rt.run(args.id, args.bundle, args.detach, args.pid_file, args.tty)
+        return await rt.run(args.id, args.bundle, args.detach, args.pid_file, args.tty, _create_options(args))
     elif cmd == "start":
         await rt.start(args.id)
     elif cmd == "pause":

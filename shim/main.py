@@ -4,7 +4,9 @@ containerd runs it three ways (shared/reference/containerd-shim-v2.md):
 * `start`: bind the task service's socket, spawn the serving daemon (detached, stdio on /dev/null,
   the listening socket inherited), write the bundle's `address` file, print ONLY the address.
 * serve (`... serve`, our own daemon): the ttrpc task service until Shutdown; logs go to the
-  bundle's `log` FIFO, which containerd copies into its own log.
+  bundle's `log` FIFO, which containerd copies into its own log. runuvm's `create` may also give
+  it -log FILE (the daemon's log), -vm-log FILE (its UVM's log records) and -vm-console FILE (the
+  UVM's serial console).
 * `delete`: after every disconnect; kills whatever VM a dead shim left, unmounts the rootfs, and
   prints a serialized DeleteResponse. Idempotent.
 
@@ -34,7 +36,8 @@ containerd runtime v2 shim for io.containerd.uvm.v1: runs each container in its 
 containerd runs it; see README.md for the containerd configuration that registers the runtime.
 """
 SOCKET_DIR = Path("/run/containerd/s")
-VALUE_FLAGS = ("namespace", "address", "publish-binary", "id", "bundle", "socket-fd", "config")
+VALUE_FLAGS = ("namespace", "address", "publish-binary", "id", "bundle", "socket-fd", "config",
+               "log", "vm-log", "vm-console")  # the last three: serve only (runuvm create)
 BOOL_FLAGS = ("debug", "v", "version")
 GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")  # strconv.ParseBool, as Go's flag package
 GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
@@ -53,6 +56,9 @@ class Flags:
     bundle: str = ""
     socket_fd: str = ""
     config: str = ""
+    log: str = ""
+    vm_log: str = ""
+    vm_console: str = ""
     debug: bool = False
     version: bool = False
     action: str = ""
@@ -131,7 +137,10 @@ def spawn_server(sock_path: Path, flags: Flags, config: str | None, cwd: Path | 
         listener.listen(64)
         argv = [sys.executable, "-m", "shim.main", "-namespace", flags.namespace, "-address", flags.address,
                 "-publish-binary", flags.publish_binary, "-id", flags.id, "-socket-fd", str(listener.fileno())]
-        argv += ["-debug"] * flags.debug + (["-config", config] if config else []) + ["serve"]
+        argv += ["-debug"] * flags.debug + (["-config", config] if config else [])
+        argv += [arg for name in ("log", "vm-log", "vm-console") if (value := getattr(flags, name.replace("-", "_")))
+                 for arg in (f"-{name}", value)]
+        argv += ["serve"]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 pass_fds=(listener.fileno(),), start_new_session=True, cwd=cwd)
         return proc.pid
@@ -192,21 +201,34 @@ def action_delete(flags: Flags) -> int:
     return 0
 
 
-def _log_to_fifo(debug: bool) -> None:
-    """The bundle's `log` FIFO (containerd reads it into its own log), else nowhere."""
-    try:
-        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        os.set_blocking(fd, True)
-        stream = os.fdopen(fd, "w", buffering=1)
-    except OSError as e:
-        if e.errno not in (errno.ENXIO, errno.ENOENT):
-            raise
-        stream = open(os.devnull, "w")
+VM_LOGGERS = ("uvm", "qemu.qmp")  # the UVM's own records: lifecycle, backend, agent link, the guest's log
+
+
+def _setup_logging(flags: Flags) -> None:
+    """The daemon's log: -log FILE (appended to), else the bundle's `log` FIFO (containerd reads it into
+    its own log), else nowhere. -vm-log FILE gets the UVM's records as well."""
+    if flags.log:
+        stream = open(flags.log, "a", buffering=1)
+    else:
+        try:
+            fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.set_blocking(fd, True)
+            stream = os.fdopen(fd, "w", buffering=1)
+        except OSError as e:
+            if e.errno not in (errno.ENXIO, errno.ENOENT):
+                raise
+            stream = open(os.devnull, "w")
+    formatter = logging.Formatter("uvmshim %(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("uvmshim %(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(logging.DEBUG if flags.debug else logging.INFO)
+    if flags.vm_log:
+        vm_handler = logging.FileHandler(flags.vm_log)
+        vm_handler.setFormatter(formatter)
+        for name in VM_LOGGERS:
+            logging.getLogger(name).addHandler(vm_handler)
     # Whatever the daemon prints by accident must not reach a closed pipe.
     sys.stderr = stream
 
@@ -232,7 +254,7 @@ async def serve(flags: Flags) -> None:
     events_address = os.environ.get("TTRPC_ADDRESS") or (f"{flags.address}.ttrpc" if flags.address else "")
     publisher = Publisher(events_address, flags.namespace)
     service = TaskService(flags.namespace, flags.id, publisher, config_path=flags.config or None,
-                          state_dir=Path.cwd())
+                          state_dir=Path.cwd(), console_log=Path(flags.vm_console) if flags.vm_console else None)
     server = Server()
     service.register(server)
     loop = asyncio.get_running_loop()
@@ -259,7 +281,7 @@ def action_serve(flags: Flags) -> int:
 
     if not flags.socket_fd:
         raise UsageError("serve is started by `start` with -socket-fd")
-    _log_to_fifo(flags.debug)
+    _setup_logging(flags)
     asyncio.run(serve(flags))
     return 0
 

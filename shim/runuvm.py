@@ -4,7 +4,10 @@
 it Create; every other command connects to that socket and sends one task-service call, so runuvm
 and containerd exercise one code path. --root/<id>/runuvm.json keeps what `state`/`list` report
 that the task service does not know (bundle, creation time). `run` and foreground `exec` relay the
-caller's stdio through FIFOs in --root/<id>, exactly as containerd's client does.
+caller's stdio through FIFOs in --root/<id>, exactly as containerd's client does. A detached process
+with a terminal goes, as runc gives it, to the caller's --console-socket: the master of a host pty
+whose slave is the process's stdio in the daemon (raw: the terminal in the UVM does the line
+discipline); its size follows `resize-tty`.
 
 Each command raises RunuvmError (a one-line message) for bad input; shim/cli.py prints it and exits 1.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -20,10 +24,12 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
 import time
+import tty
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +119,65 @@ def read_bundle_spec(bundle: Path) -> dict[str, Any]:
 
 
 @dataclass
+class CreateOptions:
+    """runc's (and runhcs's) create options beyond the bundle: where the daemon logs (--shim-log), where
+    its UVM's records go (--vm-log), the UVM's serial console (--vm-console), and the socket that gets a
+    terminal's master (--console-socket)."""
+
+    shim_log: Path | None = None
+    vm_log: Path | None = None
+    vm_console: Path | None = None
+    console_socket: Path | None = None
+
+    def daemon_flags(self, flags: Flags) -> Flags:
+        """flags with the log and console files, each made (appended to) here first, so a path that cannot
+        be written fails the create before a UVM boots. Raises RunuvmError naming it."""
+        def made(option: str, path: Path | None) -> str:
+            if path is None:
+                return ""
+            try:
+                with open(path, "a"):
+                    pass
+            except OSError as e:
+                raise RunuvmError(f"{option} {path}: {e.strerror}") from None
+            return str(path.resolve())
+
+        return dataclasses.replace(flags, log=made("--shim-log", self.shim_log), vm_log=made("--vm-log", self.vm_log),
+                                   vm_console=made("--vm-console", self.vm_console))
+
+
+class Console:
+    """A host pty for a process's terminal: the slave is its stdio in the daemon, the master goes to the
+    --console-socket (as runc sends it: the name, and the fd as SCM_RIGHTS) once the process exists."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.conn.connect(str(socket_path))  # now, so a bad socket fails before a UVM boots
+        except OSError as e:
+            self.conn.close()
+            raise RunuvmError(f"--console-socket {socket_path}: {e.strerror}") from None
+        self.socket_path = socket_path
+        self.master, self.slave = os.openpty()
+        os.set_inheritable(self.master, False)
+        os.set_inheritable(self.slave, False)
+        tty.setraw(self.slave)  # the terminal in the UVM echoes and edits: this one only passes bytes
+        self.path = os.ttyname(self.slave)
+
+    def send(self) -> None:
+        try:
+            socket.send_fds(self.conn, [b"/dev/ptmx"], [self.master])
+        except OSError as e:
+            raise RunuvmError(f"--console-socket {self.socket_path}: sending the terminal: {e.strerror}") from None
+
+    def close(self) -> None:
+        """Our ends go; the daemon has its own slave, the receiver its master."""
+        self.conn.close()
+        for fd in (self.master, self.slave):
+            os.close(fd)
+
+
+@dataclass
 class Stdio:
     """FIFOs a foreground run/exec relays: the paths for the shim, and our ends."""
 
@@ -155,31 +220,47 @@ class Runuvm:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def create(self, cid: str, bundle: Path, pid_file: Path | None = None, stdio: Stdio | None = None,
-                     terminal: bool = False) -> int:
+                     terminal: bool = False, options: CreateOptions | None = None) -> int:
         """Boot the container's UVM and create the container; its pid (in the UVM)."""
+        options = options or CreateOptions()
         d = self._dir(cid)
         bundle = bundle.resolve()
         spec = read_bundle_spec(bundle)
         if terminal or spec["process"].get("terminal"):
             terminal = True
+        if options.console_socket is not None and (stdio is not None or not terminal):
+            raise RunuvmError("--console-socket: the process has no terminal to give (process.terminal is false "
+                              "in config.json)" if not terminal else "--console-socket: not with a relayed terminal")
+        if terminal and stdio is None and options.console_socket is None:
+            raise RunuvmError("the process has a terminal (process.terminal in config.json): give --console-socket "
+                              "to receive it")
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             d.mkdir(mode=0o700)
         except FileExistsError:
             raise RunuvmError(f"container {cid} already exists") from None
+        console = None
         try:
+            flags = options.daemon_flags(Flags(namespace=NAMESPACE, id=cid, debug=self.debug))
+            if options.console_socket is not None:
+                console = Console(options.console_socket)
             (d / STATE).write_text(json.dumps({"id": cid, "bundle": str(bundle), "created": time.time()}))
             # The daemon works in --root/<id>: its state (uvmshim.json, the UVM's console log) goes there.
-            spawn_server(d / SOCKET, Flags(namespace=NAMESPACE, id=cid, debug=self.debug), None, cwd=d)
-            io = stdio or Stdio("", "", "")
+            spawn_server(d / SOCKET, flags, None, cwd=d)
+            io = stdio or (Stdio(console.path, console.path, "") if console else Stdio("", "", ""))
             req = pb.CreateTaskRequest(id=cid, bundle=str(bundle), terminal=terminal, stdin=io.stdin,
                                        stdout=io.stdout, stderr=io.stderr)
             resp = await self._call(cid, "Create", req, pb.CreateTaskResponse, timeout=CREATE_TIMEOUT_S)
+            if console is not None:
+                console.send()
             if pid_file is not None:
                 pid_file.write_text(str(resp.pid))
         except BaseException:
             await self._remove(cid)
             raise
+        finally:
+            if console is not None:
+                console.close()
         return int(resp.pid)
 
     async def start(self, cid: str) -> int:
@@ -379,10 +460,11 @@ class Runuvm:
                 with contextlib.suppress(RunuvmError):
                     await self._call(cid, "Delete", pb.DeleteRequest(id=cid, exec_id=exec_id), pb.DeleteResponse)
 
-    async def run(self, cid: str, bundle: Path, detach: bool, pid_file: Path | None, terminal: bool = False) -> int:
+    async def run(self, cid: str, bundle: Path, detach: bool, pid_file: Path | None, terminal: bool = False,
+                  options: CreateOptions | None = None) -> int:
         """create + start; in the foreground relay stdio, wait, delete, and return the exit code."""
         if detach:
-            await self.create(cid, bundle, pid_file, terminal=terminal)
+            await self.create(cid, bundle, pid_file, terminal=terminal, options=options)
             await self._or_delete(cid, self.start(cid))
             return 0
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -390,7 +472,7 @@ class Runuvm:
         try:
             relay = StdioRelay(fifo_dir, "init", terminal)
             try:
-                await self.create(cid, bundle, pid_file, relay.paths, terminal)
+                await self.create(cid, bundle, pid_file, relay.paths, terminal, options)
                 code = await self._or_delete(cid, self._start_and_relay(cid, relay))
             finally:
                 relay.close()

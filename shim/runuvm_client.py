@@ -7,8 +7,10 @@ from __future__ import annotations
 import builtins
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,56 @@ class ContainerState:
 
 
 @dataclass
+class CreateOpts:
+    """go-runhcs's CreateOpts: create's (and run's) options beyond the bundle."""
+
+    pid_file: Path | None = None
+    shim_log: Path | None = None
+    vm_log: Path | None = None
+    vm_console: Path | None = None
+    console_socket: Path | None = None
+
+    def args(self) -> builtins.list[str]:
+        pairs = (("--pid-file", self.pid_file), ("--shim-log", self.shim_log), ("--vm-log", self.vm_log),
+                 ("--vm-console", self.vm_console), ("--console-socket", self.console_socket))
+        return [arg for flag, value in pairs if value is not None for arg in (flag, str(value))]
+
+
+class ConsoleSocket:
+    """A unix socket to pass as --console-socket, and the terminal master runuvm sends to it (go-runc's
+    NewTempConsoleSocket / ReceiveMaster). Use as a context manager; the received fd is the caller's."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="runuvm-console-")
+        self.path = Path(self._dir) / "console.sock"
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._listener.bind(str(self.path))
+        self._listener.listen(1)
+
+    def receive_master(self, timeout: float = 600) -> int:
+        """The terminal's master fd, once runuvm's create sends it. Raises TimeoutError, or OSError if
+        runuvm closed the connection without sending one (its create failed)."""
+        self._listener.settimeout(timeout)
+        conn, _ = self._listener.accept()
+        with conn:
+            conn.settimeout(timeout)
+            _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        if not fds:
+            raise OSError(f"console socket {self.path}: runuvm sent no terminal")
+        return fds[0]
+
+    def close(self) -> None:
+        self._listener.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> ConsoleSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
 class Runuvm:
     """Options common to every command (go-runhcs's Runhcs struct)."""
 
@@ -63,8 +115,16 @@ class Runuvm:
             raise RunuvmCommandError(list(args), res.returncode, _message(res.stderr))
         return res.stdout
 
-    def create(self, cid: str, bundle: Path, pid_file: Path | None = None) -> None:
-        self._run("create", cid, "--bundle", str(bundle), *(["--pid-file", str(pid_file)] if pid_file else []))
+    def create(self, cid: str, bundle: Path, opts: CreateOpts | None = None) -> None:
+        self._run("create", cid, "--bundle", str(bundle), *(opts or CreateOpts()).args())
+
+    def run(self, cid: str, bundle: Path, opts: CreateOpts | None = None, input: bytes | None = None) -> bytes:
+        """create + start + wait + delete in the foreground: the container's output, its stdin from input.
+        A non-zero exit code raises RunuvmCommandError with that status."""
+        return self._run("run", cid, "--bundle", str(bundle), *(opts or CreateOpts()).args(), input=input)
+
+    def run_detached(self, cid: str, bundle: Path, opts: CreateOpts | None = None) -> None:
+        self._run("run", "--detach", cid, "--bundle", str(bundle), *(opts or CreateOpts()).args())
 
     def start(self, cid: str) -> None:
         self._run("start", cid)

@@ -90,9 +90,10 @@ class TaskService:
     """One shim's task service: one task (one UVM). `shutdown_requested` is set by Shutdown."""
 
     def __init__(self, namespace: str, shim_id: str, publisher: Publisher, config_path: str | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, console_log: Path | None = None) -> None:
         self.namespace = namespace
         self.state_dir = state_dir
+        self.console_log = console_log
         self.shim_id = shim_id
         self.publisher = publisher
         self.config_path = config_path
@@ -137,7 +138,8 @@ class TaskService:
             raise TtrpcError(Code.UNIMPLEMENTED, "restoring from a checkpoint is not supported by io.containerd.uvm.v1")
         explicit = config_path_from(req.options if req.HasField("options") else None) or self.config_path
         options: ShimOptions = load_options(find_config(explicit))
-        task = Task(req.id, Path(req.bundle), self.namespace, options, self.publisher.publish, self.state_dir)
+        task = Task(req.id, Path(req.bundle), self.namespace, options, self.publisher.publish, self.state_dir,
+                    console_log=self.console_log)
         self.task = task
         try:
             pid = await task.create(list(req.rootfs), req.stdin, req.stdout, req.stderr, req.terminal)

@@ -6,6 +6,8 @@ read-write: a reader that comes and goes (a detached client) never turns our wri
 stdin is opened read-only and non-blocking, and write-only too, as runc's shim does: that writer of
 ours keeps the process's stdin open across clients that come and go (`ctr task attach`, a detached
 `ctr run`); only CloseIO closes it, and the process sees EOF once every client's writer is gone too.
+A path may also be a terminal (runuvm's --console-socket: the slave of a pty whose master the caller
+got), opened O_NOCTTY so it never becomes the daemon's controlling terminal.
 Output is copied with backpressure: the agent link's credits stop the guest when containerd's reader
 is slow, and a reader that stalls for OUTPUT_STALL_S drops the rest of that output rather than
 holding the task's exit forever.
@@ -83,7 +85,7 @@ async def read_some(fd: int, n: int = CHUNK) -> bytes:
 def open_fifo_reader(path: str, what: str) -> int:
     """Open a FIFO for reading without waiting for its writer. Raises InvalidArgumentError naming it."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
         raise errors.InvalidArgumentError(f"{what} {path}: cannot open: {e.strerror}") from None
 
@@ -91,7 +93,7 @@ def open_fifo_reader(path: str, what: str) -> int:
 def open_fifo_writer(path: str, what: str) -> int:
     """Open an output FIFO read-write and non-blocking. Raises InvalidArgumentError naming the path."""
     try:
-        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
         raise errors.InvalidArgumentError(f"{what} {path}: cannot open: {e.strerror}") from None
 
@@ -249,7 +251,8 @@ class ProcessIO:
                 self._logger.close_input()
             if self.stdin_path:
                 self._in_fd = open_fifo_reader(self.stdin_path, f"{self.name}: stdin")
-                self._in_hold = os.open(self.stdin_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a reader is open
+                # Our reader is open, so this does not fail with ENXIO.
+                self._in_hold = os.open(self.stdin_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except BaseException:
             self._close_fds()
             await self._stop_logger()

@@ -172,12 +172,13 @@ class TaskProcess:
 class Task:
     def __init__(self, task_id: str, bundle: Path, namespace: str, options: ShimOptions,
                  publish: Callable[[str, Message], None], state_dir: Path | None = None,
-                 vm_factory: Callable[[UvmConfig], UtilityVM] = UtilityVM) -> None:
+                 vm_factory: Callable[[UvmConfig], UtilityVM] = UtilityVM, console_log: Path | None = None) -> None:
         self.id = task_id
         self.bundle = bundle
         # Where the shim keeps its own files (uvmshim.json, the UVM's console log): containerd's bundle,
         # or runuvm's --root/<id> (a runc bundle belongs to the user).
         self.state_dir = state_dir or bundle
+        self.console_log = console_log or self.state_dir / "uvm-console.log"  # runuvm create --vm-console
         self.namespace = namespace
         self.options = options
         self.publish = publish
@@ -223,7 +224,7 @@ class Task:
                 shares.append(Share(tag=BINDS_TAG, host_path=self.binds_staged, readonly=all(b.readonly for b in binds)))
             unjoinable_namespaces(spec)
             self.vm = self._vm_factory(self.options.uvm_config(
-                id=vm_id_for(self.namespace, self.id), shares=shares, console_log=self.state_dir / "uvm-console.log",
+                id=vm_id_for(self.namespace, self.id), shares=shares, console_log=self.console_log,
                 **shape))
             self.vm.oom_listeners.append(self.on_oom)
             self._write_state()

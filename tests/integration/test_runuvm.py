@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +19,8 @@ import pytest
 
 from schemas import oci
 from shim.containerd_env import processes_with_arg
+from shim.runuvm_client import ConsoleSocket, CreateOpts, RunuvmCommandError
 from shim.runuvm_client import Runuvm as Client
-from shim.runuvm_client import RunuvmCommandError
 from uvm.demo import busybox_rootfs
 
 pytestmark = pytest.mark.vm
@@ -171,6 +174,91 @@ def test_a_pid_file_that_cannot_be_written_fails_the_create_and_leaves_nothing(
     assert res.stderr.startswith(b"runuvm: create: ") and res.stderr.count(b"\n") == 1, res.stderr
     assert not list(root.iterdir())
     assert runuvm(env, "state", "pidf").returncode == 1
+
+
+def read_until(fd: int, marker: bytes, seen: bytearray, timeout: float = 120) -> None:
+    """Read the terminal master fd into seen until marker shows up."""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        assert time.monotonic() < deadline, f"no {marker!r} in {bytes(seen[-2000:])!r}"
+        if select.select([fd], [], [], 1)[0]:
+            seen += os.read(fd, 65536)
+
+
+def test_create_with_console_socket_and_log_files(env: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    """runc's --console-socket (the terminal's master, sent over the socket) and runhcs's --shim-log,
+    --vm-log and --vm-console, through the Python client's CreateOpts and ConsoleSocket."""
+    root, _, environ = env
+    b = bundle_with(env, tmp_path, ["/bin/sh", "-c", "tty; stty size; read x; echo got $x; exit 3"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["process"]["terminal"] = True
+    (b / "config.json").write_text(json.dumps(spec))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rt = Client(root=root, command=[RUNUVM])
+    with ConsoleSocket() as sock:
+        opts = CreateOpts(shim_log=logs / "shim.log", vm_log=logs / "vm.log", vm_console=logs / "console.log",
+                          console_socket=sock.path)
+        create = subprocess.Popen([RUNUVM, "--root", str(root), "create", "tty1", "--bundle", str(b), *opts.args()],
+                                  env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            master = sock.receive_master(timeout=300)
+        finally:
+            _, err = create.communicate(timeout=300)
+    assert create.returncode == 0, err
+    seen = bytearray()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k in ("UVMSHIM_RUN_DIR", "UVMSHIM_IMAGE_DIR"):
+                mp.setenv(k, environ[k])
+            rt.resize_tty("tty1", 101, 33)
+            rt.start("tty1")
+            read_until(master, b"33 101", seen)
+            assert re.search(rb"/dev/pts/\d+", seen), seen
+            os.write(master, b"hello\r")  # the terminal in the UVM echoes it and ends the line
+            read_until(master, b"got hello", seen)
+            for _ in range(300):
+                if rt.state("tty1").status == "stopped":
+                    break
+                time.sleep(0.1)
+            assert rt.state("tty1").status == "stopped"
+            rt.delete("tty1")
+    finally:
+        os.close(master)
+        runuvm(env, "delete", "--force", "tty1")
+    assert b"hello\r\n" in seen, seen  # one echo, by the guest's terminal: the host pty is raw
+    shim_log = (logs / "shim.log").read_text()
+    assert "serving task runuvm/tty1" in shim_log and "shim for task runuvm/tty1 exits" in shim_log
+    vm_log = (logs / "vm.log").read_text()
+    assert "uvm.runuvm.tty1: started in" in vm_log and "uvmshim.task" not in vm_log
+    assert "uvm-agent" in (logs / "console.log").read_text()
+
+
+@pytest.mark.parametrize("case", ["tty-no-socket", "socket-no-tty", "no-such-socket", "bad-log"])
+def test_bad_create_options(env: tuple[Path, Path, dict[str, str]], tmp_path: Path, case: str) -> None:
+    root, _, _ = env
+    b = bundle_with(env, tmp_path, ["/bin/true"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["process"]["terminal"] = case != "socket-no-tty"
+    (b / "config.json").write_text(json.dumps(spec))
+    args, message = {
+        "tty-no-socket": ([], "the process has a terminal (process.terminal in config.json): give --console-socket"),
+        "socket-no-tty": (["--console-socket", str(tmp_path / "s")], "--console-socket: the process has no terminal"),
+        "no-such-socket": (["--console-socket", str(tmp_path / "s")],
+                           f"--console-socket {tmp_path / 's'}: No such file or directory"),
+        "bad-log": (["--console-socket", str(tmp_path / "s"), "--vm-log", str(tmp_path / "no" / "vm.log")],
+                    f"--vm-log {tmp_path / 'no' / 'vm.log'}: No such file or directory"),
+    }[case]
+    if case == "bad-log":  # a socket that is there: the log is what fails
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(tmp_path / "s"))
+        listener.listen(1)
+    res = runuvm(env, "create", "opt1", "--bundle", str(b), *args)
+    assert res.returncode == 1 and res.stderr.decode().startswith(f"runuvm: {message}"), res.stderr
+    assert res.stderr.count(b"\n") == 1
+    assert not root.exists() or not list(root.iterdir())
+    assert runuvm(env, "state", "opt1").returncode == 1
+    assert not processes_with_arg("opt1")
 
 
 def test_python_client(env: tuple[Path, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -38,6 +38,13 @@ def test_parse_flags_as_containerd_sends_them() -> None:
                           publish_binary="/usr/bin/containerd", id="t1", debug=True, action="start")
 
 
+def test_parse_flags_runuvm_gives_its_daemon_log_and_console_files() -> None:
+    flags = parse_flags(["-id", "c1", "-log", "/l/shim.log", "-vm-log=/l/vm.log", "--vm-console", "/l/console.log",
+                         "serve"])
+    assert (flags.log, flags.vm_log, flags.vm_console, flags.action) == (
+        "/l/shim.log", "/l/vm.log", "/l/console.log", "serve")
+
+
 def test_parse_flags_equals_and_double_dash_forms() -> None:
     flags = parse_flags(["-id=x", "--namespace=ns", "--bundle", "/b", "--debug", "delete"])
     assert (flags.id, flags.namespace, flags.bundle, flags.debug, flags.action) == ("x", "ns", "/b", True, "delete")
