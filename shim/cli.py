@@ -407,7 +407,7 @@ def _command(words: list[str]) -> list[str]:
     return words[1:] if words[:1] == ["--"] else words
 
 
-EXEC_VALUE_OPTIONS = ("--process", "-p", "--pid-file")
+EXEC_VALUE_OPTIONS = ("--process", "-p", "--pid-file", "--console-socket")
 
 
 def _add_exec_options(p: argparse.ArgumentParser) -> None:
@@ -415,6 +415,7 @@ def _add_exec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tty", "-t", action="store_true")
     p.add_argument("--detach", "-d", action="store_true")
     p.add_argument("--pid-file", type=Path)
+    p.add_argument("--console-socket", type=Path, help="with -t -d: unix socket that receives the terminal's master")
 
 
 def _exec_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -430,6 +431,7 @@ def _exec_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     given = opts.parse_args(lead)
     args.process = given.process or args.process
     args.pid_file = given.pid_file or args.pid_file
+    args.console_socket = given.console_socket or args.console_socket
     args.tty, args.detach = args.tty or given.tty, args.detach or given.detach
     args.args = _command(words)
 
@@ -452,7 +454,8 @@ async def _container_command(args: argparse.Namespace) -> int:
     elif cmd == "state":
         print(json.dumps(await rt.state(args.id), indent=2))
     elif cmd == "exec":
-        return await rt.exec(args.id, args.args, args.process, args.tty, args.detach, args.pid_file)
+        return await rt.exec(args.id, args.args, args.process, args.tty, args.detach, args.pid_file,
+                             args.console_socket)
     elif cmd == "kill":
         await rt.kill(args.id, parse_signal(args.signal), args.all)
     elif cmd == "delete":

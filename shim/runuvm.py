@@ -146,6 +146,19 @@ class CreateOptions:
                                    vm_console=made("--vm-console", self.vm_console))
 
 
+def check_console(console_socket: Path | None, terminal: bool, detached: bool) -> None:
+    """runc's rule: a detached process with a terminal needs --console-socket, and only such a process
+    takes one. Raises RunuvmError."""
+    if console_socket is not None and not terminal:
+        raise RunuvmError("--console-socket: the process has no terminal to give (process.terminal is false "
+                          "in config.json, or no -t)")
+    if console_socket is not None and not detached:
+        raise RunuvmError("--console-socket: not with a terminal relayed in the foreground (use -d)")
+    if terminal and detached and console_socket is None:
+        raise RunuvmError("the process has a terminal (process.terminal in config.json, or -t) and runs detached: "
+                          "give --console-socket to receive it")
+
+
 class Console:
     """A host pty for a process's terminal: the slave is its stdio in the daemon, the master goes to the
     --console-socket (as runc sends it: the name, and the fd as SCM_RIGHTS) once the process exists."""
@@ -228,12 +241,7 @@ class Runuvm:
         spec = read_bundle_spec(bundle)
         if terminal or spec["process"].get("terminal"):
             terminal = True
-        if options.console_socket is not None and (stdio is not None or not terminal):
-            raise RunuvmError("--console-socket: the process has no terminal to give (process.terminal is false "
-                              "in config.json)" if not terminal else "--console-socket: not with a relayed terminal")
-        if terminal and stdio is None and options.console_socket is None:
-            raise RunuvmError("the process has a terminal (process.terminal in config.json): give --console-socket "
-                              "to receive it")
+        check_console(options.console_socket, terminal, detached=stdio is None)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             d.mkdir(mode=0o700)
@@ -425,9 +433,11 @@ class Runuvm:
     # -- exec and run ---------------------------------------------------------------------------------
 
     async def exec(self, cid: str, args: list[str], process_file: Path | None, terminal: bool, detach: bool,
-                   pid_file: Path | None) -> int:
-        """Run a process in the container: its exit code (foreground), or 0 once started (-d)."""
+                   pid_file: Path | None, console_socket: Path | None = None) -> int:
+        """Run a process in the container: its exit code (foreground), or 0 once started (-d). A detached
+        terminal (-t -d) goes to console_socket, as runc's exec sends it."""
         saved = self._saved(cid)
+        check_console(console_socket, terminal, detached=detach)
         if process_file is not None:
             try:
                 process = json.loads(process_file.read_text())
@@ -442,12 +452,15 @@ class Runuvm:
         exec_id = f"exec-{secrets.token_hex(4)}"
         d = self._dir(cid)
         relay = None if detach else StdioRelay(d, exec_id, terminal)
-        io = relay.paths if relay else Stdio("", "", "")
+        console = Console(console_socket) if console_socket is not None else None
+        io = relay.paths if relay else Stdio(console.path, console.path, "") if console else Stdio("", "", "")
         spec = any_pb2.Any(type_url=PROCESS_SPEC_URL, value=json.dumps(process).encode())
         try:
             await self._call(cid, "Exec", pb.ExecProcessRequest(id=cid, exec_id=exec_id, terminal=terminal, spec=spec,
                                                                  stdin=io.stdin, stdout=io.stdout, stderr=io.stderr),
                              empty_pb2.Empty)
+            if console is not None:
+                console.send()
             pid = int((await self._call(cid, "Start", pb.StartRequest(id=cid, exec_id=exec_id), pb.StartResponse)).pid)
             if pid_file is not None:
                 pid_file.write_text(str(pid))
@@ -455,6 +468,8 @@ class Runuvm:
                 return 0
             return await relay.run(self.wait(cid, exec_id), self._close_io(cid, exec_id))
         finally:
+            if console is not None:
+                console.close()
             if relay is not None:
                 relay.close()
                 with contextlib.suppress(RunuvmError):

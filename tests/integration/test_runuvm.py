@@ -242,7 +242,8 @@ def test_bad_create_options(env: tuple[Path, Path, dict[str, str]], tmp_path: Pa
     spec["process"]["terminal"] = case != "socket-no-tty"
     (b / "config.json").write_text(json.dumps(spec))
     args, message = {
-        "tty-no-socket": ([], "the process has a terminal (process.terminal in config.json): give --console-socket"),
+        "tty-no-socket": ([], "the process has a terminal (process.terminal in config.json, or -t) and runs detached: "
+                              "give --console-socket"),
         "socket-no-tty": (["--console-socket", str(tmp_path / "s")], "--console-socket: the process has no terminal"),
         "no-such-socket": (["--console-socket", str(tmp_path / "s")],
                            f"--console-socket {tmp_path / 's'}: No such file or directory"),

@@ -21,6 +21,7 @@ import pytest
 
 from schemas import oci
 from shim.containerd_env import processes_with_arg
+from shim.runuvm_client import ConsoleSocket
 from tests.conftest import _qemu_processes_under
 from uvm.demo import busybox_rootfs
 from uvm.ssh import connect
@@ -267,8 +268,18 @@ def test_resize_tty_of_an_exec_by_pid(env: Env, tmp_path: Path) -> None:
     try:
         assert runuvm(env, "run", "-d", "rz1", "--bundle", str(bundle)).returncode == 0
         watcher = "while true; do stty size > /tmp/size.new && mv /tmp/size.new /tmp/size; sleep 0.1; done"
-        res = runuvm(env, "exec", "-d", "-t", "--pid-file", str(pid_file), "rz1", "--", "/bin/sh", "-c", watcher)
-        assert res.returncode == 0, res.stderr
+        no_socket = runuvm(env, "exec", "-d", "-t", "rz1", "--", "/bin/sh", "-c", watcher)
+        assert no_socket.returncode == 1 and b"give --console-socket" in no_socket.stderr, no_socket.stderr
+        with ConsoleSocket() as sock:  # as runc's exec -d -t: the terminal's master comes over the socket
+            execing = subprocess.Popen([RUNUVM, "--root", str(root), "exec", "-d", "-t", "--console-socket", str(sock.path),
+                                        "--pid-file", str(pid_file), "rz1", "--", "/bin/sh", "-c", watcher],
+                                       env=env[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                master = sock.receive_master(timeout=120)
+            finally:
+                _, err = execing.communicate(timeout=120)
+        os.close(master)  # the process keeps its terminal: the shim holds the slave
+        assert execing.returncode == 0, err
         pid = int(pid_file.read_text())
         res = runuvm(env, "resize-tty", "rz1", "123", "45", "--pid", str(pid))
         assert res.returncode == 0, res.stderr

@@ -185,12 +185,12 @@ class Host:
         return found[0]
 
     async def exec(self, args: list[str], *, stdin: bool = False, stdout: bool = True, stderr: bool = True,
-                   **process: Any) -> Exec:
+                   terminal: bool = False, **process: Any) -> Exec:
         """exec_process in the "UVM" (here: the host), with streams as asked."""
         streams = (self.conn.open_outbound(f"{args[0]} stdin") if stdin else None,
                    self.conn.open_inbound(f"{args[0]} stdout") if stdout else None,
                    self.conn.open_inbound(f"{args[0]} stderr") if stderr else None)
-        params = {"container": None, "process": {"args": args, **process}, "terminal": False,
+        params = {"container": None, "process": {"args": args, **process}, "terminal": terminal,
                   **{name: s.sid if s is not None else None for name, s in zip(("stdin", "stdout", "stderr"), streams,
                                                                               strict=True)}}
         try:
@@ -430,6 +430,20 @@ async def test_exec_stdin_reaches_the_process_and_close_is_its_eof(host: Host) -
     assert sha(out) == sha(data) and err == b""
     assert stdin.sent == len(data)
     assert (await within(host.exit_of(e.pid))).exit_status == 0
+
+
+async def test_closing_a_terminals_stdin_is_its_eof_key_and_no_credit_for_it(host: Host) -> None:
+    """On a terminal, end of file is the ^D the agent types after the host's data: the credit it returns
+    covers the host's bytes only (a credit for the ^D made the host drop the link and kill the VM)."""
+    e = await host.exec(["sh", "-c", "cat; echo after eof"], stdin=True, stderr=False, terminal=True)
+    assert e.stdin is not None and e.stdout is not None
+    await within(e.stdin.write(b"abc\n"))
+    e.stdin.close()
+    out = await within(e.stdout.read_all(), 30)
+    assert b"abc" in out and out.endswith(b"after eof\r\n"), out
+    assert (await within(host.exit_of(e.pid))).exit_status == 0
+    await within(host.client.ping())
+    assert host.conn.closed is None
 
 
 async def test_closing_stdin_without_data_is_eof(host: Host) -> None:

@@ -116,6 +116,7 @@ class InStream:
         self.owns_fd = owns_fd
         self.eof_byte = eof_byte  # on a tty, EOF is ^D written to the master
         self.buf = bytearray()
+        self.from_host = 0  # bytes of buf that the host sent: only those are credited (not the ^D)
         self.closing = False
         self.closed = False
         self.registered = False
@@ -129,6 +130,7 @@ class InStream:
         if len(self.buf) + len(data) > proto.INPUT_WINDOW:
             return f"stdin stream {self.sid}: host sent more than its credit"
         self.buf += data
+        self.from_host += len(data)
         self._flush()
         return None
 
@@ -157,8 +159,10 @@ class InStream:
                 break
             del self.buf[:n]
             written += n
-        if written:
-            self.agent.send_frame(framing.CREDIT, self.sid, CREDIT.pack(written))
+        credit = min(written, self.from_host)  # the host's bytes come first in buf, the ^D after them
+        if credit:
+            self.from_host -= credit
+            self.agent.send_frame(framing.CREDIT, self.sid, CREDIT.pack(credit))
         if self.buf and not self.owns_fd:
             self.agent.stalled.add(self)  # a pty master is polled for reading already: retry on a timer
         elif self.buf and not self.registered:
