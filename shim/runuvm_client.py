@@ -130,10 +130,12 @@ class Runuvm:
         self._run("start", cid)
 
     def exec(self, cid: str, args: builtins.list[str] | None = None, process_file: Path | None = None, detach: bool = False,
-             pid_file: Path | None = None) -> bytes:
-        """A process in the container; its output (foreground). Non-zero exit: RunuvmCommandError."""
-        opts = ["--detach"] * detach + (["--pid-file", str(pid_file)] if pid_file else [])
+             pid_file: Path | None = None, tty: bool = False, console_socket: Path | None = None) -> bytes:
+        """A process in the container; its output (foreground). Non-zero exit: RunuvmCommandError. A detached
+        terminal (tty and detach) goes to console_socket (see ConsoleSocket)."""
+        opts = ["--detach"] * detach + ["--tty"] * tty + (["--pid-file", str(pid_file)] if pid_file else [])
         opts += ["--process", str(process_file)] if process_file else []
+        opts += ["--console-socket", str(console_socket)] if console_socket else []
         return self._run("exec", *opts, cid, *([] if process_file else ["--", *(args or [])]))
 
     def kill(self, cid: str, signal: str | int = "SIGTERM", all_processes: bool = False) -> None:

@@ -3,6 +3,7 @@ owned by a shim daemon serving the task service under --root; and its Python cli
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -274,6 +275,15 @@ def test_python_client(env: tuple[Path, Path, dict[str, str]], monkeypatch: pyte
     assert rt.exec("cli1", ["/bin/echo", "hi"]) == b"hi\n"
     assert rt.exec("cli1", ["/bin/sleep", "1"], detach=True, pid_file=tmp_path / "exec.pid") == b""
     assert int((tmp_path / "exec.pid").read_text()) > 1
+    with ConsoleSocket() as sock, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        master_fd = pool.submit(sock.receive_master, 120)
+        rt.exec("cli1", ["/bin/sh", "-c", "echo on a $(tty | cut -c1-8); sleep 2"], detach=True, tty=True,
+                console_socket=sock.path)
+        master = master_fd.result(120)
+    try:
+        read_until(master, b"on a /dev/pts", bytearray())
+    finally:
+        os.close(master)
     assert len(rt.ps("cli1")) >= 1
     rt.pause("cli1")
     assert rt.state("cli1").status == "paused"
