@@ -138,9 +138,9 @@ def spawn_server(sock_path: Path, flags: Flags, config: str | None, cwd: Path | 
         argv = [sys.executable, "-m", "shim.main", "-namespace", flags.namespace, "-address", flags.address,
                 "-publish-binary", flags.publish_binary, "-id", flags.id, "-socket-fd", str(listener.fileno())]
         argv += ["-debug"] * flags.debug + (["-config", config] if config else [])
-        argv += [arg for name in ("log", "vm-log", "vm-console") if (value := getattr(flags, name.replace("-", "_")))
-                 for arg in (f"-{name}", value)]
-        argv += ["serve"]
+        for flag, value in (("-log", flags.log), ("-vm-log", flags.vm_log), ("-vm-console", flags.vm_console)):
+            argv += [flag, value] if value else []
+        argv.append("serve")
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 pass_fds=(listener.fileno(),), start_new_session=True, cwd=cwd)
         return proc.pid

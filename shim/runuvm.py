@@ -177,6 +177,11 @@ class Console:
         tty.setraw(self.slave)  # the terminal in the UVM echoes and edits: this one only passes bytes
         self.path = os.ttyname(self.slave)
 
+    @property
+    def stdio(self) -> Stdio:
+        """The process's stdio in the daemon: the slave for input and output (a terminal merges stderr)."""
+        return Stdio(self.path, self.path, "")
+
     def send(self) -> None:
         try:
             socket.send_fds(self.conn, [b"/dev/ptmx"], [self.master])
@@ -255,7 +260,7 @@ class Runuvm:
             (d / STATE).write_text(json.dumps({"id": cid, "bundle": str(bundle), "created": time.time()}))
             # The daemon works in --root/<id>: its state (uvmshim.json, the UVM's console log) goes there.
             spawn_server(d / SOCKET, flags, None, cwd=d)
-            io = stdio or (Stdio(console.path, console.path, "") if console else Stdio("", "", ""))
+            io = stdio or (console.stdio if console else Stdio("", "", ""))
             req = pb.CreateTaskRequest(id=cid, bundle=str(bundle), terminal=terminal, stdin=io.stdin,
                                        stdout=io.stdout, stderr=io.stderr)
             resp = await self._call(cid, "Create", req, pb.CreateTaskResponse, timeout=CREATE_TIMEOUT_S)
@@ -453,7 +458,7 @@ class Runuvm:
         d = self._dir(cid)
         relay = None if detach else StdioRelay(d, exec_id, terminal)
         console = Console(console_socket) if console_socket is not None else None
-        io = relay.paths if relay else Stdio(console.path, console.path, "") if console else Stdio("", "", "")
+        io = relay.paths if relay else console.stdio if console else Stdio("", "", "")
         spec = any_pb2.Any(type_url=PROCESS_SPEC_URL, value=json.dumps(process).encode())
         try:
             await self._call(cid, "Exec", pb.ExecProcessRequest(id=cid, exec_id=exec_id, terminal=terminal, spec=spec,
