@@ -42,12 +42,26 @@ class ErrorBody(GuestModel):
     message: Annotated[str, Field(max_length=proto.MAX_ERROR_MESSAGE)]
 
 
+Uptime = Annotated[float, Field(ge=0, le=1e9)]
+
+
+class BootUptimes(GuestModel):
+    """The guest's uptime (s) at each step of its boot: /init started (the kernel's part done), /init
+    executed the agent (modules loaded, root mounted), the agent's main() ran (Python started, agent
+    imported). Only for the boot that made this kernel: a clone's are its template's."""
+
+    init: Uptime
+    exec: Uptime
+    agent: Uptime
+
+
 class HelloResult(GuestModel):
     version: Annotated[int, Field(ge=1, le=1000)]
     capabilities: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
     agent: Text
     kernel: Text
-    uptime: Annotated[float, Field(ge=0, le=1e9)]
+    uptime: Uptime
+    boot: BootUptimes | None = None  # absent when /init did not record them
 
 
 class PingResult(GuestModel):

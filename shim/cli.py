@@ -215,6 +215,8 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
         if args.measure:
             how = "cloned from a template" if vm.started_from == "template" else "cold boot"
             print(f"{tag}boot: {boot:.3f}s to agent ready ({vm.id}, {how})", file=sys.stderr)
+            for line in _boot_phases(vm):
+                print(f"{tag}  {line}", file=sys.stderr)
         for i, spec in enumerate(args.share):
             guest = spec.partition(":")[2]
             script = (f"modprobe -a 9pnet_virtio 9p && mkdir -p {shlex.quote(guest)} && mount -t 9p -o "
@@ -264,6 +266,23 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
         run.live.discard(vm)
         if claim is not None:
             claim.remove()
+
+
+def _boot_phases(vm: Any) -> list[str]:
+    """--measure's detail: the host's two steps, and for a cold boot the guest's, by its own uptime
+    (which starts when its kernel does, after QEMU's own start)."""
+    lines = []
+    if vm.launch_seconds is not None and vm.boot_seconds is not None:
+        lines.append(f"host: {vm.config.backend} up {vm.launch_seconds:.3f}s, then the agent's hello after "
+                     f"{vm.boot_seconds - vm.launch_seconds:.3f}s")
+    hello = vm.hello
+    if hello is not None and hello.boot is not None and vm.started_from == "cold":
+        b = hello.boot
+        before = vm.boot_seconds - (vm.launch_seconds or 0.0) - hello.uptime  # the host's clock against the guest's
+        lines.append(f"guest (by its uptime): kernel {b.init:.2f}s, /init {b.exec - b.init:.2f}s, python3 and the "
+                     f"agent's import {b.agent - b.exec:.2f}s, agent to hello {hello.uptime - b.agent:.2f}s; "
+                     f"before its clock started (kernel load, early boot) {before:.2f}s")
+    return lines
 
 
 async def _force_off(vm: Any) -> None:

@@ -124,6 +124,7 @@ class UtilityVM:
         self._conn: AgentConnection | None = None
         self.hello: models.HelloResult | None = None
         self.boot_seconds: float | None = None
+        self.launch_seconds: float | None = None  # of boot_seconds: until the hypervisor was up (QMP, libvirt)
         self._stop_requested: str | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._exit: asyncio.Future[tuple[VmExit, errors.VmDiedError | None]] | None = None
@@ -249,6 +250,7 @@ class UtilityVM:
             timeout = min(self.config.boot_timeout, CLONE_TIMEOUT_S) if clone else self.config.boot_timeout
             async with asyncio.timeout(timeout):
                 await backend.launch(spec)
+                self.launch_seconds = time.monotonic() - t0
                 self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.id}-watch")
                 self._conn = AgentConnection(self.id, on_notify=self._on_notify)
                 self._conn.on_fail = self._on_link_lost

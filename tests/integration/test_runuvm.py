@@ -313,6 +313,10 @@ def test_boot_exec_share_and_scsi(env: tuple[Path, Path, dict[str, str]], tmp_pa
     lines = res.stdout.decode().splitlines()
     assert re.fullmatch(r"\d+\.\d+\.\d+-\S+", lines[0]) and lines[1:] == ["from the host", "lost+found"], lines
     assert re.search(rb"boot: \d+\.\d+s to agent ready", res.stderr)
+    assert re.search(rb"\n  host: qemu up \d+\.\d+s, then the agent's hello after \d+\.\d+s\n", res.stderr), res.stderr
+    assert re.search(rb"\n  guest \(by its uptime\): kernel \d+\.\d\ds, /init \d+\.\d\ds, python3 and the agent's "
+                     rb"import \d+\.\d\ds, agent to hello \d+\.\d\ds; before its clock started .* -?\d+\.\d\ds\n", res.stderr), \
+        res.stderr
     assert b"-> /mnt/scsi0 (/dev/sd" in res.stderr
 
 

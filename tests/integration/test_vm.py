@@ -36,6 +36,10 @@ async def test_boot_hello_and_commands(vm: UtilityVM) -> None:
     assert vm.hello is not None and vm.hello.version == 1
     assert {"ping", "shutdown", "run"} <= set(vm.hello.capabilities)
     assert vm.spec is not None and vm.spec.accel == "tcg"  # KVM is probed and refused on this machine kind
+    boot = vm.hello.boot  # the guest's own steps, by its uptime; the host's launch comes first
+    assert boot is not None and 0 < boot.init < boot.exec < boot.agent <= vm.hello.uptime, vm.hello
+    assert vm.launch_seconds is not None and vm.boot_seconds is not None and 0 < vm.launch_seconds < vm.boot_seconds
+    assert (await vm.run(["sh", "-c", "echo ${UVM_BOOT_UPTIMES:-unset}"])).stdout == b"unset\n"  # not for children
 
     res = await vm.run(["uname", "-r"])
     assert res.exit_status == 0 and res.stdout.decode().strip() == vm.hello.kernel

@@ -518,10 +518,18 @@ async def test_close_is_shielded_from_cancellation(vm: UtilityVM, factory: FakeB
 # -- bugs ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bad", [
+    {"extra": 1},
+    {"boot": {"init": -1.0, "exec": 1.0, "agent": 2.0}},
+    {"boot": {"init": "1.0", "exec": 1.0, "agent": 2.0}},
+    {"boot": {"init": 1.0, "exec": 1.5, "agent": 2.0, "more": 3.0}},
+    {"boot": {"init": 1.0, "exec": 1.5}},
+    {"boot": [1.0, 1.5, 2.0]},
+])
 async def test_invalid_hello_start_error_names_the_protocol_problem(
-    tmp_path: Path, factory: FakeBackendFactory,
+    tmp_path: Path, factory: FakeBackendFactory, bad: dict[str, Any],
 ) -> None:
-    factory.guest = FakeGuest(hello={**hello_result(), "extra": 1})
+    factory.guest = FakeGuest(hello={**hello_result(), **bad})
     v = UtilityVM(make_test_config(tmp_path), backend_factory=factory)
     with pytest.raises(errors.StartError) as info:
         await within(v.start())

@@ -139,6 +139,7 @@ class Agent:
         self.wbuf = bytearray()
         self.splice = True  # stream data goes from a process's pipe to the port by splice(2)
         self.relay: tuple[int, int] | None = None  # the pipe it goes through (see send_from_pipe)
+        self.boot_uptimes: dict[str, float] | None = None  # reported in hello (see boot_uptimes)
         self.port_events = EV_READ
         self.poller.register(self.port, self.port_events, self.on_port)
         # One preallocated read buffer: reading into it avoids allocating (under emulation, mmap'ing)
@@ -442,6 +443,7 @@ class Agent:
             "agent": "uvmshim-agent",
             "kernel": os.uname().release,
             "uptime": uptime,
+            **({"boot": self.boot_uptimes} if self.boot_uptimes else {}),
         }
 
     def do_ping(self, req_id: int, params: dict[str, Any]) -> dict[str, Any]:
@@ -781,15 +783,27 @@ def unmount_all() -> None:
             log(f"umount {mnt}: {os.strerror(ctypes.get_errno())}")
 
 
-def main() -> None:
-    if "uvm.trace" in open("/proc/cmdline").read().split():
+def boot_uptimes() -> dict[str, float] | None:
+    """The guest's uptime when /init started and when it executed us (UVM_BOOT_UPTIMES, from /init), and
+    now (Python started, the agent imported); None outside a UVM's /init."""
+    try:
+        init, exec_ = (float(x) for x in os.environ.pop("UVM_BOOT_UPTIMES", "").split())
         with open("/proc/uptime") as f:
-            log(f"{f.read().split()[0]} agent imported")
+            return {"init": init, "exec": exec_, "agent": float(f.read().split()[0])}
+    except (ValueError, OSError):
+        return None
+
+
+def main() -> None:
+    boot = boot_uptimes()
+    if "uvm.trace" in open("/proc/cmdline").read().split():
+        log(f"{boot['agent'] if boot else '?'} agent imported")
     if os.getpid() == 1:
         os.environ.setdefault("PATH", DEFAULT_PATH)
     try:
         port = find_port(proto.AGENT_PORT_NAME, PORT_WAIT_S)
         agent = Agent(port)
+        agent.boot_uptimes = boot
     except Exception as e:
         log(f"FATAL: {e}")
         os.execv("/usr/bin/busybox", ["poweroff", "-f"])
