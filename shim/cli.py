@@ -271,14 +271,14 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
 def _boot_phases(vm: Any) -> list[str]:
     """--measure's detail: the host's two steps, and for a cold boot the guest's, by its own uptime
     (which starts when its kernel does, after QEMU's own start)."""
-    lines = []
-    if vm.launch_seconds is not None and vm.boot_seconds is not None:
-        lines.append(f"host: {vm.config.backend} up {vm.launch_seconds:.3f}s, then the agent's hello after "
-                     f"{vm.boot_seconds - vm.launch_seconds:.3f}s")
+    if vm.launch_seconds is None or vm.boot_seconds is None:
+        return []
+    waited = vm.boot_seconds - vm.launch_seconds
+    lines = [f"host: {vm.config.backend} up {vm.launch_seconds:.3f}s, then the agent's hello after {waited:.3f}s"]
     hello = vm.hello
     if hello is not None and hello.boot is not None and vm.started_from == "cold":
         b = hello.boot
-        before = vm.boot_seconds - (vm.launch_seconds or 0.0) - hello.uptime  # the host's clock against the guest's
+        before = waited - hello.uptime  # the host's clock against the guest's
         lines.append(f"guest (by its uptime): kernel {b.init:.2f}s, /init {b.exec - b.init:.2f}s, python3 and the "
                      f"agent's import {b.agent - b.exec:.2f}s, agent to hello {hello.uptime - b.agent:.2f}s; "
                      f"before its clock started (kernel load, early boot) {before:.2f}s")

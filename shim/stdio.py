@@ -39,6 +39,9 @@ from uvm.streams import InboundStream
 log = logging.getLogger("uvmshim.stdio")
 
 CHUNK = 64 * 1024
+# Every stdio path is opened so: no open waits for the other end, none leaks into children, and a
+# terminal never becomes the daemon's controlling terminal.
+OPEN_FLAGS = os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 OUTPUT_STALL_S = 10.0  # a FIFO nobody drains for this long: the rest of that output is dropped
 
 
@@ -85,7 +88,7 @@ async def read_some(fd: int, n: int = CHUNK) -> bytes:
 def open_fifo_reader(path: str, what: str) -> int:
     """Open a FIFO for reading without waiting for its writer. Raises InvalidArgumentError naming it."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        return os.open(path, os.O_RDONLY | OPEN_FLAGS)
     except OSError as e:
         raise errors.InvalidArgumentError(f"{what} {path}: cannot open: {e.strerror}") from None
 
@@ -93,7 +96,7 @@ def open_fifo_reader(path: str, what: str) -> int:
 def open_fifo_writer(path: str, what: str) -> int:
     """Open an output FIFO read-write and non-blocking. Raises InvalidArgumentError naming the path."""
     try:
-        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        return os.open(path, os.O_RDWR | OPEN_FLAGS)
     except OSError as e:
         raise errors.InvalidArgumentError(f"{what} {path}: cannot open: {e.strerror}") from None
 
@@ -251,8 +254,7 @@ class ProcessIO:
                 self._logger.close_input()
             if self.stdin_path:
                 self._in_fd = open_fifo_reader(self.stdin_path, f"{self.name}: stdin")
-                # Our reader is open, so this does not fail with ENXIO.
-                self._in_hold = os.open(self.stdin_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+                self._in_hold = os.open(self.stdin_path, os.O_WRONLY | OPEN_FLAGS)  # a reader is open: no ENXIO
         except BaseException:
             self._close_fds()
             await self._stop_logger()
