@@ -1,11 +1,12 @@
 """containerd's stdio FIFOs relayed to a process's streams on the agent link.
 
-containerd (through `ctr`) gives each process up to three FIFO paths, all opened when the process is
-created, so a bad path fails the create and no open ever blocks. stdout and stderr are opened
-read-write: a reader that comes and goes (a detached client) never turns our writes into EPIPE.
-stdin is opened read-only and non-blocking, and write-only too, as runc's shim does: that writer of
-ours keeps the process's stdin open across clients that come and go (`ctr task attach`, a detached
-`ctr run`); only CloseIO closes it, and the process sees EOF once every client's writer is gone too.
+containerd (through `ctr`) gives each process up to three FIFO paths. The outputs are opened when
+the process is created, so a bad path fails the create and no open ever blocks; stdout and stderr are
+opened read-write: a reader that comes and goes (a detached client) never turns our writes into EPIPE.
+stdin is only checked at the create and opened when the process starts (ProcessIO.attach_stdin says
+why), read-only and non-blocking, and write-only too, as runc's shim does: that writer of ours keeps the
+process's stdin open across clients that come and go (`ctr task attach`, a detached `ctr run`); only
+CloseIO closes it, and the process sees EOF once every client's writer is gone too.
 A path may also be a terminal (runuvm's --console-socket: the slave of a pty whose master the caller
 got), opened O_NOCTTY so it never becomes the daemon's controlling terminal.
 Output is copied with backpressure: the agent link's credits stop the guest when containerd's reader
@@ -29,6 +30,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import sys
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -91,6 +93,17 @@ def open_fifo_reader(path: str, what: str) -> int:
         return os.open(path, os.O_RDONLY | OPEN_FLAGS)
     except OSError as e:
         raise errors.InvalidArgumentError(f"{what} {path}: cannot open: {e.strerror}") from None
+
+
+def check_stdin(path: str, what: str) -> None:
+    """The stdin path names a FIFO or a terminal, checked without opening it (opening it connects the
+    client's writer: see ProcessIO.attach_stdin). Raises InvalidArgumentError naming the path."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise errors.InvalidArgumentError(f"{what} {path}: cannot open: {e.strerror}") from None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        raise errors.InvalidArgumentError(f"{what} {path}: not a FIFO or a terminal")
 
 
 def open_fifo_writer(path: str, what: str) -> int:
@@ -225,6 +238,7 @@ class ProcessIO:
         self._in_hold: int | None = None  # our own writer on the stdin FIFO, until CloseIO
         self._copies: list[asyncio.Task[None]] = []
         self._stdin_copy: asyncio.Task[None] | None = None
+        self._eof_requested = False  # CloseIO came
         self._closed = False
 
     @property
@@ -253,8 +267,7 @@ class ProcessIO:
             if self._logger is not None:  # only the dups above feed it now: closing them ends its input
                 self._logger.close_input()
             if self.stdin_path:
-                self._in_fd = open_fifo_reader(self.stdin_path, f"{self.name}: stdin")
-                self._in_hold = os.open(self.stdin_path, os.O_WRONLY | OPEN_FLAGS)  # a reader is open: no ENXIO
+                check_stdin(self.stdin_path, f"{self.name}: stdin")
         except BaseException:
             self._close_fds()
             await self._stop_logger()
@@ -273,16 +286,29 @@ class ProcessIO:
             if stream is not None:
                 self._copies.append(asyncio.create_task(self._copy_out(stream, next(fds)), name=f"{self.name}-out"))
 
-    def attach_stdin(self, proc: Process) -> None:
-        """Start feeding the stdin FIFO to the process: when the process starts, not at its create.
+    def open_stdin(self) -> None:
+        """Open the stdin FIFO, when the process starts, not at its create. Raises InvalidArgumentError
+        naming the path if it cannot be opened. Idempotent.
 
-        Until then the FIFO's 64 KiB hold the client's input, as with runc's shim, whose copy stalls on the
-        process's pipe. Fed at create, the guest would take in a whole stdin window (1 MiB) before the
-        start, so ctr's copy could reach the end of its input while its NewTask call was still returning,
-        before ctr installs the CloseIO it sends at that end (containerd#4489): the CloseIO never came and
-        the process never saw end of file (`ctr run --rm ... sha256sum < 1MiB-file` hung, ~1 run in 30
-        under load). Idempotent."""
-        if self._stdin_copy is None and self._in_fd is not None and proc.stdin is not None and not self._closed:
+        Until then the FIFO has no reader, so a client's write waits (containerd's fifo package opens it
+        in the background): ctr's input cannot reach its end before its Exec or NewTask call has returned
+        and it has installed the closer that sends CloseIO at that end (containerd#4489). Opened at create,
+        as runc's shim opens an init's, a short input piped into `ctr task exec` (or `ctr run`) fitted in
+        the FIFO at once; ctr reached its end of file while the call was still returning, never sent
+        CloseIO, and the process waited for input forever (2 hangs in 6 runs of a ctr comparison)."""
+        if self._in_fd is not None or not self.stdin_path or self._closed:
+            return
+        self._in_fd = open_fifo_reader(self.stdin_path, f"{self.name}: stdin")
+        if not self._eof_requested:  # ours, until CloseIO; a reader is open now, so no ENXIO
+            self._in_hold = os.open(self.stdin_path, os.O_WRONLY | OPEN_FLAGS)
+
+    def attach_stdin(self, proc: Process) -> None:
+        """Start feeding the stdin FIFO (opened now if open_stdin was not called) to the started process.
+        Raises InvalidArgumentError as open_stdin. Idempotent."""
+        if self._stdin_copy is not None or proc.stdin is None:
+            return
+        self.open_stdin()
+        if self._in_fd is not None:
             self._stdin_copy = asyncio.create_task(self._copy_in(proc, self._in_fd), name=f"{self.name}-stdin")
 
     async def _copy_out(self, stream: InboundStream, fd: int) -> None:
@@ -312,10 +338,11 @@ class ProcessIO:
         """CloseIO: no more input. What clients wrote is still delivered: the copy closes the process's
         stdin at the FIFO's end of file, once the clients' writers are closed too (ctr calls CloseIO
         before it closes its own)."""
+        self._eof_requested = True  # a CloseIO before the start: the FIFO is opened without our writer
         if self._in_hold is not None:
             os.close(self._in_hold)
             self._in_hold = None
-        if self._in_fd is None and proc is not None:  # no FIFO: nothing to deliver first
+        if not self.stdin_path and proc is not None:  # no FIFO: nothing to deliver first
             proc.close_stdin()
 
     async def drained(self) -> None:

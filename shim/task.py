@@ -311,6 +311,7 @@ class Task:
                 raise errors.StateError(f"task {self.id}: already started", container=self.id)
             self._starting = asyncio.get_running_loop().create_future()
             try:
+                p.io.open_stdin()
                 await container.start()
                 self.started = True
                 assert p.proc is not None
@@ -326,6 +327,7 @@ class Task:
         assert p.spec is not None
         want_in, want_out, want_err = p.io.wants
         try:
+            p.io.open_stdin()
             p.proc = await container.create_process(p.spec, stdin=want_in, stdout=want_out, stderr=want_err)
         except BaseException:
             p.exit.set_result(Exited(EXEC_FAILED_STATUS, time.time()))  # a Wait already waiting returns

@@ -4,6 +4,7 @@ the orderings and releases containerd relies on, with no QEMU (the e2e suite run
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import time
@@ -139,24 +140,43 @@ async def test_task_start_goes_out_before_an_exit_that_comes_first(h: Harness) -
     assert h.topics[-1] == "/tasks/delete"
 
 
-async def test_the_init_is_fed_its_stdin_from_its_start(h: Harness) -> None:
-    """Before the start, the client's input stays in the stdin FIFO (as with runc's shim) rather than going
-    into the guest, so a client like ctr installs its CloseIO before its input can run out (containerd#4489)."""
-    fifos = {name: str(h.tmp / f"init-{name}") for name in ("stdin", "stdout")}
+def _client_connects(path: str) -> bool:
+    """Whether a client's non-blocking write-only open of a stdin FIFO finds the shim's reader."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        return True
+    except OSError as e:
+        assert e.errno == errno.ENXIO, e
+        return False
+
+
+async def _input_reaches_the_guest(h: Harness, path: str, data: bytes) -> None:
+    guest = h.factory.last.guest
+    writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(writer, data)
+        await within(guest.wait_until(lambda: data in b"".join(f.payload for f in guest.stream_frames()
+                                                               if f.type == DATA)))
+    finally:
+        os.close(writer)
+
+
+async def test_the_stdin_fifos_get_a_reader_at_the_start_not_the_create(h: Harness) -> None:
+    """Until a process starts, its stdin FIFO has no reader, so a client's input cannot run out before the
+    client's create call returned and it installed the CloseIO it sends at that end (containerd#4489: a
+    short line piped into `ctr task exec ... cat` hung). Init and exec alike."""
+    fifos = {name: str(h.tmp / f"init-{name}") for name in ("stdin", "stdout", "e1-stdin", "e1-stdout")}
     for path in fifos.values():
         os.mkfifo(path)
     await within(h.task.create([], fifos["stdin"], fifos["stdout"], "", False))
-    guest = h.factory.last.guest
-    writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
-    try:
-        os.write(writer, b"input before the start")
-        await asyncio.sleep(0.1)
-        assert not [f for f in guest.stream_frames() if f.type == DATA]
-        await within(h.task.start(INIT))
-        await within(guest.wait_until(lambda: any(f.type == DATA for f in guest.stream_frames())))
-        assert b"".join(f.payload for f in guest.stream_frames() if f.type == DATA) == b"input before the start"
-    finally:
-        os.close(writer)
+    assert not _client_connects(fifos["stdin"])
+    await within(h.task.start(INIT))
+    await _input_reaches_the_guest(h, fifos["stdin"], b"input of the init")
+    await within(h.task.exec_add("e1", json.dumps({"args": ["cat"], "cwd": "/"}).encode(), False,
+                                 fifos["e1-stdin"], fifos["e1-stdout"], ""))
+    assert not _client_connects(fifos["e1-stdin"])
+    await within(h.task.start("e1"))
+    await _input_reaches_the_guest(h, fifos["e1-stdin"], b"input of the exec")
 
 
 async def test_a_failed_exec_start_releases_a_wait_already_waiting(h: Harness) -> None:
