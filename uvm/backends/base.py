@@ -7,24 +7,89 @@ only starts and stops a hypervisor, opens the agent channel and reports how the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from uvm.builder import LaunchSpec
 from uvm.errors import AlreadyExistsError, StartError
 
+RUN_DIR_ATTEMPTS = 5
 
-def create_run_dir(spec: LaunchSpec, mode: int) -> None:
-    """The VM's own run directory (sockets, logs). Raises AlreadyExistsError if it exists (id in use)."""
+
+def create_run_dir(spec: LaunchSpec, mode: int) -> int:
+    """The VM's own run directory (sockets, logs), created and locked: the returned descriptor holds an
+    exclusive flock on it for the VM's life (the backend closes it after removing the directory; QEMU may
+    inherit it, so a VM that outlives its shim still holds it). A directory that exists but that no live
+    process holds locked is what a crash left (shim, QEMU and containerd killed at once, so no `delete`
+    action ran): it is emptied and reused. Raises AlreadyExistsError if a live VM holds it (id in use),
+    StartError if it cannot be made."""
+    log = logging.getLogger(f"uvm.{spec.vm_id}")
     try:
         spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        spec.run_dir.mkdir(mode=mode)
-    except FileExistsError:
-        raise AlreadyExistsError(f"VM {spec.vm_id}: run directory {spec.run_dir} exists (id in use?)",
-                                 vm_id=spec.vm_id) from None
     except OSError as e:
-        raise StartError(f"VM {spec.vm_id}: cannot create {spec.run_dir}: {e.strerror}", vm_id=spec.vm_id) from None
+        raise StartError(f"VM {spec.vm_id}: cannot create {spec.run_dir.parent}: {e.strerror}", vm_id=spec.vm_id) \
+            from None
+    for _ in range(RUN_DIR_ATTEMPTS):
+        created = True
+        try:
+            spec.run_dir.mkdir(mode=mode)
+        except FileExistsError:
+            created = False
+        except OSError as e:
+            raise StartError(f"VM {spec.vm_id}: cannot create {spec.run_dir}: {e.strerror}", vm_id=spec.vm_id) \
+                from None
+        try:
+            fd = os.open(spec.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # removed between mkdir and open (its owner's close): try again
+        except OSError as e:
+            raise StartError(f"VM {spec.vm_id}: cannot open {spec.run_dir}: {e.strerror}", vm_id=spec.vm_id) \
+                from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyExistsError(f"VM {spec.vm_id}: run directory {spec.run_dir} exists and a running VM "
+                                     f"holds it (id in use?)", vm_id=spec.vm_id) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(spec.run_dir))
+        except OSError:
+            same = False
+        if not same:  # its owner removed it (and maybe another made it anew) while we locked: look again
+            os.close(fd)
+            continue
+        if not created:
+            log.warning("run directory %s was left by a VM that no longer runs: reclaiming it", spec.run_dir)
+            empty_directory(spec.run_dir)
+        os.chmod(fd, mode)
+        return fd
+    raise AlreadyExistsError(f"VM {spec.vm_id}: run directory {spec.run_dir} keeps changing (id in use?)",
+                             vm_id=spec.vm_id)
+
+
+def empty_directory(path: Path) -> None:
+    """Remove everything inside path (not path itself)."""
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
+def remove_run_dir(path: Path, lock_fd: int | None) -> None:
+    """Remove a VM's run directory, then release its lock (in that order: a new VM of the same id that
+    waits for the lock finds the directory gone, not half-removed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if lock_fd is not None:
+        os.close(lock_fd)
 
 
 @dataclass(frozen=True)

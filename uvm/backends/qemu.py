@@ -21,7 +21,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.protocol import ConnectError
 
-from uvm.backends.base import HypervisorExit, connect_unix, create_run_dir
+from uvm.backends.base import HypervisorExit, connect_unix, create_run_dir, remove_run_dir
 from uvm.builder import LaunchSpec
 from uvm.errors import DiskError, StartError, TemplateError, UvmError
 
@@ -117,7 +117,7 @@ class QemuBackend:
         self._events_task: asyncio.Task[None] | None = None
         self._exit_task: asyncio.Task[HypervisorExit] | None = None
         self._shutdown_reason: str | None = None
-        self._created_run_dir = False
+        self._run_dir_lock: int | None = None  # held from launch until the directory is removed
         self._closed = False
         self._deleting: dict[str, asyncio.Event] = {}
 
@@ -130,8 +130,7 @@ class QemuBackend:
         return self.spec.console_log or self.run_dir / "console.log"
 
     async def launch(self, spec: LaunchSpec) -> None:
-        create_run_dir(spec, 0o700)
-        self._created_run_dir = True
+        self._run_dir_lock = create_run_dir(spec, 0o700)
         argv = qemu_argv(spec, self.run_dir)
         if spec.kill_with_parent and shutil.which("setpriv"):
             argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
@@ -139,7 +138,8 @@ class QemuBackend:
         qemu_log = (self.run_dir / "qemu.log").open("wb")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log, start_new_session=True)
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log, start_new_session=True,
+                pass_fds=(self._run_dir_lock,))  # QEMU holds the run directory's lock too, while it lives
         except OSError as e:
             raise StartError(f"VM {spec.vm_id}: cannot run {spec.qemu_binary}: {e.strerror}", vm_id=spec.vm_id) from None
         finally:
@@ -367,5 +367,6 @@ class QemuBackend:
                     task.cancel()
                     with contextlib.suppress(BaseException):
                         await task
-            if self._created_run_dir:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self._run_dir_lock is not None:
+                remove_run_dir(self.run_dir, self._run_dir_lock)
+                self._run_dir_lock = None
