@@ -73,7 +73,11 @@ class UvmConfig(BaseModel):
     # "integrity" or "none" for a guest whose containers use tracefs, kprobes, perf or BPF tracing.
     guest_lockdown: Literal["none", "integrity", "confidentiality"] = "confidentiality"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
+    # From the hypervisor up (QEMU's QMP answered, libvirt's domain running) to the agent's hello.
     boot_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # For the hypervisor to come up, before the boot timeout starts: libvirt's domain start alone
+    # re-probes QEMU for ~85 s on a host whose /dev/kvm is root-only.
+    launch_timeout: Annotated[float, Field(gt=0, le=3600)] = 180.0
     backend: Literal["qemu", "libvirt"] = "qemu"
     libvirt_uri: Annotated[str, Field(min_length=1, max_length=256)] = "qemu:///system"
     qemu_binary: str = "qemu-system-x86_64"

@@ -427,6 +427,7 @@ class FakeBackend:
         *,
         launch_error: BaseException | None = None,
         launch_delay: float = 0.0,
+        launch_gate: asyncio.Event | None = None,
         acpi_works: bool = True,
         shutdown_delay: float = 0.02,
         console: str = "",
@@ -435,6 +436,7 @@ class FakeBackend:
         self.guest = guest if guest is not None else FakeGuest()
         self.launch_error = launch_error
         self.launch_delay = launch_delay
+        self.launch_gate = launch_gate  # launch returns only once it is set (a hypervisor slow to come up)
         self.acpi_works = acpi_works
         self.shutdown_delay = shutdown_delay
         self.console_lines: list[str] = console.splitlines()
@@ -479,6 +481,8 @@ class FakeBackend:
             raise StartError(f"VM {spec.vm_id}: fake backend launched twice", vm_id=spec.vm_id)
         if self.launch_delay:
             await asyncio.sleep(self.launch_delay)
+        if self.launch_gate is not None:
+            await self.launch_gate.wait()
         if self.launch_error is not None:
             raise self.launch_error
         self.launched_spec = spec

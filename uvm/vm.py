@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -132,6 +133,7 @@ class UtilityVM:
         self._console_at_exit = ""
         self._console_at_failure = ""
         self._start_failed = False
+        self._phase = ""  # of a start: launch (the hypervisor coming up), then agent (its hello)
         self._closing = False
         self._start_done = asyncio.Event()
         self.processes = ProcessTable()
@@ -247,10 +249,13 @@ class UtilityVM:
             if self._closing:
                 raise errors.ClosedError(f"VM {self.id}: closed while starting", vm_id=self.id)
             # A clone that is not up well within a cold boot's time will not be: boot cold instead.
-            timeout = min(self.config.boot_timeout, CLONE_TIMEOUT_S) if clone else self.config.boot_timeout
-            async with asyncio.timeout(timeout):
+            limit = CLONE_TIMEOUT_S if clone else math.inf
+            self._phase = "launch"  # each phase has its own deadline, and a timeout names the phase
+            async with asyncio.timeout(min(self.config.launch_timeout, limit)):
                 await backend.launch(spec)
-                self.launch_seconds = time.monotonic() - t0
+            self.launch_seconds = time.monotonic() - t0
+            self._phase = "agent"
+            async with asyncio.timeout(min(self.config.boot_timeout, limit)):
                 self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.id}-watch")
                 self._conn = AgentConnection(self.id, on_notify=self._on_notify)
                 self._conn.on_fail = self._on_link_lost
@@ -292,8 +297,14 @@ class UtilityVM:
             return e
         tail = self._console_at_failure
         if isinstance(e, TimeoutError) and not isinstance(e, errors.UvmError):
+            if self._phase == "launch":
+                hint = getattr(self.backend, "slow_launch_hint", lambda: "")()
+                return errors.BootTimeoutError(
+                    f"VM {self.id}: the {getattr(self.backend, 'name', self.config.backend)} backend did not bring the hypervisor up within the "
+                    f"launch timeout of {self.config.launch_timeout:g}s{hint}", console_tail=tail, vm_id=self.id)
             return errors.BootTimeoutError(
-                f"VM {self.id}: the agent did not answer within the boot timeout of {self.config.boot_timeout:g}s",
+                f"VM {self.id}: the agent did not answer within the boot timeout of {self.config.boot_timeout:g}s "
+                f"(counted from the hypervisor up, {self.launch_seconds or 0:.1f}s after the start)",
                 console_tail=tail, vm_id=self.id)
         exit_info = self._exit.result()[0] if self._exit is not None and self._exit.done() else None
         if exit_info is not None and exit_info.reason == "died":

@@ -178,16 +178,39 @@ async def test_boot_timeout_tears_down_and_carries_the_console_tail(
     guest.handlers["hello"] = lambda req: None  # the agent never answers
     factory.guest = guest
     v = UtilityVM(make_test_config(tmp_path, boot_timeout=0.2), backend_factory=factory)
-    t0 = time.monotonic()
     with pytest.raises(errors.BootTimeoutError) as info:
         await within(v.start())
-    assert time.monotonic() - t0 < 2
-    assert "did not answer within the boot timeout of 0.2s" in str(info.value)
+    assert "did not answer within the boot timeout of 0.2s (counted from the hypervisor up" in str(info.value)
     assert "fake: booting vm1" in info.value.console_tail
     assert "--- console tail ---" in str(info.value)
     backend = backend_of(factory)
     assert "terminate" in backend.calls and backend.closed and not backend.running
     assert v.state is VmState.STOPPED
+    await v.close()
+
+
+async def test_a_hypervisor_that_never_comes_up_fails_at_the_launch_timeout_naming_it(tmp_path: Path) -> None:
+    factory = FakeBackendFactory(launch_gate=asyncio.Event())  # never set
+    v = UtilityVM(make_test_config(tmp_path, launch_timeout=0.1), backend_factory=factory)
+    with pytest.raises(errors.BootTimeoutError, match="the fake backend did not bring the hypervisor up within the "
+                                                       "launch timeout of 0.1s"):
+        await within(v.start())
+    assert backend_of(factory).closed
+    await v.close()
+
+
+async def test_the_boot_timeout_counts_from_the_hypervisor_up(tmp_path: Path) -> None:
+    """A hypervisor slow to come up (libvirt re-probing QEMU for ~85 s on each domain start) does not eat
+    the guest's boot timeout: the agent's deadline starts when the launch returned."""
+    gate = asyncio.Event()
+    factory = FakeBackendFactory(launch_gate=gate)
+    v = UtilityVM(make_test_config(tmp_path, boot_timeout=2.0), backend_factory=factory)
+    start = asyncio.create_task(v.start())
+    await asyncio.sleep(2.5)  # longer than the boot timeout, all of it in the launch
+    assert not start.done()
+    gate.set()
+    await within(start)
+    assert v.state is VmState.RUNNING and v.launch_seconds is not None and v.launch_seconds >= 2.5
     await v.close()
 
 
@@ -403,10 +426,8 @@ async def test_unrequested_exit_while_stopping_after_shutdown_is_still_a_death(
 
 
 async def test_wait_timeout_expiry_leaves_the_vm_running(vm: UtilityVM, factory: FakeBackendFactory) -> None:
-    t0 = time.monotonic()
     with pytest.raises(errors.WaitTimeoutError, match="VM vm1: still running after 0.05s") as info:
-        await vm.wait_timeout(0.05)
-    assert time.monotonic() - t0 < 1
+        await within(vm.wait_timeout(0.05))
     assert isinstance(info.value, TimeoutError)
     assert vm.state is VmState.RUNNING and backend_of(factory).running
     await within(vm.ping(9))

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import socket
 import threading
 import xml.etree.ElementTree as ET
@@ -27,7 +26,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from uvm.backends.base import HypervisorExit, connect_unix, create_run_dir
+from uvm.backends.base import HypervisorExit, connect_unix, create_run_dir, remove_run_dir
 from uvm.backends.qemu import tail_lines
 from uvm.builder import LaunchSpec
 from uvm.errors import AlreadyExistsError, DiskError, StartError, UvmError
@@ -121,15 +120,23 @@ def domain_xml(spec: LaunchSpec, console: Path) -> str:
 </domain>"""
 
 
-def check_kvm_node(log: logging.Logger) -> None:
-    """Warn about a root-only /dev/kvm: libvirt then re-probes QEMU on every start (minutes here)."""
+def kvm_node_problem() -> str | None:
+    """What is wrong with /dev/kvm for libvirt, if anything: root-only access makes libvirt re-probe
+    QEMU's capabilities on every domain start (~85 s on an emulated host)."""
     try:
         st = os.stat("/dev/kvm")
     except OSError:
-        return
+        return None
     if not st.st_mode & 0o060:
-        log.warning("/dev/kvm is accessible to root only: libvirt will re-probe QEMU's capabilities on every "
-                    "domain start (slow); give it udev's usual `chgrp kvm /dev/kvm; chmod 660 /dev/kvm`")
+        return ("/dev/kvm is accessible to root only, so libvirtd re-probes QEMU's capabilities on every domain "
+                "start; give it udev's usual `chgrp kvm /dev/kvm; chmod 660 /dev/kvm`")
+    return None
+
+
+def check_kvm_node(log: logging.Logger) -> None:
+    problem = kvm_node_problem()
+    if problem:
+        log.warning("%s (domain starts are slow until then)", problem)
 
 
 def sd_name(index: int) -> str:
@@ -171,9 +178,10 @@ class LibvirtBackend:
         self._channels: dict[str, str] = {}
         self._pid: int | None = None
         self._terminating = False
-        self._created_run_dir = False
+        self._run_dir_lock: int | None = None  # held from launch until the directory is removed
         self._closed = False
         self._watchdog: asyncio.Task[None] | None = None
+        self.disconnects = 0  # times the watchdog found the connection to libvirtd lost while QEMU ran
         self.reconnects = 0
 
     @property
@@ -183,6 +191,17 @@ class LibvirtBackend:
     @property
     def console_path(self) -> Path:
         return self.spec.console_log or self.run_dir / "console.log"
+
+    def slow_launch_hint(self) -> str:
+        """Why a launch may be taking long (for the launch timeout's error), led by '; '."""
+        if self._creating is not None and not self._creating.done():
+            step = "libvirt's domain start (createXML) had not returned"
+        elif self._opening is not None and not self._opening.done():
+            step = f"the connection to libvirt at {self.spec.libvirt_uri} had not opened ({HOW_TO_START})"
+        else:
+            return ""
+        problem = kvm_node_problem()
+        return f"; {step}" + (f": {problem}" if problem and self._creating is not None else "")
 
     # -- libvirt calls (blocking: in a thread) ----------------------------------------------------
 
@@ -196,8 +215,7 @@ class LibvirtBackend:
     async def launch(self, spec: LaunchSpec) -> None:
         self._loop = asyncio.get_running_loop()
         self._exit = self._loop.create_future()
-        create_run_dir(spec, 0o755)  # QEMU runs as libvirt's qemu user: it must reach the console log
-        self._created_run_dir = True
+        self._run_dir_lock = create_run_dir(spec, 0o755)  # libvirt's QEMU user must reach the console log
         check_kvm_node(self.log)
         _ensure_event_loop()
         try:
@@ -274,6 +292,7 @@ class LibvirtBackend:
             except libvirt.libvirtError as e:
                 if not no_such_domain(e) and self._qemu_running():
                     if connected:
+                        self.disconnects += 1
                         self.log.warning("libvirt: lost the connection (%s) while QEMU runs: reconnecting",
                                          libvirt_message(e))
                     connected = await self._reconnect()
@@ -436,8 +455,9 @@ class LibvirtBackend:
                         self._conn.domainEventDeregisterAny(cb)
                 with contextlib.suppress(libvirt.libvirtError):
                     await asyncio.to_thread(self._conn.close)
-            if self._created_run_dir:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self._run_dir_lock is not None:
+                remove_run_dir(self.run_dir, self._run_dir_lock)
+                self._run_dir_lock = None
 
 
 def destroy_leftover(vm_id: str, uri: str = "qemu:///system") -> bool:
