@@ -354,6 +354,25 @@ def processes_with_arg(arg: str) -> list[int]:
     return [pid for pid, cmdline in process_cmdlines() if arg.encode() in cmdline.split(b"\0")]
 
 
+def shim_daemons(*, address: str | None = None, under: Path | None = None) -> list[int]:
+    """Our shim daemons (`shim.main` in argv) of one containerd (its address in argv) or working under one
+    directory (runuvm's --root/<id>): never the shims that someone else runs on the same host."""
+    found = []
+    for pid, cmdline in process_cmdlines():
+        args = cmdline.split(b"\0")
+        if b"shim.main" not in args or (address is not None and address.encode() not in args):
+            continue
+        if under is not None:
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if not Path(cwd).is_relative_to(under):
+                continue
+        found.append(pid)
+    return found
+
+
 def kill_processes_with_arg(arg: str, grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL, what still runs with ``arg`` in its argv: shims outlive containerd by design.
     They are not our children, so poll /proc (by argv, not by pid, which could be reused) to see them go."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from schemas import oci
-from shim.containerd_env import processes_with_arg
+from shim.containerd_env import shim_daemons
 from shim.runuvm_client import ConsoleSocket
 from tests.conftest import _qemu_processes_under
 from uvm.demo import busybox_rootfs
@@ -42,7 +42,7 @@ def env(suite_dir: Path, image_dir: Path) -> Iterator[Env]:
                "UVMSHIM_STATE_DIR": str(suite_dir / "state")}
     yield root, suite_dir / "run", environ
     left = [p for p in root.rglob("*") if p.name != ".boot"] if root.exists() else []
-    daemons = [pid for pid in processes_with_arg("shim.main") if _cwd(pid).startswith(str(base))]  # ours only
+    daemons = shim_daemons(under=base)  # ours only
     shutil.rmtree(base, ignore_errors=True)
     assert not left, f"left under --root: {left}"
     assert not daemons, f"shim daemons left: {daemons}"
@@ -57,13 +57,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _cwd(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return ""
 
 
 def runuvm(env: Env, *args: str, input: bytes = b"", timeout: float = 300) -> subprocess.CompletedProcess[bytes]:

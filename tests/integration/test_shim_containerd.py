@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +25,8 @@ import pytest
 from shim.containerd_env import (
     PrivateContainerd,
     build_busybox_image_tar,
-    kill_processes_with_arg,
     mounts_under,
-    processes_with_arg,
+    shim_daemons,
 )
 from shim.leftovers import processes_using
 from uvm.demo import busybox_rootfs
@@ -38,8 +38,9 @@ VENV_BIN = Path(sys.executable).parent
 IMAGE_REF = "docker.io/library/uvmbusybox:latest"
 
 
-def _shim_processes() -> list[int]:
-    return processes_with_arg("shim.main")
+def _shim_processes(ctd: PrivateContainerd) -> list[int]:
+    """This containerd's shims only (another containerd's, another user's, are not the suite's)."""
+    return shim_daemons(address=str(ctd.address))
 
 
 def _vm_processes(ctd: PrivateContainerd, tid: str) -> list[int]:
@@ -70,7 +71,7 @@ def env(suite_dir: Path, image_dir: Path) -> Iterator[tuple[PrivateContainerd, P
             import shutil
 
             shutil.rmtree(base, ignore_errors=True)
-    assert not _shim_processes(), "shim processes left behind"
+    assert not _shim_processes(ctd), "shim processes left behind"
 
 
 @pytest.fixture(autouse=True)
@@ -80,9 +81,10 @@ def nothing_outlives_its_test(env: tuple[PrivateContainerd, Path]) -> Iterator[N
     yield
     ctd, _ = env
     tasks = ctd.remove_tasks_and_containers()
-    shims = _shim_processes()
-    if shims:
-        kill_processes_with_arg("shim.main")
+    shims = _shim_processes(ctd)
+    for pid in shims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     if tasks or shims:
         pytest.fail(f"left behind by this test (now removed): tasks {tasks}, shim processes {shims}")
 
@@ -96,7 +98,7 @@ def assert_clean(ctd: PrivateContainerd, *ids: str) -> None:
     """Nothing of these tasks is left: shim, QEMU, sockets, FIFOs, mounts, run directories."""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        left = {"shims": _shim_processes(), "shared": sorted(map(str, ctd.shared_entries_of(*ids))),
+        left = {"shims": _shim_processes(ctd), "shared": sorted(map(str, ctd.shared_entries_of(*ids))),
                 "mounts": [str(m) for m in mounts_under(ctd.base_dir) if {"rootfs", "binds"} & set(m.parts)],
                 "qemu": [p for i in ids for p in _vm_processes(ctd, i)]}
         if not any(left.values()):
@@ -245,7 +247,8 @@ def test_exec_update_pause_resume_ps_metrics(env: tuple[PrivateContainerd, Path]
     res = run(ctd, "task", "exec", "--exec-id", "e1", detached, "/bin/sh", "-c", "echo from exec; exit 3")
     assert (res.returncode, res.stdout) == (3, b"from exec\n"), res.stderr
     ps = run(ctd, "task", "ps", detached)
-    assert ps.returncode == 0 and len(ps.stdout.decode().split("\n")) >= 2, ps
+    rows = [line.split() for line in ps.stdout.decode().splitlines()[1:] if line.strip()]  # under PID INFO
+    assert ps.returncode == 0 and rows and all(row[0].isdigit() for row in rows), ps
     metrics = run(ctd, "task", "metrics", detached)
     assert metrics.returncode == 0, metrics.stderr
     assert re.search(rb"memory.usage\s+[1-9]", metrics.stdout) and re.search(rb"pids.current\s+[1-9]", metrics.stdout)
@@ -260,30 +263,79 @@ def test_exec_update_pause_resume_ps_metrics(env: tuple[PrivateContainerd, Path]
 
 @contextlib.contextmanager
 def ctr_events(ctd: PrivateContainerd) -> Iterator[list[str]]:
-    """`ctr events` while the block runs; the list holds its output afterwards."""
+    """`ctr events` while the block runs; the list holds its output afterwards. Events reach it in order,
+    so a marker event (a namespace made, then removed) seen before the block says it has subscribed, and
+    one seen after it says everything the block caused has arrived: no sleep guesses either."""
     seen: list[str] = []
+    lines: list[str] = []
+    arrived = threading.Condition()
     events = subprocess.Popen(["ctr", "--address", str(ctd.address), "events"], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL)
+
+    def read() -> None:
+        assert events.stdout is not None
+        for line in events.stdout:
+            with arrived:
+                lines.append(line.decode(errors="replace"))
+                arrived.notify_all()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    mark = f"evmark{os.getpid()}x{time.monotonic_ns() % 10**9}"
+
+    created: list[str] = []
+
+    def marker(verb: str, topic: str) -> None:
+        deadline = time.monotonic() + 60
+        while True:  # ctr events may not have subscribed yet when the first marker goes out: make another
+            if verb == "create":
+                created.append(f"{mark}n{len(created)}")
+            name = created[-1]
+            assert run(ctd, "namespaces", verb, name).returncode == 0
+            with arrived:
+                if arrived.wait_for(lambda n=name: any(topic in line and n in line for line in lines), timeout=2):
+                    return
+            assert verb == "create" and time.monotonic() < deadline, f"`ctr events` never showed {topic} {name}"
+
     try:
-        time.sleep(0.5)
+        marker("create", "/namespaces/create")
+        start = len(lines)
         yield seen
-        time.sleep(1)
+        marker("remove", "/namespaces/delete")
     finally:
         events.terminate()
-        seen.append(events.communicate(timeout=10)[0].decode())
+        events.wait(timeout=10)
+        reader.join(timeout=10)
+        for name in created[:-1]:  # markers sent before ctr events listened
+            run(ctd, "namespaces", "remove", name)
+        seen.append("".join(lines[start:]) if created else "")
 
 
 def test_events(env: tuple[PrivateContainerd, Path]) -> None:
+    """Every event the shim publishes, in order, as `ctr events` shows them."""
     ctd, rootfs = env
     with ctr_events(ctd) as seen:
-        res = run(ctd, "run", "--rm", *RUNTIME, "--rootfs", str(rootfs), "ev1", "/bin/true")
+        res = run(ctd, "run", "-d", *RUNTIME, "--rootfs", str(rootfs), "ev1", "/bin/sh", "-c",
+                  "while true; do sleep 0.2; done")
         assert res.returncode == 0, res.stderr
+        res = run(ctd, "task", "exec", "--exec-id", "x1", "ev1", "/bin/true")
+        assert res.returncode == 0, res.stderr
+        for verb in ("pause", "resume"):
+            assert run(ctd, "task", verb, "ev1").returncode == 0
+        assert run(ctd, "task", "kill", "-s", "SIGKILL", "ev1").returncode == 0
+        wait_status(ctd, "ev1", "STOPPED")
+        assert run(ctd, "task", "rm", "ev1").returncode == 0
+        assert run(ctd, "container", "rm", "ev1").returncode == 0
     out = seen[0]
     topics = [t for t in re.findall(r"(/tasks/[a-z-]+)", out)]
-    for topic in ("/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"):
-        assert topic in topics, out
-    assert topics.index("/tasks/create") < topics.index("/tasks/start") < topics.index("/tasks/exit") \
-        < topics.index("/tasks/delete")
+    order = ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/paused",
+             "/tasks/resumed", "/tasks/delete"]
+    for topic in order:
+        assert topics.count(topic) == 1, out
+    assert [topics.index(t) for t in order] == sorted(topics.index(t) for t in order), out
+    assert topics.count("/tasks/exit") == 2, out  # the exec's, then the init's
+    assert topics.index("/tasks/exec-started") < topics.index("/tasks/exit") < topics.index("/tasks/paused")
+    assert re.search(r"/tasks/exec-added .*x1", out) and re.search(r"/tasks/paused .*ev1", out), out
     assert_clean(ctd, "ev1")
 
 
@@ -405,7 +457,7 @@ def test_shim_killed_then_task_rm(env: tuple[PrivateContainerd, Path], detached:
     """containerd sees the shim's connection drop and runs our `delete` action, which kills the VM."""
     ctd, _ = env
     wait_status(ctd, detached, "RUNNING")
-    shims = [p for p in _shim_processes() if f"-id\0{detached}\0".encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+    shims = [p for p in _shim_processes(ctd) if f"-id\0{detached}\0".encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(shims) == 1
     os.kill(shims[0], signal.SIGKILL)
     deadline = time.monotonic() + 30

@@ -362,10 +362,9 @@ async def test_run_reports_a_signal(host: Host) -> None:
 
 
 async def test_run_timeout_kills_the_whole_command(host: Host) -> None:
-    t0 = time.monotonic()
-    # The background sleep holds the output pipes: only killing the process group ends the run.
+    # The background sleep holds the output pipes: only killing the process group ends the run (within()
+    # fails the test long before the sleeps would end).
     res = await within(host.client.run(["sh", "-c", "sleep 30 & exec sleep 30"], timeout=0.3))
-    assert time.monotonic() - t0 < 5
     assert (res.timed_out, res.exit_status, res.signal) == (True, None, signal.SIGKILL)
     assert (await within(host.client.ping(1))).seq == 1
 

@@ -118,15 +118,14 @@ async def test_reconnects_after_containerd_restarts(events_server: EventsServer)
 async def test_no_server_logs_an_error_and_never_raises(sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="uvmshim.events")
     publisher = Publisher(f"unix://{sock_dir / 'nobody.sock'}", "ns")
-    loop = asyncio.get_running_loop()
-    start = loop.time()
     publisher.publish("/tasks/exit", ev.TaskExit(container_id="t"))
     await publisher.flush()
-    await publisher.close()
-    await publisher.close()
-    assert loop.time() - start < 2.0
-    assert publisher.sent == []
+    # Given up on, not still trying: flush returned because the send ended, with the error logged.
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    await publisher.close()
+    await publisher.close()
+    assert publisher.sent == []
     assert len(errors) == 1
     assert "/tasks/exit" in errors[0].getMessage()
     assert str(sock_dir / "nobody.sock") in errors[0].getMessage()

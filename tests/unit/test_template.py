@@ -161,7 +161,7 @@ async def test_a_builder_waiting_for_the_lock_gives_up_in_time_and_can_be_cancel
         with pytest.raises(TemplateError, match="another process has been building it for 0.3s"):
             async with template._building(root, key, wait=0.3):
                 pass
-        assert 0.3 <= time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 >= 0.3
         waiter = asyncio.ensure_future(template._building(root, key).__aenter__())
         await asyncio.sleep(0.3)
         waiter.cancel()  # the VM's start was cancelled (closed, timed out) while it waited
