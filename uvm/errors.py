@@ -147,3 +147,7 @@ class InvalidIdError(AgentError, InvalidArgumentError):
 
 class TemplateError(UvmError):
     """A template could not be built, saved or loaded (the VM falls back to a cold boot where it can)."""
+
+
+class NetworkError(UvmError):
+    """A container's network could not be read or connected to its UVM (context: netns, link, step)."""
