@@ -299,9 +299,10 @@ class UtilityVM:
         if isinstance(e, TimeoutError) and not isinstance(e, errors.UvmError):
             if self._phase == "launch":
                 hint = getattr(self.backend, "slow_launch_hint", lambda: "")()
+                backend = getattr(self.backend, "name", self.config.backend)
                 return errors.BootTimeoutError(
-                    f"VM {self.id}: the {getattr(self.backend, 'name', self.config.backend)} backend did not bring the hypervisor up within the "
-                    f"launch timeout of {self.config.launch_timeout:g}s{hint}", console_tail=tail, vm_id=self.id)
+                    f"VM {self.id}: the {backend} backend did not bring the hypervisor up within the launch timeout "
+                    f"of {self.config.launch_timeout:g}s{hint}", console_tail=tail, vm_id=self.id)
             return errors.BootTimeoutError(
                 f"VM {self.id}: the agent did not answer within the boot timeout of {self.config.boot_timeout:g}s "
                 f"(counted from the hypervisor up, {self.launch_seconds or 0:.1f}s after the start)",
