@@ -127,6 +127,15 @@ def libvirtd() -> Iterator[list[str]]:
         yield started
 
 
+def private_config(directory: Path) -> Path:
+    """An empty shim config file in directory (the defaults), for $UVMSHIM_CONFIG: the shims the suite
+    starts must never read the host's /etc/uvmshim/config.toml."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "uvmshim.toml"
+    path.write_text("")
+    return path
+
+
 def assert_no_leftovers(suite_dir: Path) -> None:
     run = suite_dir / "run"
     assert not list(run.iterdir()), f"left in the run directory: {list(run.iterdir())}"

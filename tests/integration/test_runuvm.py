@@ -22,6 +22,7 @@ from schemas import oci
 from shim.containerd_env import processes_with_arg, shim_daemons
 from shim.runuvm_client import ConsoleSocket, CreateOpts, RunuvmCommandError
 from shim.runuvm_client import Runuvm as Client
+from tests.conftest import private_config
 from uvm.demo import busybox_rootfs
 
 pytestmark = pytest.mark.vm
@@ -40,7 +41,8 @@ def env(suite_dir: Path, image_dir: Path) -> Iterator[tuple[Path, Path, dict[str
     shutil.move(busybox_rootfs(base), bundle / "rootfs")
     spec = oci.default_spec(["/bin/sh", "-c", "trap 'exit 143' TERM; while true; do sleep 0.2; done"], env=["PATH=/bin"])
     (bundle / "config.json").write_text(json.dumps(spec.wire()))
-    environ = {**os.environ, "UVMSHIM_RUN_DIR": str(suite_dir / "run"), "UVMSHIM_IMAGE_DIR": str(image_dir)}
+    environ = {**os.environ, "UVMSHIM_RUN_DIR": str(suite_dir / "run"), "UVMSHIM_IMAGE_DIR": str(image_dir),
+               "UVMSHIM_CONFIG": str(private_config(base))}
     yield root, bundle, environ
     left = list(root.iterdir()) if root.exists() else []
     daemons = shim_daemons(under=base)  # ours only: another user's shims are not the suite's

@@ -22,7 +22,7 @@ import pytest
 from schemas import oci
 from shim.containerd_env import shim_daemons
 from shim.runuvm_client import ConsoleSocket
-from tests.conftest import _qemu_processes_under
+from tests.conftest import _qemu_processes_under, private_config
 from uvm.demo import busybox_rootfs
 from uvm.ssh import connect
 
@@ -39,6 +39,7 @@ def env(suite_dir: Path, image_dir: Path) -> Iterator[Env]:
     root = base / "root"
     base.mkdir()
     environ = {**os.environ, "UVMSHIM_RUN_DIR": str(suite_dir / "run"), "UVMSHIM_IMAGE_DIR": str(image_dir),
+               "UVMSHIM_CONFIG": str(private_config(base)),
                "UVMSHIM_STATE_DIR": str(suite_dir / "state")}
     yield root, suite_dir / "run", environ
     left = [p for p in root.rglob("*") if p.name != ".boot"] if root.exists() else []

@@ -29,6 +29,7 @@ from shim.containerd_env import (
     shim_daemons,
 )
 from shim.leftovers import processes_using
+from tests.conftest import private_config
 from uvm.demo import busybox_rootfs
 
 pytestmark = pytest.mark.vm
@@ -61,7 +62,7 @@ def env(suite_dir: Path, image_dir: Path) -> Iterator[tuple[PrivateContainerd, P
         # containerd passes its environment to the shim: keep the VMs' run directories in the suite's.
         mp.setenv("UVMSHIM_RUN_DIR", str(run_dir))
         mp.setenv("UVMSHIM_IMAGE_DIR", str(image_dir))
-        mp.delenv("UVMSHIM_CONFIG", raising=False)
+        mp.setenv("UVMSHIM_CONFIG", str(private_config(base)))  # never the host's /etc/uvmshim/config.toml
         ctd = PrivateContainerd(base / "c", extra_path=[VENV_BIN])
         try:
             ctd.start()

@@ -77,11 +77,20 @@ class FakeProcess:
         self.stderr = FakeOutput(stderr) if stderr is not None else None
         self.stdin: object | None = object() if stdin else None
         self.stdin_data = b""
+        self.stdin_grew = asyncio.Event()
         self.stdin_closed = asyncio.Event()
         self.close_stdin_calls = 0
 
     async def write_stdin(self, data: bytes) -> None:
         self.stdin_data += data
+        self.stdin_grew.set()
+
+    async def received(self, expected: bytes, timeout: float = 10.0) -> None:
+        """Wait until the input delivered so far is expected (the copy runs in its own time)."""
+        async with asyncio.timeout(timeout):
+            while self.stdin_data != expected:
+                self.stdin_grew.clear()
+                await self.stdin_grew.wait()
 
     def close_stdin(self) -> None:
         self.close_stdin_calls += 1
@@ -282,12 +291,14 @@ async def test_stdin_outlives_its_clients_until_close_io(fifos: dict[str, str]) 
     """As runc's shim: a client that closes its end (a detached `ctr run`, an attach that ends) is not the
     process's end of file; CloseIO is, once the clients' writers are gone as well."""
     async with with_stdin(fifos) as (proc, pio):
+        sent = b""
         for words in (b"hello ", b"world\n"):  # two clients, one after the other
             writer = os.open(fifos["stdin"], os.O_WRONLY | os.O_NONBLOCK)
             os.write(writer, words)
             os.close(writer)
-            await asyncio.sleep(0.1)
-        assert proc.stdin_data == b"hello world\n" and not proc.stdin_closed.is_set()
+            sent += words
+            await proc.received(sent)  # the first client's end was not the input's end
+        assert not proc.stdin_closed.is_set()
         await asyncio.wait_for(pio.close_stdin(proc.as_process()), 2.0)
         await asyncio.wait_for(proc.stdin_closed.wait(), 2.0)
         assert proc.stdin_data == b"hello world\n"
