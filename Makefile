@@ -11,12 +11,13 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static e2fsprogs erofs-utils 
 	util-linux crun containerd libvirt-dev libvirt-daemon-system libvirt-clients pkg-config gcc \
 	python3 python3-venv python3-dev
 
-.PHONY: help setup system-packages venv image proto demo test lint unit bench clean distclean
+.PHONY: help setup system-packages venv image proto demo test lint unit bench soak clean distclean
 
 help:
 	@echo "make demo   set up, build the guest image, boot a UVM, run a command and a container, then ctr run --rm through containerd"
 	@echo "make test   set up, build the guest image, lint, run the whole test suite"
 	@echo "make bench  figures (boot time against raw-QEMU floors measured in the same run)"
+	@echo "make soak   200 ctr run --rm cycles and 1000 piped execs through containerd, then a leak check"
 	@echo "make setup | image | lint | clean"
 
 setup: system-packages venv
@@ -65,6 +66,10 @@ unit: venv
 
 bench: setup image
 	@$(PY) bench/bench.py
+
+# Not part of `make test`: bounded by SOAK_CYCLES (200), SOAK_EXECS (1000) and SOAK_MAX_MINUTES (90).
+soak: setup image
+	@$(PY) -m tests.soak
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -34,8 +34,9 @@ from schemas.uvm_config import UvmConfig
 DEFAULT_PATH = Path("/etc/uvmshim/config.toml")
 # The UvmConfig fields an operator sets in the file; ids, shares, directories come from the task.
 UVM_KEYS = frozenset({"cpus", "memory_mib", "image", "kernel", "initrd", "rootfs", "kernel_args", "accel",
-                      "boot_timeout", "launch_timeout", "backend", "libvirt_uri", "qemu_binary", "tb_size_mib",
-                      "scsi_controllers", "start", "template_autobuild", "template_dir", "template_memory_dir", "state_dir"})
+                      "boot_timeout", "launch_timeout", "backend", "libvirt_uri", "libvirt_image_dir", "qemu_binary",
+                      "tb_size_mib", "scsi_controllers", "start", "template_autobuild", "template_dir",
+                      "template_memory_dir", "state_dir"})
 
 
 class OptionsError(ValueError):

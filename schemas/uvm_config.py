@@ -41,6 +41,13 @@ def default_state_dir() -> Path:
     return Path("/var/lib/uvmshim") if os.geteuid() == 0 else Path.home() / ".local/state/uvmshim"
 
 
+def default_libvirt_image_dir() -> Path:
+    """$UVMSHIM_LIBVIRT_IMAGE_DIR, else /var/lib/uvmshim/libvirt-images: where the libvirt backend puts the
+    copies of the guest image that libvirt's QEMU user can reach (a checkout under /root cannot be)."""
+    env = os.environ.get("UVMSHIM_LIBVIRT_IMAGE_DIR")
+    return Path(env) if env else Path("/var/lib/uvmshim/libvirt-images")
+
+
 def new_vm_id() -> str:
     return "uvm-" + secrets.token_hex(4)
 
@@ -80,6 +87,7 @@ class UvmConfig(BaseModel):
     launch_timeout: Annotated[float, Field(gt=0, le=3600)] = 180.0
     backend: Literal["qemu", "libvirt"] = "qemu"
     libvirt_uri: Annotated[str, Field(min_length=1, max_length=256)] = "qemu:///system"
+    libvirt_image_dir: Path = Field(default_factory=default_libvirt_image_dir)
     qemu_binary: str = "qemu-system-x86_64"
     tb_size_mib: Annotated[int, Field(ge=16, le=4096)] | None = None
     run_dir: Path = Field(default_factory=default_run_dir)

@@ -477,6 +477,7 @@ class Task:
         await asyncio.shield(self._teardown_task)
 
     async def _teardown(self) -> None:
+        log.info("task %s: tearing down its container, UVM and mounts", self.id)
         released = False
         try:
             if self.container is not None:

@@ -38,7 +38,11 @@ def suite_dir() -> Iterator[Path]:
     (d / "run").mkdir()
     (d / "state").mkdir()
     shm = template_memory_dir(d)
+    published = libvirt_image_dir(d)
+    published.mkdir(mode=0o755)
+    published.chmod(0o755)
     yield d
+    shutil.rmtree(published, ignore_errors=True)
     leaked_files = sorted(str(p) for p in (d / "run").rglob("*"))
     leaked_procs = _qemu_processes_under(d)
     orphans = orphan_template_files(d)
@@ -47,6 +51,12 @@ def suite_dir() -> Iterator[Path]:
     assert not leaked_procs, f"QEMU processes left behind: {leaked_procs}"
     assert not leaked_files, f"files left in the run directory: {leaked_files}"
     assert not orphans, f"template files no template owns: {orphans}"
+
+
+def libvirt_image_dir(suite_dir: Path) -> Path:
+    """The suite's own directory for the image copies the libvirt backend makes for libvirt's QEMU user
+    (beside the 0700 suite directory, which that user could not enter), removed at the end."""
+    return suite_dir.with_name(f"{suite_dir.name}-libvirt")
 
 
 def template_memory_dir(suite_dir: Path) -> Path:
@@ -95,6 +105,7 @@ def _config_factory(suite_dir: Path, image_dir: Path) -> Callable[..., UvmConfig
         kw.setdefault("image", image_dir)
         kw.setdefault("boot_timeout", 60.0)
         kw.setdefault("template_memory_dir", template_memory_dir(suite_dir))
+        kw.setdefault("libvirt_image_dir", libvirt_image_dir(suite_dir))
         return UvmConfig(**kw)
 
     return make

@@ -51,6 +51,7 @@ class LaunchSpec:
     scsi_controllers: int = 1
     backend: str = "qemu"
     libvirt_uri: str = "qemu:///system"
+    libvirt_image_dir: Path | None = None  # where the libvirt backend publishes the image for its QEMU user
     console_socket: bool = False  # the serial console on <run_dir>/console.sock (and still logged)
     ssh_port: int | None = None  # host loopback port forwarded to the guest's port 22 (a NIC only when set)
     # Guest RAM in a file (templates): shared (the template writes it) or private copy-on-write
@@ -180,6 +181,7 @@ def build(config: UvmConfig) -> LaunchSpec:
         console_log=config.console_log.absolute() if config.console_log else None,
         kill_with_parent=config.kill_with_parent, image_id=image_id, shares=tuple(shares),
         extra_ports=tuple(config.extra_ports), scsi_controllers=config.scsi_controllers,
-        backend=config.backend, libvirt_uri=config.libvirt_uri, console_socket=config.console_socket,
+        backend=config.backend, libvirt_uri=config.libvirt_uri, libvirt_image_dir=config.libvirt_image_dir.absolute(),
+        console_socket=config.console_socket,
         ssh_port=ssh_port,
     )

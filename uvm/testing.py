@@ -620,6 +620,7 @@ def make_test_config(directory: Path, **overrides: Any) -> UvmConfig:
         "boot_timeout": 5.0,
         "run_dir": directory / "run",
         "state_dir": directory / "state",
+        "libvirt_image_dir": directory / "libvirt-images",
     }
     values.update(overrides)
     return UvmConfig(**values)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from schemas import oci
 from schemas.uvm_config import Share, UvmConfig
-from tests.conftest import assert_no_leftovers
+from tests.conftest import assert_no_leftovers, libvirt_image_dir
 from uvm import errors
 from uvm.container import Rootfs
 from uvm.demo import busybox_rootfs
@@ -152,13 +154,12 @@ async def test_libvirt_bad_input(libvirtd: list[str], make_config: Callable[...,
             await UtilityVM(other).start()
         hidden = create_scratch(tmp_path / "hidden.img", size_gb=1).path  # in a 0700 directory
         tmp_path.chmod(0o700)
-        with pytest.raises(errors.DiskError, match="libvirt.*Permission denied"):
+        with pytest.raises(errors.DiskError, match=f"libvirt runs QEMU as libvirt-qemu \\(uid \\d+\\), which cannot "
+                                                   f"reach it: {tmp_path} \\(mode 0700"):
             await first.add_scsi_disk(hidden, "/mnt/hidden")
         assert first.backend is not None and await first.backend.scsi_inventory() == {"nodes": [], "devices": []}
     finally:
         await first.close()
-        import shutil
-
         shutil.rmtree(suite_dir / "run2", ignore_errors=True)
     assert f"uvmshim-{first.id}" not in domains()  # (only this test's: other users' domains are theirs)
     assert_no_leftovers(suite_dir)
@@ -181,3 +182,34 @@ async def test_leftover_of_a_dead_shim_is_found_and_destroyed(libvirtd: list[str
         await vm.close()
     assert f"uvmshim-{vm.id}" not in domains()
     assert_no_leftovers(suite_dir)
+
+
+async def test_libvirt_from_a_checkout_under_a_0700_directory(libvirtd: list[str], make_config: Callable[..., UvmConfig],
+                                                            suite_dir: Path, image_dir: Path) -> None:
+    """A root user's clone lands under /root (0700), where libvirt's QEMU user cannot read the image: the
+    backend publishes it where that user can, and a share still out of its reach is named in the error."""
+    home = Path(tempfile.mkdtemp(prefix="uvmt-home-", dir="/tmp"))  # 0700, as /root
+    try:
+        await boot_from_a_private_checkout(make_config, suite_dir, image_dir, home)
+    finally:
+        shutil.rmtree(home)
+    assert_no_leftovers(suite_dir)
+
+
+async def boot_from_a_private_checkout(make_config: Callable[..., UvmConfig], suite_dir: Path, image_dir: Path,
+                                       home: Path) -> None:
+    checkout_image = home / "uvmshim" / "images" / "out"
+    shutil.copytree(image_dir, checkout_image)
+    assert home.stat().st_mode & 0o777 == 0o700
+    vm = UtilityVM(make_config(backend="libvirt", boot_timeout=120, image=checkout_image))
+    try:
+        await vm.start()
+        assert (await vm.run(["true"])).exit_status == 0
+        assert vm.backend is not None and str(libvirt_image_dir(suite_dir)) in str(vm.backend.spec.rootfs)
+    finally:
+        await vm.close()
+    private_share = home / "share"
+    private_share.mkdir()
+    with pytest.raises(errors.StartError, match=f"which cannot reach the share s1 {private_share}: {home} \\(mode 0700"):
+        await UtilityVM(make_config(backend="libvirt", boot_timeout=120, image=checkout_image,
+                                    shares=[Share(tag="s1", host_path=private_share)])).start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -84,6 +86,9 @@ class SlowConnection:
     def lookupByName(self, name: str) -> None:
         raise libvirt_error(libvirt.VIR_ERR_NO_DOMAIN, "Domain not found")
 
+    def getCapabilities(self) -> str:
+        return "<capabilities><host/></capabilities>"  # QEMU as root (no DAC label)
+
     def createXML(self, xml: str, flags: int) -> SlowDomain:
         time.sleep(0.5)
         name = ET.fromstring(xml).findtext("name") or ""
@@ -130,3 +135,72 @@ async def test_a_failed_domain_lookup_is_not_taken_for_a_free_name(tmp_path: Pat
         await backend.launch(spec)
     await backend.aclose()
     assert not running and conn.closed and not backend.run_dir.exists()
+
+
+# -- what libvirt's QEMU user can reach ------------------------------------------------------------------
+
+CAPABILITIES = """<capabilities><host>
+  <secmodel><model>none</model><doi>0</doi></secmodel>
+  <secmodel><model>dac</model><doi>0</doi><baselabel type='kvm'>+4242:+4343</baselabel>
+    <baselabel type='qemu'>+4242:+4343</baselabel></secmodel>
+</host></capabilities>"""
+
+
+def test_the_hypervisor_user_comes_from_the_dac_label() -> None:
+    user = libvirt_backend.hypervisor_user(CAPABILITIES)
+    assert user is not None and (user.uid, user.gid) == (4242, 4343) and 4343 in user.groups
+    assert user.describe() == "uid 4242"  # no passwd entry
+    root = CAPABILITIES.replace("+4242:+4343", "+0:+0")
+    assert libvirt_backend.hypervisor_user(root) is None  # QEMU as root: nothing is out of its reach
+    assert libvirt_backend.hypervisor_user("<capabilities><host/></capabilities>") is None
+
+
+def test_unreachable_names_the_directory_that_denies_search() -> None:
+    user = libvirt_backend.HypervisorUser(4242, 4343, frozenset({4343}))
+    base = Path(tempfile.mkdtemp(prefix="uvmt-reach-", dir="/tmp"))  # (pytest's own tmp_path is under a 0700 dir)
+    try:
+        check_reachability(base, user)
+    finally:
+        shutil.rmtree(base)
+
+
+def check_reachability(base: Path, user: libvirt_backend.HypervisorUser) -> None:
+    base.chmod(0o755)
+    outer = base / "outer"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    (inner / "f").write_text("x")
+    outer.chmod(0o750)  # group root: not the user's
+    why = libvirt_backend.unreachable(inner / "f", user)
+    assert why is not None and why.startswith(f"{outer} (mode 0750") and "does not let uid 4242 through" in why
+    outer.chmod(0o711)
+    assert libvirt_backend.unreachable(inner / "f", user) is None
+    inner.chmod(0o700)  # a share directory itself must let the user in, a file's directory is the parent's
+    assert libvirt_backend.unreachable(inner / "f", user) is not None
+    assert libvirt_backend.unreachable(inner, user) is None
+    assert libvirt_backend.unreachable(inner, user, directory=True) is not None
+
+
+def test_publish_copies_once_keeps_the_newest_and_leaves_the_sources_alone(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    dest = tmp_path / "pub" / "images"
+    files = {}
+    for name in ("kernel", "initrd", "rootfs"):
+        (src / name).write_bytes(name.encode() * 100)
+        files[name] = src / name
+    first = libvirt_backend.publish(files, dest)
+    assert {k: v.read_bytes() for k, v in first.items()} == {k: v.read_bytes() for k, v in files.items()}
+    assert all(v.parent == dest and v.stat().st_ino != files[k].stat().st_ino for k, v in first.items())
+    assert (dest.stat().st_mode & 0o777, (tmp_path / "pub").stat().st_mode & 0o777) == (0o755, 0o755)
+    inode = first["kernel"].stat().st_ino
+    assert libvirt_backend.publish(files, dest)["kernel"].stat().st_ino == inode  # unchanged: reused
+    time.sleep(0.01)
+    (src / "kernel").write_bytes(b"new kernel")
+    second = libvirt_backend.publish(files, dest)
+    assert second["kernel"] != first["kernel"] and second["kernel"].read_bytes() == b"new kernel"
+    for n in range(libvirt_backend.PUBLISHED_KEEP + 3):  # many other images: only the newest stay
+        (src / "kernel").write_bytes(b"k%d" % n)
+        libvirt_backend.publish(files, dest)
+    left = [p for p in dest.iterdir()]
+    assert len(left) == libvirt_backend.PUBLISHED_KEEP and not any(p.name.startswith(".") for p in left)

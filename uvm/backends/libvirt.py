@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import os
+import pwd
+import shutil
 import socket
+import stat
 import threading
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -139,6 +145,103 @@ def check_kvm_node(log: logging.Logger) -> None:
         log.warning("%s (domain starts are slow until then)", problem)
 
 
+PUBLISHED_KEEP = 9  # image files kept in libvirt_image_dir (three images' worth), least recently used go
+
+
+@dataclass(frozen=True)
+class HypervisorUser:
+    """Who libvirt runs QEMU as (its DAC security model's base label), with that user's groups."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+    def describe(self) -> str:
+        try:
+            name = pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return f"uid {self.uid}"
+        return f"{name} (uid {self.uid})"
+
+
+def hypervisor_user(capabilities_xml: str) -> HypervisorUser | None:
+    """libvirt's QEMU user from its capabilities (<secmodel> dac, baselabel '+64055:+64055'); None when
+    libvirt runs QEMU as root or the label cannot be read."""
+    for model in ET.fromstring(capabilities_xml).iter("secmodel"):
+        if model.findtext("model") != "dac":
+            continue
+        for label in model.iter("baselabel"):
+            if label.get("type") not in ("qemu", "kvm") or not label.text:
+                continue
+            try:
+                uid, gid = (int(part.strip().lstrip("+")) for part in label.text.split(":"))
+            except ValueError:
+                return None
+            if uid == 0:
+                return None
+            groups = {gid}
+            with contextlib.suppress(KeyError):
+                groups.update(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+            return HypervisorUser(uid, gid, frozenset(groups))
+    return None
+
+
+def _allows(st: os.stat_result, user: HypervisorUser, bit: int) -> bool:
+    """Whether the permission bit (4 read, 1 search) of st's mode grants it to user (owner, group, others)."""
+    if st.st_uid == user.uid:
+        return bool(st.st_mode & (bit << 6))
+    if st.st_gid in user.groups:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
+def unreachable(path: Path, user: HypervisorUser, *, directory: bool = False) -> str | None:
+    """Why user cannot reach path (a directory on the way denies it search; a directory itself, with
+    directory, too), or None. libvirt's dynamic ownership hands a file to QEMU's user, never the
+    directories above it."""
+    for parent in [*reversed(path.parents), *([path] if directory else [])]:
+        try:
+            st = parent.stat()
+        except OSError as e:
+            return f"{parent}: {e.strerror}"
+        if not _allows(st, user, 1):
+            return (f"{parent} (mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}:{st.st_gid}) does not let "
+                    f"{user.describe()} through")
+    return None
+
+
+def publish(files: dict[str, Path], dest: Path) -> dict[str, Path]:
+    """Copies of the image's files in dest, a root-owned directory every user may search (made 0755 where
+    missing), reused while the source is unchanged (keyed by its path, size and mtime) and written
+    atomically; the least recently used beyond PUBLISHED_KEEP are removed (a running QEMU keeps the file
+    it has open). A copy, not a link: libvirt chowns what QEMU opens, and the checkout's files stay its own.
+    Raises OSError."""
+    for missing in reversed([dest, *dest.parents]):
+        if not missing.exists():
+            missing.mkdir(mode=0o755)
+    out = {}
+    for what, src in files.items():
+        st = src.stat()
+        digest = hashlib.sha256(f"{src}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = dest / f"{digest}-{src.name}"
+        if not (target.exists() and target.stat().st_size == st.st_size):
+            tmp = dest / f".{target.name}.{os.getpid()}.tmp"
+            try:
+                shutil.copyfile(src, tmp)
+                tmp.chmod(0o644)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        os.utime(target)  # recently used
+        out[what] = target
+    published = sorted((p for p in dest.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime,
+                       reverse=True)
+    for old in published[PUBLISHED_KEEP:]:
+        if old not in out.values():
+            old.unlink(missing_ok=True)
+    return out
+
+
 def sd_name(index: int) -> str:
     """sda, sdb, ..., sdz, sdaa, ...: libvirt's target names (the guest names its disks itself)."""
     letters = ""
@@ -177,6 +280,7 @@ class LibvirtBackend:
         self._removed: dict[str, asyncio.Event] = {}
         self._channels: dict[str, str] = {}
         self._pid: int | None = None
+        self._user: HypervisorUser | None = None  # libvirt's QEMU user, once connected
         self._terminating = False
         self._run_dir_lock: int | None = None  # held from launch until the directory is removed
         self._closed = False
@@ -233,6 +337,7 @@ class LibvirtBackend:
         else:
             raise AlreadyExistsError(f"VM {spec.vm_id}: libvirt domain {self.domain_name} already exists "
                                      f"(`virsh destroy {self.domain_name}` if it is a leftover)", vm_id=spec.vm_id)
+        spec = self.spec = await self._reachable_image(spec)
         xml = domain_xml(spec, self.console_path)
         try:
             self._creating = asyncio.ensure_future(asyncio.to_thread(self._conn.createXML, xml, 0))
@@ -248,6 +353,28 @@ class LibvirtBackend:
                 self._channels[str(tgt.get("name"))] = str(src.get("path"))
         self._pid = qemu_pid(self.domain_name)
         self._watchdog = self._loop.create_task(self._poll_active(), name=f"{spec.vm_id}-libvirt-watch")
+
+    async def _reachable_image(self, spec: LaunchSpec) -> LaunchSpec:
+        """spec with the image's files published where libvirt's QEMU user can read them (the checkout
+        may sit under a 0700 home); StartError naming any file or share that user still cannot reach."""
+        self._user = hypervisor_user(await self._call("capabilities", self._conn.getCapabilities))
+        if spec.libvirt_image_dir is not None:
+            try:
+                files = await asyncio.to_thread(publish, {"kernel": spec.kernel, "initrd": spec.initrd,
+                                                          "rootfs": spec.rootfs}, spec.libvirt_image_dir)
+            except OSError as e:
+                raise StartError(f"VM {spec.vm_id}: cannot publish the guest image in {spec.libvirt_image_dir} for "
+                                 f"libvirt's QEMU: {e}", vm_id=spec.vm_id) from None
+            spec = dataclasses.replace(spec, kernel=files["kernel"], initrd=files["initrd"], rootfs=files["rootfs"])
+        if self._user is not None:
+            needed = [("kernel", spec.kernel, False), ("initrd", spec.initrd, False), ("root image", spec.rootfs, False)]
+            needed += [(f"share {share.tag}", share.host_path, True) for share in spec.shares]
+            for what, path, directory in needed:
+                why = unreachable(path, self._user, directory=directory)
+                if why is not None:
+                    raise StartError(f"VM {spec.vm_id}: libvirt runs QEMU as {self._user.describe()}, which cannot "
+                                     f"reach the {what} {path}: {why}", vm_id=spec.vm_id, path=str(path))
+        return spec
 
     def _register_events(self, conn: Any, dom: Any) -> list[int]:
         return [conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
@@ -377,6 +504,10 @@ class LibvirtBackend:
     async def attach_scsi(self, controller: int, lun: int, path: str, readonly: bool, fmt: str) -> None:
         if not self._active():
             raise DiskError(f"VM {self.spec.vm_id}: attach {path}: the domain is not running", vm_id=self.spec.vm_id)
+        user = self._user
+        if user is not None and (why := await asyncio.to_thread(unreachable, Path(path), user)):  # (absolute)
+            raise DiskError(f"VM {self.spec.vm_id}: attach {path}: libvirt runs QEMU as {user.describe()}, which "
+                            f"cannot reach it: {why}", vm_id=self.spec.vm_id, path=path)
         try:
             await asyncio.to_thread(self._dom.attachDeviceFlags, self._disk_xml(controller, lun, path, readonly, fmt),
                                     libvirt.VIR_DOMAIN_AFFECT_LIVE)
