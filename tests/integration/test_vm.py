@@ -211,8 +211,9 @@ async def test_qmp_socket_that_never_appears(make_config: Callable[..., UvmConfi
     fake = tmp_path / "fake-qemu"
     fake.write_text("#!/bin/sh\necho \"$$\" > \"$(dirname \"$0\")/pid\"\nexec sleep 600\n")
     fake.chmod(0o755)
-    vm = UtilityVM(make_config(qemu_binary=str(fake), accel="tcg", boot_timeout=1.5))
-    with pytest.raises(errors.BootTimeoutError, match="boot timeout of 1.5s"):
+    vm = UtilityVM(make_config(qemu_binary=str(fake), accel="tcg", launch_timeout=1.5))
+    with pytest.raises(errors.BootTimeoutError, match="the qemu backend did not bring the hypervisor up within the "
+                                                       "launch timeout of 1.5s"):
         await vm.start()
     pid = int((tmp_path / "pid").read_text())
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

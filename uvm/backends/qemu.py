@@ -129,6 +129,16 @@ class QemuBackend:
     def console_path(self) -> Path:
         return self.spec.console_log or self.run_dir / "console.log"
 
+    def slow_launch_hint(self) -> str:
+        """What the launch was waiting for, for the launch timeout's error, led by '; '."""
+        if self._proc is None:
+            return ""
+        sock = self.run_dir / "qmp.sock"
+        if self._qmp is None:
+            what = "had not created" if not sock.exists() else "did not answer on"
+            return f"; QEMU (pid {self._proc.pid}) {what} its QMP socket {sock}"
+        return f"; QEMU (pid {self._proc.pid}) was loading the template's state" if self.spec.incoming else ""
+
     async def launch(self, spec: LaunchSpec) -> None:
         self._run_dir_lock = create_run_dir(spec, 0o700)
         argv = qemu_argv(spec, self.run_dir)
