@@ -54,10 +54,13 @@ def nothing_outlives_its_test(env: tuple[PrivateContainerd, Path]) -> Iterator[N
     yield from _nothing_outlives_its_test(env)
 
 
-def until(found: Callable[[], bool], what: str, timeout: float = STEP_TIMEOUT_S) -> None:
+def until(found: Callable[[], bool], what: str, ctr: subprocess.Popen[bytes] | None = None,
+          timeout: float = STEP_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while not found():
         assert time.monotonic() < deadline, f"never saw {what}"
+        if ctr is not None and ctr.poll() is not None:
+            pytest.fail(f"ctr ended ({ctr.returncode}) before {what}: {ctr.communicate()[1]!r}")
         time.sleep(0.02)
 
 
@@ -82,10 +85,13 @@ def kill_all(pids: list[int]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def spec_with_hooks(ctd: PrivateContainerd, tmp_path: Path, marker: str) -> Path:
-    """ctr's default spec plus hooks that stop the create (createRuntime, run by crun in the UVM) and the
+def spec_with_hooks(ctd: PrivateContainerd, tmp_path: Path, rootfs: Path, marker: str) -> Path:
+    """ctr's default spec (ctr run --config takes nothing else but the id) on the rootfs directory, running
+    a loop that prints, plus hooks that stop the create (createRuntime, run by crun in the UVM) and the
     start (startContainer, in the container) after leaving a marker the host sees in the shared rootfs."""
     spec = json.loads(run(ctd, "oci", "spec").stdout)
+    spec["root"] = {"path": str(rootfs)}
+    spec["process"]["args"] = ["/bin/sh", "-c", "while true; do echo streaming; done"]
     wait = "while true; do sleep 1; done"
     spec["hooks"] = {
         "createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", f"touch {GUEST_SHARE}/tmp/{marker}.create; {wait}"]}],
@@ -121,9 +127,8 @@ def test_a_kill_at_each_step_is_never_a_success(env: tuple[PrivateContainerd, Pa
     marker = f"{tid}-{time.monotonic_ns()}"
     victims = {"qemu": qemu_of, "shim": shim_of}[victim]
     log_offset = ctd.log_path.stat().st_size
-    spec = spec_with_hooks(ctd, tmp_path, marker if step in ("create", "start") else "")
-    argv = ["ctr", "--address", str(ctd.address), "-n", ctd.namespace, "run", *RUNTIME, "--config", str(spec),
-            "--rootfs", str(rootfs), tid, "/bin/sh", "-c", "while true; do echo streaming; done"]
+    spec = spec_with_hooks(ctd, tmp_path, rootfs, marker if step in ("create", "start") else "")
+    argv = ["ctr", "--address", str(ctd.address), "-n", ctd.namespace, "run", *RUNTIME, "--config", str(spec), tid]
     if step not in ("output", "delete"):
         argv.insert(argv.index("run") + 1, "-d")
     with ctr_events(ctd) as seen:
@@ -158,16 +163,16 @@ def strike(ctd: PrivateContainerd, tid: str, step: str, marker: str, rootfs: Pat
     from shim.task import vm_id_for
 
     if step == "boot":
-        until(lambda: bool(qemu_of(ctd, tid)), f"the QEMU of {tid}")
+        until(lambda: bool(qemu_of(ctd, tid)), f"the QEMU of {tid}", ctr)
         kill()
         return False
     if step == "hello":
         started = f"uvm.{vm_id_for(ctd.namespace, tid)}: started"
-        until(lambda: started in log_lines_since(ctd, log_offset), f"'{started}' in containerd's log")
+        until(lambda: started in log_lines_since(ctd, log_offset), f"'{started}' in containerd's log", ctr)
         kill()
         return False
     if step in ("create", "start"):
-        until(lambda: (rootfs / "tmp" / f"{marker}.{step}").exists(), f"the {step} hook's marker")
+        until(lambda: (rootfs / "tmp" / f"{marker}.{step}").exists(), f"the {step} hook's marker", ctr)
         kill()
         return step == "start"
     if step == "output":
