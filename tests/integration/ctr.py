@@ -122,28 +122,46 @@ def exit_status_of_rm(ctd: PrivateContainerd, tid: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+class Events:
+    """What `ctr events` printed since it subscribed: ``text`` (after the block: everything the block
+    caused) and ``wait_for`` (an event that comes in its own time, e.g. containerd's for a dead shim)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.start = 0
+        self.arrived = threading.Condition()
+
+    @property
+    def text(self) -> str:
+        with self.arrived:
+            return "".join(self.lines[self.start:])
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> bool:
+        """Whether a line matching the regular expression pattern arrived within timeout seconds."""
+        regex = re.compile(pattern)
+        with self.arrived:
+            return self.arrived.wait_for(lambda: any(regex.search(line) for line in self.lines[self.start:]), timeout)
+
+
 @contextlib.contextmanager
-def ctr_events(ctd: PrivateContainerd) -> Iterator[list[str]]:
-    """`ctr events` while the block runs; the list holds its output afterwards. Events reach it in order,
-    so a marker event (a namespace made, then removed) seen before the block says it has subscribed, and
-    one seen after it says everything the block caused has arrived: no sleep guesses either."""
-    seen: list[str] = []
-    lines: list[str] = []
-    arrived = threading.Condition()
+def ctr_events(ctd: PrivateContainerd) -> Iterator[Events]:
+    """`ctr events` while the block runs. Events reach it in order, so a marker event (a namespace made,
+    then removed) seen before the block says it has subscribed, and one seen after it says everything the
+    block caused has arrived: no sleep guesses either."""
+    seen = Events()
     events = subprocess.Popen(["ctr", "--address", str(ctd.address), "events"], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL)
 
     def read() -> None:
         assert events.stdout is not None
         for line in events.stdout:
-            with arrived:
-                lines.append(line.decode(errors="replace"))
-                arrived.notify_all()
+            with seen.arrived:
+                seen.lines.append(line.decode(errors="replace"))
+                seen.arrived.notify_all()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     mark = f"evmark{os.getpid()}x{time.monotonic_ns() % 10**9}"
-
     created: list[str] = []
 
     def marker(verb: str, topic: str) -> None:
@@ -153,14 +171,14 @@ def ctr_events(ctd: PrivateContainerd) -> Iterator[list[str]]:
                 created.append(f"{mark}n{len(created)}")
             name = created[-1]
             assert run(ctd, "namespaces", verb, name).returncode == 0
-            with arrived:
-                if arrived.wait_for(lambda n=name: any(topic in line and n in line for line in lines), timeout=2):
-                    return
+            if seen.wait_for(rf"{topic} .*{name}", timeout=2):
+                return
             assert verb == "create" and time.monotonic() < deadline, f"`ctr events` never showed {topic} {name}"
 
     try:
         marker("create", "/namespaces/create")
-        start = len(lines)
+        with seen.arrived:
+            seen.start = len(seen.lines)
         yield seen
         marker("remove", "/namespaces/delete")
     finally:
@@ -169,4 +187,14 @@ def ctr_events(ctd: PrivateContainerd) -> Iterator[list[str]]:
         reader.join(timeout=10)
         for name in created[:-1]:  # markers sent before ctr events listened
             run(ctd, "namespaces", "remove", name)
-        seen.append("".join(lines[start:]) if created else "")
+
+
+def remove_ctr_fifos(ctd: PrivateContainerd, tid: str) -> None:
+    """The stdio FIFO directory `ctr run` made for a task: `ctr task rm` removes it only when it finds the
+    task, and a task whose shim or run failed may be gone by then (runc's shim leaves the same behind).
+    That is ctr's to clean, not the shim's."""
+    for fifo_dir in ctd.shared_entries_of(tid):
+        if fifo_dir.parent.name == "fifo":
+            for f in fifo_dir.iterdir():
+                f.unlink()
+            fifo_dir.rmdir()

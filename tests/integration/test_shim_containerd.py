@@ -28,6 +28,7 @@ from tests.integration.ctr import (
     assert_clean,
     ctr_events,
     exit_status_of_rm,
+    remove_ctr_fifos,
     run,
     shim_processes,
     task_status,
@@ -196,7 +197,7 @@ def test_events(env: tuple[PrivateContainerd, Path]) -> None:
         wait_status(ctd, "ev1", "STOPPED")
         assert run(ctd, "task", "rm", "ev1").returncode == 0
         assert run(ctd, "container", "rm", "ev1").returncode == 0
-    out = seen[0]
+    out = seen.text
     topics = [t for t in re.findall(r"(/tasks/[a-z-]+)", out)]
     order = ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/paused",
              "/tasks/resumed", "/tasks/delete"]
@@ -215,7 +216,7 @@ def test_oom_kill_is_an_event(env: tuple[PrivateContainerd, Path]) -> None:
     with ctr_events(ctd) as seen:
         res = run(ctd, "run", "--rm", *RUNTIME, "--memory-limit", str(32 << 20), "--rootfs", str(rootfs), "oom1",
                   "/bin/sh", "-c", "tail /dev/zero")
-    out = seen[0]
+    out = seen.text
     assert res.returncode == 137, res.stderr
     assert re.search(r"/tasks/oom .*oom1", out), out
     assert_clean(ctd, "oom1")
@@ -336,13 +337,7 @@ def test_shim_killed_then_task_rm(env: tuple[PrivateContainerd, Path], detached:
         time.sleep(0.2)
     res = run(ctd, "task", "rm", "-f", detached)
     assert res.returncode == 0 or b"not found" in res.stderr, res.stderr  # containerd may have removed it already
-    # `ctr run -d` created the task's FIFO directory; only a `ctr task rm` that finds the task removes it
-    # (runc's shim leaves the same behind when it is killed): that is ctr's, not the shim's, to clean.
-    for fifo_dir in ctd.shared_entries_of(detached):
-        if fifo_dir.parent.name == "fifo":
-            for f in fifo_dir.iterdir():
-                f.unlink()
-            fifo_dir.rmdir()
+    remove_ctr_fifos(ctd, detached)
     # the fixture removes the container and checks that no QEMU, mount, socket or FIFO is left
 
 
