@@ -42,6 +42,10 @@ DELETE = "delete_container"      # {id} -> {}
 SCSI_MOUNT = "scsi_mount"        # {controller, lun, path|null, fstype, options, readonly} -> {device, path}
 SCSI_UNMOUNT = "scsi_unmount"    # {path} -> {}
 SCSI_UNPLUG = "scsi_unplug"      # {controller, lun} -> {}
+# The container's network (uvm/network.py, uvm/guest/net.py): each NIC found by nic_mac takes a veth's identity.
+CONFIGURE_NETWORK = "configure_network"  # {interfaces: [{nic_mac, name, mac, mtu, addresses: [{family, address,
+#                                           prefixlen}]}], routes: [{family, dest, dest_prefixlen, gateway, source,
+#                                           device, scope, metric}], neighbours: [{family, address, mac, device}]} -> {}
 # Templates (uvm/template.py): warm a VM before it is saved; make a clone its own machine.
 PREPARE_TEMPLATE = "prepare_template"  # {} -> {}: load what containers need, nothing container-specific
 # A clone's handshake: hello's version negotiation and result, after the clone made itself its own machine.
@@ -49,8 +53,9 @@ RESUME_CLONE = "resume_clone"    # {version, vm_id, time_ns, entropy (base64, 32
 MAX_ENTROPY = 512
 
 METHODS = (HELLO, PING, SHUTDOWN, RUN, EXEC, SIGNAL, RESIZE, CREATE, START, KILL, PAUSE, RESUME, STATE, LIST,
-           PROCESSES, UPDATE, STATS, DELETE, SCSI_MOUNT, SCSI_UNMOUNT, SCSI_UNPLUG, PREPARE_TEMPLATE, RESUME_CLONE)
-CAPABILITIES = ("ping", "shutdown", "run", "exec", "containers", "streams", "scsi", "overlay", "clone")
+           PROCESSES, UPDATE, STATS, DELETE, SCSI_MOUNT, SCSI_UNMOUNT, SCSI_UNPLUG, CONFIGURE_NETWORK, PREPARE_TEMPLATE,
+           RESUME_CLONE)
+CAPABILITIES = ("ping", "shutdown", "run", "exec", "containers", "streams", "scsi", "overlay", "clone", "network")
 
 # Notifications (guest -> host).
 EVENT_LOG = "log"

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+NEW_NETNS = "new"  # network_namespace: a fresh one, for CNI to fill after the VM started
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +111,11 @@ class UvmConfig(BaseModel):
     # 127.0.0.1:<ssh_port> forwarded to the guest's port 22 (`runuvm boot --ssh`); 0 picks a free
     # port. None: the VM has no network device. QEMU backend only.
     ssh_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    # The container's network (uvm/network.py): None, no NIC; a network namespace's path (CNI already
+    # ran there: a pod's), whose interfaces the VM's NICs take over through taps beside them; or "new",
+    # a fresh namespace that QEMU starts in with one NIC, taken over once CNI fills it (`ctr run --cni`
+    # gives /proc/<QEMU's pid>/ns/net to CNI after the task's create). QEMU backend only.
+    network_namespace: Annotated[str, Field(max_length=4096)] | None = None
     kill_with_parent: bool = True
     shares: Annotated[list[Share], Field(max_length=16)] = Field(default_factory=list)
     scsi_controllers: Annotated[int, Field(ge=0, le=4)] = 1
@@ -131,6 +137,13 @@ class UvmConfig(BaseModel):
         tags = [s.tag for s in v]
         if len(set(tags)) != len(tags):
             raise ValueError(f"share tags must be unique: {tags}")
+        return v
+
+    @field_validator("network_namespace")
+    @classmethod
+    def _check_netns(cls, v: str | None) -> str | None:
+        if v is not None and v != NEW_NETNS and (not v.startswith("/") or "\0" in v):
+            raise ValueError(f"{v!r}: an absolute path of a network namespace, or {NEW_NETNS!r}")
         return v
 
     @field_validator("kernel_args")

@@ -87,6 +87,18 @@ def _is_vm_run_dir(run_dir: Any, vm_id: Any) -> bool:
     return path.is_absolute() and len(path.parts) >= 3 and path.name == vm_id and ".." not in path.parts
 
 
+def _clean_network(network: dict[str, Any]) -> list[str]:
+    """Our qdiscs and filters off the veths of the namespace the VM took over, its taps gone (they
+    went with QEMU's fds, unless something else holds one)."""
+    veths, taps = ([n for n in network.get(key) or [] if isinstance(n, str)] for key in ("veths", "taps"))
+    try:
+        from uvm.network import cleanup  # (pyroute2: only a task that had a network pays for it)
+
+        return cleanup(network["netns"], veths, taps)
+    except Exception as e:  # the rest of the cleanup must still run
+        return [f"network of netns {network['netns']}: {e}"]
+
+
 def clean(bundle: Path) -> list[str]:
     """Remove what the state file names; a list of what was done (for the cleanup warnings)."""
     try:
@@ -111,6 +123,9 @@ def clean(bundle: Path) -> list[str]:
 
         if destroy_leftover(state["vm_id"], state.get("libvirt_uri") or "qemu:///system"):
             done.append(f"destroyed libvirt domain of {state['vm_id']}")
+    network = state.get("network")
+    if isinstance(network, dict) and isinstance(network.get("netns"), str):
+        done += _clean_network(network)
     from shim import rootfs
 
     target = Path(state["rootfs_mounted"]) if state.get("rootfs_mounted") else bundle / "rootfs"

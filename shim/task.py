@@ -26,7 +26,7 @@ from schemas import oci
 from schemas.containerd import events_task_pb2 as ev
 from schemas.containerd import mount_pb2
 from schemas.shim_options import ShimOptions
-from schemas.uvm_config import Share, UvmConfig
+from schemas.uvm_config import NEW_NETNS, Share, UvmConfig
 from schemas.validation import first_problem
 from shim import leftovers
 from shim import rootfs as host_rootfs
@@ -87,15 +87,35 @@ def exit_of(info: ProcessExit) -> Exited:
     return Exited(info.exit_code, info.at)
 
 
-def unjoinable_namespaces(spec: oci.Spec) -> None:
-    """Drop the paths of namespaces to join (a Kubernetes pod's network namespace, its pause process's
-    /proc/PID/ns/...): they are the host's, which a container in its own UVM cannot enter; it gets new
-    ones of those types inside the UVM instead, as Kata does."""
+def network_namespace_of(spec: oci.Spec) -> str:
+    """The network the container asks for, as UvmConfig.network_namespace: the path of the namespace to
+    join (CNI ran there: a pod's), or "new" (a fresh one; `ctr run --cni` fills it after the create).
+    Raises InvalidArgumentError for a spec with no network namespace: that asks for the host's network
+    (`ctr run --net-host`, a hostNetwork pod), which a container in a VM cannot have."""
+    namespaces = (spec.linux or {}).get("namespaces")
+    for ns in namespaces if isinstance(namespaces, list) else []:
+        if isinstance(ns, dict) and ns.get("type") == "network":
+            path = ns.get("path")
+            if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+                raise errors.InvalidArgumentError(f"network namespace path {path!r}: not an absolute path")
+            return path or NEW_NETNS
+    raise errors.InvalidArgumentError(
+        "the spec has no network namespace, which asks for the host's network (ctr run --net-host, a hostNetwork "
+        "pod): a container in a utility VM cannot share the host's network stack; give it a network namespace")
+
+
+def namespaces_in_the_uvm(spec: oci.Spec) -> None:
+    """The container shares its UVM's network namespace (the guest's NICs stand in for the veths of the
+    namespace the spec named: that is the container's network), so the spec loses its network entry; the
+    paths of other namespaces to join (a pod's /proc/PID/ns/ipc, ...) are the host's, which a container in
+    its own UVM cannot enter: it gets new ones of those types inside the UVM, as Kata does."""
     namespaces = (spec.linux or {}).get("namespaces")
     if not isinstance(namespaces, list):
         return
-    for ns in namespaces:
-        if isinstance(ns, dict) and "path" in ns:
+    for ns in list(namespaces):
+        if isinstance(ns, dict) and ns.get("type") == "network":
+            namespaces.remove(ns)
+        elif isinstance(ns, dict) and "path" in ns:
             log.info("namespace %s: not joining the host's %s inside the UVM", ns.get("type"), ns.pop("path"))
 
 
@@ -215,6 +235,11 @@ class Task:
             await io.open()
             binds = host_rootfs.bind_mounts([(m.destination, m.source, m.type, m.options) for m in spec.mounts],
                                             self.bundle)
+            network: str | None = network_namespace_of(spec)
+            if network == NEW_NETNS and self.options.uvm_config(id="net").backend != "qemu":
+                log.info("task %s: the %s backend gives a UVM no network of its own", self.id,
+                         self.options.uvm_config(id="net").backend)
+                network = None
             shape = uvm_shape(spec, self.options)
             root = self._prepare_rootfs(rootfs, spec)
             shares = [Share(tag=SHARE_TAG, host_path=root, readonly=bool(spec.root and spec.root.readonly))]
@@ -222,11 +247,12 @@ class Task:
                 self.binds_staged = self.state_dir / host_rootfs.BINDS_DIR
                 host_rootfs.stage_binds(binds, self.binds_staged)
                 shares.append(Share(tag=BINDS_TAG, host_path=self.binds_staged, readonly=all(b.readonly for b in binds)))
-            unjoinable_namespaces(spec)
+            namespaces_in_the_uvm(spec)
             self.vm = self._vm_factory(self.options.uvm_config(
                 id=vm_id_for(self.namespace, self.id), shares=shares, console_log=self.console_log,
-                **shape))
+                network_namespace=network, **shape))
             self.vm.oom_listeners.append(self.on_oom)
+            self.vm.network_listeners.append(self._write_state)  # its taps exist: the delete action must know
             self._write_state()
             await self.vm.start()
             self._write_state()
@@ -239,7 +265,10 @@ class Task:
             await self.teardown()
             raise
         init.proc = self.container.init
-        init.pid = init.proc.pid
+        # The task's pid is QEMU's, as Kata reports the hypervisor's: /proc/<pid>/ns/net is the UVM's network
+        # namespace, which `ctr run --cni` configures after this create and CRI names in the specs of a pod's
+        # other containers. The guest's pids are what Pids lists.
+        init.pid = self.vm.backend.pid if self.vm.backend is not None and self.vm.backend.pid else init.proc.pid
         io.attach(init.proc)
         self.procs[INIT] = init
         init.watcher = asyncio.create_task(self._watch(init), name=f"{self.id}-init-exit")
@@ -265,7 +294,8 @@ class Task:
         pid = self.vm.backend.pid if self.vm.backend is not None else None
         state = {"vm_id": self.vm.id, "backend": self.vm.config.backend, "libvirt_uri": self.vm.config.libvirt_uri,
                  "hypervisor_pid": pid, "run_dir": str(self.vm.config.run_dir / self.vm.id),
-                 "rootfs_mounted": str(self.rootfs_mounted) if self.rootfs_mounted else None}
+                 "rootfs_mounted": str(self.rootfs_mounted) if self.rootfs_mounted else None,
+                 "network": self.vm.network.record() if self.vm.network is not None else {}}
         leftovers.record(self.state_dir, state)
 
     # -- processes --------------------------------------------------------------------------------
@@ -312,6 +342,8 @@ class Task:
             self._starting = asyncio.get_running_loop().create_future()
             try:
                 p.io.open_stdin()
+                if self.vm is not None:
+                    await self.vm.settle_network()  # `ctr run --cni` ran CNI since the create
                 await container.start()
                 self.started = True
                 assert p.proc is not None

@@ -26,6 +26,20 @@ BASE_CMDLINE = (
 )
 
 
+PLACEHOLDER_MAC = "02:75:76:6d:00:00"  # a NIC that stands in for no veth yet (a new namespace; templates)
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A virtio-net NIC on a tap the host made (uvm/network.py): QEMU gets the tap's open fds (one per
+    queue), never a name it would open itself, and vhost-net fds when the host has them."""
+
+    id: str
+    mac: str
+    tap_fds: tuple[int, ...]
+    vhost_fds: tuple[int, ...] = ()
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """A VM as a backend starts it. Paths are absolute and were checked readable."""
@@ -59,6 +73,8 @@ class LaunchSpec:
     memory_file: Path | None = None
     memory_shared: bool = False
     incoming: Path | None = None
+    nics: tuple[Nic, ...] = ()  # added by UtilityVM once its network is set up
+    netns_fd: int | None = None  # QEMU starts in this network namespace (its taps are there)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -168,6 +184,10 @@ def build(config: UvmConfig) -> LaunchSpec:
     if config.backend != "qemu" and (config.ssh_port is not None or config.console_socket):
         what = "ssh_port (user-network port forwarding)" if config.ssh_port is not None else "console_socket"
         raise ConfigError(f"{what}: only the qemu backend supports it, not {config.backend}", backend=config.backend)
+    if config.backend != "qemu" and config.network_namespace is not None:
+        raise ConfigError(f"network_namespace {config.network_namespace}: the {config.backend} backend cannot connect a "
+                          "VM to a network namespace (libvirtd starts QEMU in its own, so no tap can sit beside the "
+                          "container's veth); use the qemu backend", backend=config.backend)
     ssh_port = loopback_port(config.ssh_port) if config.ssh_port is not None else None
     run_dir = config.run_dir.absolute() / config.id
     if len(str(run_dir / "agent.sock")) > 100:

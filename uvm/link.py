@@ -316,6 +316,11 @@ class AgentClient:
     async def shutdown(self) -> None:
         await self.request(proto.SHUTDOWN, {}, models.Empty)
 
+    async def configure_network(self, config: Mapping[str, Any]) -> None:
+        """Give the VM's NICs their veths' identities (uvm/network.py's guest_config). Raises
+        AgentInvalidArgumentError for what the guest refused, AgentError otherwise."""
+        await self.request(proto.CONFIGURE_NETWORK, config, models.Empty)
+
     async def prepare_template(self) -> None:
         await self.request(proto.PREPARE_TEMPLATE, {}, models.Empty)
 

@@ -50,13 +50,15 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
 from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from schemas.uvm_config import NEW_NETNS
+from uvm.builder import Nic
 from uvm.errors import NetworkError
 
 log = logging.getLogger("uvm.network")
@@ -84,6 +86,7 @@ RT_TABLE_MAIN = 254
 RTPROT_KERNEL = 2
 RTN_UNICAST = 1
 NUD_PERMANENT = 0x80
+RTNH_F_ONLINK = 0x4
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
@@ -277,11 +280,12 @@ class Route:
     device: str
     scope: int
     metric: int | None
+    onlink: bool = False  # the gateway is on the link whatever the addresses say (Calico's 169.254.1.1)
 
     def wire(self) -> dict[str, Any]:
         return {"family": self.family, "dest": self.dest, "dest_prefixlen": self.dest_prefixlen,
                 "gateway": self.gateway, "source": self.source, "device": self.device, "scope": self.scope,
-                "metric": self.metric}
+                "metric": self.metric, "onlink": self.onlink}
 
 
 @dataclass(frozen=True)
@@ -369,7 +373,7 @@ def _read_config(label: str) -> NetworkConfig:
                 continue
         route = Route(family=family, dest=dest, dest_prefixlen=msg["dst_len"],
                       gateway=msg.get("RTA_GATEWAY"), source=msg.get("RTA_PREFSRC"), device=names[oif],
-                      scope=msg["scope"], metric=msg.get("RTA_PRIORITY"))
+                      scope=msg["scope"], metric=msg.get("RTA_PRIORITY"), onlink=bool(msg["flags"] & RTNH_F_ONLINK))
         (via_gateway if route.gateway else direct).append(route)
 
     permanent = []
@@ -508,74 +512,102 @@ def attach(netns: NetnsRef, interfaces: Sequence[Interface], queues: int = 1, vh
     """
     if queues < 1:
         raise NetworkError(f"queues {queues}: at least one is needed", queues=queues)
-    names = [tap_name(n) for n in range(len(interfaces))]
-    with _netns_fd(netns) as (fd, label):
-        pairs = list(zip(interfaces, names, strict=True))
-        return run_in_netns(fd, lambda: _attach_all(label, pairs, queues, vhost), label)
-
-
-def _attach_all(label: str, pairs: list[tuple[Interface, str]], queues: int, vhost: bool) -> list[TapAttachment]:
-    made: list[TapAttachment] = []
-    with _step(label, "netlink", "open"), IPRoute(groups=0) as ipr:
+    with _netns_fd(netns) as (fd, _):
+        made = open_taps(fd, len(interfaces), queues, vhost)
         try:
-            for interface, tap in pairs:
-                made.append(_attach_one(ipr, label, interface, tap, queues))
-            for attachment in made if vhost else []:
-                attachment.vhost_fds = _open_vhost(queues)
-                if not attachment.vhost_fds:
-                    break  # logged once: the others would fail the same way
+            for attachment, interface in zip(made, interfaces, strict=True):
+                connect(fd, attachment, interface)
         except BaseException:
-            for attachment in reversed(made):
-                _undo(ipr, attachment)
+            detach(fd, made)
             raise
+        return made
+
+
+def open_taps(netns: NetnsRef, count: int, queues: int = 1, vhost: bool = True) -> list[TapAttachment]:
+    """count new taps ``tap<N>_uvm`` in netns, down and connected to nothing yet (``connect`` does that
+    once the veth they stand in for exists: at once, or when CNI has run). Blocks. Each has ``queues``
+    tap fds and, when vhost and /dev/vhost-net opens, as many vhost-net fds. Raises NetworkError naming
+    the tap and the step, after closing what was opened."""
+    if queues < 1:
+        raise NetworkError(f"queues {queues}: at least one is needed", queues=queues)
+    names = [tap_name(n) for n in range(count)]
+    with _netns_fd(netns) as (fd, label):
+        return run_in_netns(fd, lambda: _open_all(label, names, queues, vhost), label)
+
+
+def _open_all(label: str, names: list[str], queues: int, vhost: bool) -> list[TapAttachment]:
+    made: list[TapAttachment] = []
+    try:
+        with _step(label, "netlink", "open"), IPRoute(groups=0) as ipr:
+            for tap in names:
+                with _step(label, tap, "look up"):
+                    if _index(ipr, tap) is not None:
+                        raise NetworkError(f"{label}: {tap}: already exists (another UVM's? the shim's cleanup "
+                                           "removes it)", netns=label, link=tap, step="create tap")
+                with _step(label, tap, f"create tap on {TUN_DEVICE}"):
+                    made.append(TapAttachment(veth="", tap=tap, mac="", mtu=0, tap_fds=_open_tap(tap, queues)))
+        for attachment in made if vhost else []:
+            attachment.vhost_fds = _open_vhost(queues)
+            if not attachment.vhost_fds:
+                break  # logged once: the others would fail the same way
+    except BaseException:
+        for attachment in made:
+            attachment.close_fds()  # a tap goes with its last fd
+        raise
     return made
 
 
-def _attach_one(ipr: Any, label: str, interface: Interface, tap: str, queues: int) -> TapAttachment:
-    veth = interface.name
-    with _step(label, veth, "look up"):
-        link = _link(ipr, veth)
-        if _index(ipr, tap) is not None:
-            raise NetworkError(f"{label}: {tap}: already exists (another UVM's? the shim's cleanup removes it)",
-                               netns=label, link=tap, step="create tap")
-    if link is None:
-        raise NetworkError(f"{label}: {veth}: not found (deleted since its configuration was read?)",
-                           netns=label, link=veth, step="look up")
-    mac, mtu = link.get("IFLA_ADDRESS"), int(link.get("IFLA_MTU"))
-    if mac != interface.mac:
-        raise NetworkError(f"{label}: {veth}: its MAC is {mac}, not {interface.mac} (replaced since its configuration "
-                           "was read?)", netns=label, link=veth, step="look up")
-    veth_index = int(link["index"])
-    with _step(label, tap, f"create tap on {TUN_DEVICE}"):
-        fds = _open_tap(tap, queues)
-    attachment = TapAttachment(veth=veth, tap=tap, mac=mac, mtu=mtu, tap_fds=fds)
-    veth_qdisc = False
-    try:
-        with _step(label, tap, "look up the new tap"):
+def connect(netns: NetnsRef, attachment: TapAttachment, interface: Interface) -> None:
+    """Stand attachment's tap in for interface's veth: the tap takes the veth's MTU and goes up, both get
+    an ingress qdisc, and two match-all filters redirect each one's frames out of the other. Blocks.
+    Records veth, mac and mtu in attachment. Raises NetworkError naming the link and the step, after
+    undoing what it made (the veth keeps nothing of ours; the tap stays, unconnected)."""
+    with _netns_fd(netns) as (fd, label):
+        run_in_netns(fd, lambda: _connect(label, attachment, interface), label)
+
+
+def _connect(label: str, attachment: TapAttachment, interface: Interface) -> None:
+    with _step(label, "netlink", "open"), IPRoute(groups=0) as ipr:
+        veth, tap = interface.name, attachment.tap
+        with _step(label, veth, "look up"):
+            link = _link(ipr, veth)
             tap_index = _index(ipr, tap)
-            if tap_index is None:
-                raise OSError(errno.ENODEV, "vanished after it was created")
-        with _step(label, tap, f"set MTU {mtu} and up"):
-            ipr.link("set", index=tap_index, mtu=mtu, state="up")
-        with _step(label, veth, "add ingress qdisc"):
-            if _ingress_qdisc(ipr, veth_index):
-                raise OSError(errno.EEXIST, "it already has one (a leftover? the shim's cleanup removes it)")
-            ipr.tc("add", "ingress", veth_index, INGRESS_HANDLE)
-            veth_qdisc = True
-        with _step(label, tap, "add ingress qdisc"):
-            ipr.tc("add", "ingress", tap_index, INGRESS_HANDLE)
-        with _step(label, veth, f"add filter redirecting to {tap}"):
-            _redirect(ipr, veth_index, tap_index)
-        with _step(label, tap, f"add filter redirecting to {veth}"):
-            _redirect(ipr, tap_index, veth_index)
-    except BaseException:
-        if veth_qdisc:
+        if link is None:
+            raise NetworkError(f"{label}: {veth}: not found (deleted since its configuration was read?)",
+                               netns=label, link=veth, step="look up")
+        if tap_index is None:
+            raise NetworkError(f"{label}: {tap}: not found (its QEMU gone?)", netns=label, link=tap, step="look up")
+        mac, mtu = link.get("IFLA_ADDRESS"), int(link.get("IFLA_MTU"))
+        if mac != interface.mac:
+            raise NetworkError(f"{label}: {veth}: its MAC is {mac}, not {interface.mac} (replaced since its "
+                               "configuration was read?)", netns=label, link=veth, step="look up")
+        veth_index = int(link["index"])
+        veth_qdisc = tap_qdisc = False
+        try:
+            with _step(label, tap, f"set MTU {mtu} and up"):
+                ipr.link("set", index=tap_index, mtu=mtu, state="up")
+            with _step(label, veth, "add ingress qdisc"):
+                if _ingress_qdisc(ipr, veth_index):
+                    raise OSError(errno.EEXIST, "it already has one (a leftover? the shim's cleanup removes it)")
+                ipr.tc("add", "ingress", veth_index, INGRESS_HANDLE)
+                veth_qdisc = True
+            with _step(label, tap, "add ingress qdisc"):
+                ipr.tc("add", "ingress", tap_index, INGRESS_HANDLE)
+                tap_qdisc = True
+            with _step(label, veth, f"add filter redirecting to {tap}"):
+                _redirect(ipr, veth_index, tap_index)
+            with _step(label, tap, f"add filter redirecting to {veth}"):
+                _redirect(ipr, tap_index, veth_index)
+        except BaseException:
+            for index, made in ((veth_index, veth_qdisc), (tap_index, tap_qdisc)):
+                if made:
+                    with contextlib.suppress(NetlinkError, OSError):
+                        _remove_ingress(ipr, index)
             with contextlib.suppress(NetlinkError, OSError):
-                _remove_ingress(ipr, veth_index)
-        attachment.close_fds()  # the tap, its qdisc and its filter go with the last fd
-        raise
-    log.debug("%s: %s -> %s (mtu %d, %d queue(s)) redirected both ways", label, veth, tap, mtu, queues)
-    return attachment
+                ipr.link("set", index=tap_index, state="down")
+            raise
+    attachment.veth, attachment.mac, attachment.mtu = veth, mac, mtu
+    log.debug("%s: %s -> %s (mtu %d) redirected both ways", label, veth, tap, mtu)
 
 
 def _undo(ipr: Any, attachment: TapAttachment) -> None:
@@ -705,7 +737,7 @@ async def _next_events(sock: socket.socket) -> None:
                 raise
 
 
-async def wait_for_interfaces(netns_fd: int, timeout: float, settle: float = 0.1) -> NetworkConfig:
+async def wait_for_interfaces(netns_fd: int, timeout: float | None, settle: float = 0.1) -> NetworkConfig:
     """The namespace's config once it has an interface to attach (CNI's ADD ran). Never blocks the loop.
 
     Listens to the namespace's rtnetlink link, address and route events (no polling), reading the
@@ -743,3 +775,149 @@ async def wait_for_interfaces(netns_fd: int, timeout: float, settle: float = 0.1
         raise NetworkError(f"{label}: reading its netlink events: {e.strerror}", netns=label) from None
     finally:
         sock.close()
+
+
+# --- one UVM's network --------------------------------------------------------------------------
+
+NEW = NEW_NETNS
+
+
+def guest_config(config: NetworkConfig, attachments: Sequence[TapAttachment], nic_macs: Sequence[str]) -> dict[str, Any]:
+    """The configure_network request: each NIC, found by the MAC it has now, takes its veth's name, MAC,
+    MTU and addresses; then the routes and permanent neighbours."""
+    by_veth = {a.veth: (a, nic_mac) for a, nic_mac in zip(attachments, nic_macs, strict=True)}
+    interfaces = []
+    for itf in config.interfaces:
+        attachment, nic_mac = by_veth[itf.name]
+        interfaces.append({**itf.wire(), "nic_mac": nic_mac, "mac": attachment.mac, "mtu": attachment.mtu})
+    wire = config.wire()
+    return {"interfaces": interfaces, "routes": wire["routes"], "neighbours": wire["neighbours"]}
+
+
+class VmNetwork:
+    """A UVM's network: the namespace it takes over, the taps beside the veths, what the guest is told.
+
+    ``namespace`` is a path (CNI has run there: a pod's namespace; every link with an address is taken
+    over at once, and one that has none is an error) or "new" (a fresh namespace with one tap, taken
+    over when CNI adds a link: ``take_over`` waits for it, and ``settle`` looks once, for a container
+    about to start). QEMU starts inside ``netns_fd`` with ``nics()``. Blocking work runs in threads.
+    """
+
+    def __init__(self, vm_id: str, namespace: str, queues: int, vhost: bool) -> None:
+        self.vm_id = vm_id
+        self.namespace = namespace
+        self.queues = queues
+        self.vhost = vhost
+        self.netns_fd: int | None = None
+        self.attachments: list[TapAttachment] = []
+        self.config: NetworkConfig | None = None  # once the NICs stand in for the veths
+        self.configured = False  # the guest was told
+        self._lock = asyncio.Lock()
+
+    @property
+    def label(self) -> str:
+        return f"VM {self.vm_id}: netns {self.namespace if self.namespace != NEW else '(new)'}"
+
+    async def open(self) -> None:
+        """Enter the namespace and make the taps (connected at once when the namespace has its links).
+        Raises NetworkError naming what was wrong; nothing is left behind then."""
+        try:
+            if self.namespace == NEW:
+                self.netns_fd = await asyncio.to_thread(new_netns)
+                self.attachments = await asyncio.to_thread(open_taps, self.netns_fd, 1, self.queues, self.vhost)
+                return
+            self.netns_fd = await asyncio.to_thread(open_netns, self.namespace)
+            config = await asyncio.to_thread(read_config, self.netns_fd)
+            if not config.interfaces:
+                raise NetworkError(f"{self.label}: no link with an address to take over (did CNI run there?)",
+                                   netns=self.namespace)
+            self.attachments = await asyncio.to_thread(attach, self.netns_fd, config.interfaces, self.queues,
+                                                       self.vhost)
+            self.config = config
+        except BaseException:
+            await asyncio.shield(self.close())
+            raise
+
+    def nics(self, mac_for: Callable[[int, TapAttachment], str]) -> tuple[Nic, ...]:
+        """The NICs QEMU is given, one per tap; mac_for(n, attachment) is the MAC the NIC boots with."""
+        return tuple(Nic(id=f"nic{n}", mac=mac_for(n, a), tap_fds=tuple(a.tap_fds), vhost_fds=tuple(a.vhost_fds))
+                     for n, a in enumerate(self.attachments))
+
+    def launched(self) -> None:
+        """QEMU holds the taps now: ours are closed, so its death is the taps' end."""
+        for attachment in self.attachments:
+            attachment.close_fds()
+
+    async def configure_guest(self, configure: Callable[[dict[str, Any]], Awaitable[None]],
+                              nic_macs: Sequence[str]) -> None:
+        """Tell the guest, once the NICs stand in for veths (a joined namespace: at once)."""
+        async with self._lock:
+            await self._configure_locked(configure, nic_macs)
+
+    async def _configure_locked(self, configure: Callable[[dict[str, Any]], Awaitable[None]],
+                                nic_macs: Sequence[str]) -> None:
+        if self.configured or self.config is None:
+            return
+        await configure(guest_config(self.config, self.attachments, nic_macs))
+        self.configured = True
+        log.info("%s: the guest took over %s", self.label,
+                 ", ".join(f"{i.name} ({', '.join(f'{a.address}/{a.prefixlen}' for a in i.addresses)})"
+                           for i in self.config.interfaces))
+
+    async def settle(self, configure: Callable[[dict[str, Any]], Awaitable[None]], nic_macs: Sequence[str]) -> bool:
+        """A new namespace: if CNI has added a link by now, take it over and tell the guest (a container
+        about to start must see its network). Whether the guest has a network. Raises NetworkError."""
+        async with self._lock:
+            if self.config is None and self.netns_fd is not None and self.namespace == NEW:
+                config = await asyncio.to_thread(read_config, self.netns_fd)
+                if config.interfaces:
+                    await self._take_over(config)
+            await self._configure_locked(configure, nic_macs)
+            return self.configured
+
+    async def take_over(self, configure: Callable[[dict[str, Any]], Awaitable[None]], nic_macs: Sequence[str]) -> None:
+        """A new namespace: wait (for the VM's life; cancel to stop) until CNI adds a link, then take it
+        over and tell the guest. Raises NetworkError."""
+        assert self.netns_fd is not None
+        while not self.configured:
+            config = await wait_for_interfaces(self.netns_fd, None)
+            async with self._lock:
+                if self.config is None:
+                    await self._take_over(config)
+                await self._configure_locked(configure, nic_macs)
+
+    async def _take_over(self, config: NetworkConfig) -> None:
+        if len(config.interfaces) > len(self.attachments):
+            log.warning("%s: %d links with an address, the VM has %d NIC(s): taking over %s only", self.label,
+                        len(config.interfaces), len(self.attachments), config.interfaces[0].name)
+        interfaces = config.interfaces[:len(self.attachments)]
+        assert self.netns_fd is not None
+        for attachment, interface in zip(self.attachments, interfaces, strict=False):
+            await asyncio.to_thread(connect, self.netns_fd, attachment, interface)
+        names = {i.name for i in interfaces}
+        self.config = NetworkConfig(interfaces, tuple(r for r in config.routes if r.device in names),
+                                    tuple(n for n in config.neighbours if n.device in names))
+
+    def record(self) -> dict[str, Any]:
+        """What the shim's delete action must undo if the shim dies: the joined namespace's qdiscs. (A new
+        namespace dies with QEMU, the only process in it.)"""
+        if self.namespace == NEW:
+            return {}
+        return {"netns": self.namespace, "veths": [a.veth for a in self.attachments if a.veth],
+                "taps": [a.tap for a in self.attachments]}
+
+    async def close(self) -> None:
+        """Leave the namespace as CNI made it (our qdiscs and filters off the veths, the taps gone with
+        their fds). Idempotent; shielded. Logs what it could not undo."""
+        fd, self.netns_fd = self.netns_fd, None
+        attachments, self.attachments = self.attachments, []
+        try:
+            if fd is not None and attachments:
+                await asyncio.shield(asyncio.to_thread(detach, fd, attachments))
+        except NetworkError as e:
+            log.error("%s: %s", self.label, e)
+        finally:
+            for attachment in attachments:
+                attachment.close_fds()
+            if fd is not None:
+                os.close(fd)

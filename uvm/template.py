@@ -38,8 +38,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from schemas.uvm_config import Share, UvmConfig
+from schemas.uvm_config import NEW_NETNS, Share, UvmConfig
 from uvm import builder
+from uvm.builder import PLACEHOLDER_MAC, Nic
 from uvm.errors import TemplateError
 
 FORMAT = "1"
@@ -78,6 +79,8 @@ def key_inputs(spec: builder.LaunchSpec) -> dict[str, Any]:
         "extra_ports": list(spec.extra_ports), "scsi_controllers": spec.scsi_controllers,
         # A NIC (ssh_port) is a device the saved state must have; its host port is the clone's own.
         **({"nic": True} if spec.ssh_port is not None else {}),
+        # So are the NICs of a container's network (their taps are the clone's own); one queue per vCPU.
+        **({"nics": len(spec.nics)} if spec.nics else {}),
     }
 
 
@@ -432,7 +435,10 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
     spec = await asyncio.to_thread(builder.build, config)
     if spec.backend != "qemu":
         raise TemplateError(f"templates need the qemu backend (this VM uses {spec.backend})")
-    inputs = key_inputs(spec)
+    # A VM with a network has one NIC from its start (uvm/network.py): the template has it too, on a tap
+    # of a new namespace of its own.
+    nic = (Nic(id="nic0", mac=PLACEHOLDER_MAC, tap_fds=()),) if config.network_namespace is not None else ()
+    inputs = key_inputs(dataclasses.replace(spec, nics=nic))
     key = template_key(inputs)
     root = template_dir(config)
     final = root / key
@@ -454,7 +460,8 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
                 (work / f"share{n}").mkdir()
                 shares.append(Share(tag=share.tag, host_path=work / f"share{n}", readonly=share.readonly))
             tconfig = config.model_copy(update={
-                "id": f"template-{bid}", "shares": shares, "start": "cold", "console_log": work / "console.log"})
+                "id": f"template-{bid}", "shares": shares, "start": "cold", "console_log": work / "console.log",
+                "network_namespace": NEW_NETNS if config.network_namespace is not None else None})
             vm = UtilityVM(tconfig, spec_update={"memory_file": memory, "memory_shared": True})
             try:
                 await vm.start()

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,7 @@ from uvm.process import Process, ProcessTable
 from uvm.scsi import MappedDisk, ScsiManager
 
 if TYPE_CHECKING:
+    from uvm.network import VmNetwork  # imported when a VM has a network (pyroute2)
     from uvm.template import Template  # imported when a template is asked for
 
 SHUTDOWN_REQUEST_TIMEOUT_S = 2.0
@@ -140,9 +141,12 @@ class UtilityVM:
         self.scsi = ScsiManager(self, config.scsi_controllers)
         self.containers: dict[str, Container] = {}
         self.oom_listeners: list[Callable[[Container, int], None]] = []
+        self.network_listeners: list[Callable[[], None]] = []  # told when the network's taps were made
         self._guest_log = LogBudget()
         self._link_lost: errors.UvmError | None = None
         self._link_kill: asyncio.Task[None] | None = None
+        self.network: VmNetwork | None = None  # config.network_namespace's taps (uvm/network.py)
+        self._network_task: asyncio.Task[None] | None = None  # a new namespace: waiting for CNI's link
 
     def __repr__(self) -> str:
         pid = self.backend.pid if self.backend else None
@@ -163,6 +167,9 @@ class UtilityVM:
         self.state = VmState.STARTING
         try:
             await self._start(t0)
+        except BaseException:
+            await asyncio.shield(self._release_network())
+            raise
         finally:
             self._start_done.set()
 
@@ -174,6 +181,12 @@ class UtilityVM:
             raise
         if self._spec_update:
             spec = dataclasses.replace(spec, **self._spec_update)
+        if self.config.network_namespace is not None:
+            try:
+                spec = await self._open_network(spec)
+            except BaseException:
+                self.state = VmState.CREATED  # nothing was started
+                raise
         if self.config.start != "cold" and not self._spec_update:
             from uvm import template
 
@@ -197,7 +210,7 @@ class UtilityVM:
         process before QEMU binds it: QEMU then refuses to start, and a fresh port is tried."""
         for attempt in range(1, SSH_PORT_ATTEMPTS + 1):
             try:
-                await self._launch(tmpl.clone_spec(spec) if tmpl else spec, t0, clone=tmpl is not None)
+                await self._launch(self._clone_spec(tmpl, spec) if tmpl else spec, t0, clone=tmpl is not None)
                 return
             except errors.StartError as e:
                 if (self.config.ssh_port != 0 or HOSTFWD_REFUSED not in e.message or attempt == SSH_PORT_ATTEMPTS
@@ -207,10 +220,36 @@ class UtilityVM:
                 self._reset_after_failed_start()
                 spec = dataclasses.replace(spec, ssh_port=await asyncio.to_thread(builder.loopback_port, 0))
 
+    async def _open_network(self, spec: builder.LaunchSpec) -> builder.LaunchSpec:
+        """The network namespace taken over (its taps made), and spec with its NICs and namespace. Raises
+        NetworkError (nothing left behind)."""
+        from uvm.network import VmNetwork
+
+        assert self.config.network_namespace is not None
+        # One queue per vCPU (multi-queue), vhost-net where KVM runs the guest.
+        network = VmNetwork(self.id, self.config.network_namespace, queues=spec.cpus, vhost=spec.accel == "kvm")
+        await network.open()
+        self.network = network
+        for listener in self.network_listeners:
+            listener()
+        nics = network.nics(lambda n, a: a.mac or builder.PLACEHOLDER_MAC)
+        return dataclasses.replace(spec, nics=nics, netns_fd=network.netns_fd)
+
+    @staticmethod
+    def _clone_spec(tmpl: Template, spec: builder.LaunchSpec) -> builder.LaunchSpec:
+        """A clone's NICs are the template's: whatever MAC the command line says, the saved device state
+        brings the template's (the guest then gives each its veth's)."""
+        nics = tuple(dataclasses.replace(nic, mac=builder.PLACEHOLDER_MAC) for nic in spec.nics)
+        return tmpl.clone_spec(dataclasses.replace(spec, nics=nics))
+
     async def _find_template(self, spec: builder.LaunchSpec) -> Template | None:
         """The template to clone from, or None (with a warning naming why) to boot cold."""
         from uvm import template
 
+        if len(spec.nics) > 1:
+            self.start_note = f"no template: the VM has {len(spec.nics)} NICs (templates carry one at most)"
+            self.log.warning("%s: booting cold", self.start_note)
+            return None
         try:
             return await asyncio.to_thread(template.find, self.config, spec)
         except errors.TemplateError as e:
@@ -269,6 +308,8 @@ class UtilityVM:
                 else:
                     hello = await self.agent.hello()
                 self.hello = hello
+                if self.network is not None:
+                    await self._network_up(spec, clone)
             if self._closing:
                 raise errors.ClosedError(f"VM {self.id}: closed while starting", vm_id=self.id)
         except BaseException as e:
@@ -278,8 +319,50 @@ class UtilityVM:
             raise self._start_error(e) from (None if isinstance(e, asyncio.CancelledError) else e)
         self.boot_seconds = time.monotonic() - t0
         self.state = VmState.RUNNING
+        if self.network is not None:
+            self.network.launched()  # (not before: a failed clone's taps serve the cold boot that follows)
         self.log.info("started%s in %.2fs (agent v%d, kernel %s, accel %s)", " from a template" if clone else "",
                       self.boot_seconds, hello.version, hello.kernel, spec.accel)
+
+    async def _network_up(self, spec: builder.LaunchSpec, clone: bool) -> None:
+        """A joined namespace's NICs are configured in the guest before start returns, a new namespace's
+        once CNI adds its link (watched for the VM's life)."""
+        assert self.network is not None and self.agent is not None
+        network, configure, macs = self.network, self.agent.configure_network, self._nic_macs(spec, clone)
+        if network.config is not None:
+            await network.configure_guest(configure, macs)
+        else:
+            self._network_task = asyncio.get_running_loop().create_task(
+                self._watch_network(network.take_over(configure, macs)), name=f"{self.id}-network")
+
+    def _nic_macs(self, spec: builder.LaunchSpec, clone: bool) -> list[str]:
+        """The MACs the guest's NICs have now: the command line's, or for a clone the template's."""
+        return [builder.PLACEHOLDER_MAC if clone else nic.mac for nic in spec.nics]
+
+    async def _watch_network(self, take_over: Awaitable[None]) -> None:
+        try:
+            await take_over
+        except errors.UvmError as e:  # the VM goes on, without the network it was to get
+            self.log.error("network: %s", e)
+
+    async def settle_network(self) -> bool:
+        """For a container about to start: when CNI has filled a new namespace by now, take it over and
+        configure the guest before returning (ctr run --cni adds the link between the task's create and
+        its start). Whether the VM has a network. Raises NetworkError, AgentError."""
+        if self.network is None or self.spec is None:
+            return False
+        return await self.network.settle(self._client("settle_network").configure_network,
+                                         self._nic_macs(self.spec, self.started_from == "template"))
+
+    async def _release_network(self) -> None:
+        """Leave the network namespace as CNI made it (shielded; idempotent)."""
+        task, self._network_task = self._network_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        network, self.network = self.network, None
+        if network is not None:
+            await asyncio.shield(network.close())
 
     async def _abort_start(self, cause: BaseException, t0: float) -> None:
         self._start_failed = True
@@ -339,6 +422,8 @@ class UtilityVM:
                 c.state = ContainerState.STOPPED
         exit_info = VmExit(reason, hv, time.time())
         await self._release_resources()
+        if self.state is not VmState.STARTING:  # (a failed start releases it, or a retry reuses it)
+            await self._release_network()
         if self.state is not VmState.CLOSED:
             self.state = VmState.STOPPED
         if not self._exit.done():
@@ -439,6 +524,7 @@ class UtilityVM:
             elif self.state is VmState.STOPPED and self._watcher is not None:
                 await self._watcher
         finally:
+            await self._release_network()
             self.state = VmState.CLOSED
 
     # -- operations in the UVM -----------------------------------------------------------------

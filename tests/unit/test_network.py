@@ -9,13 +9,10 @@ removed afterwards, even when a test fails. All traffic is ARP on a bridge and a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
-import ipaddress
 import json
 import os
-import random
 import secrets
 import select
 import socket
@@ -23,15 +20,14 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import netns as pyroute2_netns
 from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tests.netfixtures import NEIGH_MAC, PodNet, in_ns, index_of, pod_network
 from uvm import network as net
 from uvm.errors import NetworkError
 
@@ -47,101 +43,12 @@ VNET_HDR_LEN = 10  # struct virtio_net_hdr, the default with IFF_VNET_HDR
 ETH_P_ARP = 0x0806
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
-NEIGH_MAC = "02:00:5e:10:00:09"
-
-
-@dataclass
-class PodNet:
-    """A netns as CNI's bridge plugin leaves it, plus the host side of it."""
-
-    name: str
-    path: str
-    fd: int
-    veth: str  # inside the netns
-    veth_mac: str
-    host_veth: str  # its peer, on the bridge
-    bridge: str
-    bridge_mac: str
-    subnet: str  # "10.x.y"
-    address: str  # subnet.2, on veth
-    gateway: str  # subnet.1, on the bridge
-    neighbour: str  # subnet.9, a permanent entry on veth
-    extra_route: str  # a route without a gateway, added after the default one
-
-
-def free_subnet() -> str:
-    """10.x.y with y even, x.y random, and no route of the host overlapping 10.x.y.0/23."""
-    with IPRoute(groups=0) as ipr:
-        used = [ipaddress.ip_network(f"{r.get('RTA_DST')}/{r['dst_len']}", strict=False)
-                for r in ipr.get_routes(family=socket.AF_INET) if r.get("RTA_DST")]
-    for _ in range(100):
-        subnet = f"10.{random.randint(200, 249)}.{2 * random.randint(0, 127)}"
-        candidate = ipaddress.ip_network(f"{subnet}.0/23")  # the extra route takes the next /24
-        if not any(candidate.overlaps(u) for u in used):
-            return subnet
-    raise RuntimeError("no free 10.x.y.0/23 for the test")
-
-
-def in_ns(fd: int, work: Callable[[Any], Any]) -> Any:
-    """work(ipr) with an IPRoute socket inside the namespace fd."""
-
-    def run() -> Any:
-        with IPRoute(groups=0) as ipr:
-            return work(ipr)
-
-    return net.run_in_netns(fd, run)
-
-
-def index_of(fd: int, name: str) -> int | None:
-    found = in_ns(fd, lambda ipr: ipr.link_lookup(ifname=name))
-    return int(found[0]) if found else None
 
 
 @pytest.fixture
 def pod() -> Iterator[PodNet]:
-    sfx = secrets.token_hex(3)
-    name, veth, host_veth, bridge = f"uvmt-{sfx}", f"uvc{sfx}", f"uvh{sfx}", f"uvb{sfx}"
-    subnet = free_subnet()
-    x, y = (int(p) for p in subnet.split(".")[1:])
-    fd = -1
-    pyroute2_netns.create(name)
-    try:
-        fd = net.open_netns(f"/var/run/netns/{name}")
-        with IPRoute(groups=0) as ipr:
-            ipr.link("add", ifname=bridge, kind="bridge")
-            br = ipr.link_lookup(ifname=bridge)[0]
-            ipr.addr("add", index=br, address=f"{subnet}.1", prefixlen=24)
-            ipr.link("set", index=br, state="up")
-            ipr.link("add", ifname=host_veth, kind="veth", peer=veth)
-            host = ipr.link_lookup(ifname=host_veth)[0]
-            ipr.link("set", index=host, master=br, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname=veth)[0], net_ns_fd=fd)
-            bridge_mac = ipr.get_links(br)[0].get("IFLA_ADDRESS")
-        extra_route = f"10.{x}.{y + 1}.0"
-
-        def setup(ipr: Any) -> str:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            i = ipr.link_lookup(ifname=veth)[0]
-            ipr.link("set", index=i, mtu=1400, state="up")
-            ipr.addr("add", index=i, address=f"{subnet}.2", prefixlen=24)
-            ipr.route("add", dst="0.0.0.0/0", gateway=f"{subnet}.1", oif=i)
-            ipr.route("add", dst=f"{extra_route}/24", oif=i, scope=253)
-            ipr.neigh("add", dst=f"{subnet}.9", lladdr=NEIGH_MAC, ifindex=i, state=0x80)
-            return str(ipr.get_links(i)[0].get("IFLA_ADDRESS"))
-
-        veth_mac = in_ns(fd, setup)
-        yield PodNet(name=name, path=f"/var/run/netns/{name}", fd=fd, veth=veth, veth_mac=veth_mac,
-                     host_veth=host_veth, bridge=bridge, bridge_mac=bridge_mac, subnet=subnet,
-                     address=f"{subnet}.2", gateway=f"{subnet}.1", neighbour=f"{subnet}.9", extra_route=extra_route)
-    finally:
-        with IPRoute(groups=0) as ipr:
-            for link in (host_veth, bridge):
-                for index in ipr.link_lookup(ifname=link):
-                    with contextlib.suppress(Exception):
-                        ipr.link("del", index=index)
-        if fd >= 0:
-            os.close(fd)
-        pyroute2_netns.remove(name)
+    with pod_network() as made:
+        yield made
 
 
 @pytest.fixture
@@ -200,6 +107,18 @@ def mirred_targets(fd: int, link: str) -> list[tuple[int, int, int, int]]:
 # --- read_config ------------------------------------------------------------------------------
 
 
+def test_an_onlink_gateway_is_read_as_such(pod: PodNet) -> None:
+    """Calico's default route: via 169.254.1.1, outside every address's subnet, onlink."""
+    def add(ipr: Any) -> None:
+        ipr.route("del", dst="0.0.0.0/0")
+        ipr.route("add", dst="0.0.0.0/0", gateway="169.254.1.1", oif=ipr.link_lookup(ifname=pod.veth)[0],
+                  flags=net.RTNH_F_ONLINK)
+
+    in_ns(pod.fd, add)
+    default = [r for r in net.read_config(pod.fd).routes if r.dest is None]
+    assert [(r.gateway, r.onlink) for r in default] == [("169.254.1.1", True)]
+
+
 def test_read_config_is_what_cni_made(pod: PodNet) -> None:
     config = net.read_config(pod.fd)
     assert config == expected_config(pod)  # no kernel-made connected route, no fe80::, no lo
@@ -209,9 +128,9 @@ def test_read_config_is_what_cni_made(pod: PodNet) -> None:
                         "addresses": [{"family": 4, "address": pod.address, "prefixlen": 24}]}],
         "routes": [
             {"family": 4, "dest": pod.extra_route, "dest_prefixlen": 24, "gateway": None, "source": None,
-             "device": pod.veth, "scope": 253, "metric": None},
+             "device": pod.veth, "scope": 253, "metric": None, "onlink": False},
             {"family": 4, "dest": None, "dest_prefixlen": 0, "gateway": pod.gateway, "source": None,
-             "device": pod.veth, "scope": 0, "metric": None},
+             "device": pod.veth, "scope": 0, "metric": None, "onlink": False},
         ],
         "neighbours": [{"family": 4, "address": pod.neighbour, "mac": NEIGH_MAC, "device": pod.veth}],
     }

@@ -131,7 +131,8 @@ async def test_a_task_shares_its_bind_sources_and_the_guest_is_told_where(
         assert params["mount_sources"] == [{"index": 1, "share": BINDS_TAG, "path": "1"},
                                            {"index": 2, "share": BINDS_TAG, "path": "2"}]
         assert params["spec"]["mounts"] == spec_mounts(sources)  # the guest rewrites the sources
-        assert params["spec"]["linux"]["namespaces"] == [{"type": "network"}, {"type": "pid"}]
+        # The container shares its UVM's network namespace (its NIC stands in for the named one's veth).
+        assert params["spec"]["linux"]["namespaces"] == [{"type": "pid"}]
     finally:
         await within(h.task.teardown())
     assert not stage.exists() and not host_rootfs.mount_points_under(tmp_path)

@@ -81,7 +81,8 @@ class Harness:
         (bundle / "rootfs").mkdir(parents=True)
         (bundle / "rootfs" / "bin").mkdir()
         (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
-                                                        "process": {"args": ["sh"], "cwd": "/"}}))
+                                                        "process": {"args": ["sh"], "cwd": "/"},
+                                                        "linux": {"namespaces": [{"type": "network"}]}}))
         self.task = Task("t1", bundle, "ns", ShimOptions(stop_grace_s=0.5), self._publish, vm_factory=self._vm)
 
     def _guest(self) -> FakeGuest:
@@ -132,7 +133,7 @@ async def test_task_start_goes_out_before_an_exit_that_comes_first(h: Harness) -
     with pytest.raises(errors.StillRunningError):  # no Delete while Start is in flight
         await h.task.delete(INIT)
     await guest.respond(req.id, {"pid": INIT_PID})
-    assert await within(start) == INIT_PID
+    assert await within(start) == h.factory.last.pid  # the task's pid is the hypervisor's, as Kata's
     exited = await within(h.task.wait(INIT))
     assert exited.status == 0
     assert h.topics == ["/tasks/create", "/tasks/start", "/tasks/exit"]
@@ -298,11 +299,12 @@ async def test_a_task_boots_its_uvm_with_the_shape_and_a_bad_one_leaves_nothing(
 
     h.task._vm_factory = vm
     spec = json.loads((h.task.bundle / "config.json").read_text())
-    spec["linux"] = {"resources": {"memory": {"limit": 64 << 20}}}
+    spec["linux"]["resources"] = {"memory": {"limit": 64 << 20}}
     (h.task.bundle / "config.json").write_text(json.dumps(spec))
     try:
         await h.create()
         assert configs[0].memory_mib == 256 + 64
+        assert configs[0].network_namespace == "new"  # a network namespace without a path: a fresh one
     finally:
         await within(h.task.teardown())
     bad = Harness(tmp_path / "bad")

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 from qemu.qmp import QMPClient
@@ -83,6 +84,14 @@ def qemu_argv(spec: LaunchSpec, run_dir: Path) -> list[str]:
         # restrict=on: the guest reaches nothing outside the VM; the forwarded port still reaches it.
         argv += ["-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
                  "-device", "virtio-net-device,netdev=net0"]
+    for nic in spec.nics:
+        fds = ":".join(map(str, nic.tap_fds))
+        netdev = f"tap,id={nic.id},{'fds' if len(nic.tap_fds) > 1 else 'fd'}={fds}"
+        if nic.vhost_fds:
+            vfds = ":".join(map(str, nic.vhost_fds))
+            netdev += f",vhost=on,{'vhostfds' if len(nic.vhost_fds) > 1 else 'vhostfd'}={vfds}"
+        argv += ["-netdev", netdev,
+                 "-device", f"virtio-net-device,netdev={nic.id},mac={nic.mac}{',mq=on' if len(nic.tap_fds) > 1 else ''}"]
     for n, share in enumerate(spec.shares):
         ro = ",readonly=on" if share.readonly else ""
         argv += ["-fsdev", f"local,id=fs{n},path={opt(share.host_path)},security_model=none,multidevs=remap{ro}",
@@ -146,12 +155,23 @@ class QemuBackend:
             argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         self.log.debug("spawn %s", " ".join(argv))
         qemu_log = (self.run_dir / "qemu.log").open("wb")
+        # QEMU holds the run directory's lock too, while it lives, and its NICs' taps (and vhost-net) fds.
+        fds = (self._run_dir_lock, *(fd for nic in spec.nics for fd in (*nic.tap_fds, *nic.vhost_fds)))
+        # In the container's network namespace: its taps are there, and /proc/<QEMU's pid>/ns/net names
+        # it (CNI configures that path after a `ctr run --cni` task's create; CRI puts it in the specs of
+        # a pod's containers).
+        enter = None
+        if spec.netns_fd is not None:
+            from uvm.network import enter_netns_preexec  # (pyroute2: only VMs with a network pay its import)
+
+            enter = enter_netns_preexec(spec.netns_fd)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log, start_new_session=True,
-                pass_fds=(self._run_dir_lock,))  # QEMU holds the run directory's lock too, while it lives
-        except OSError as e:
-            raise StartError(f"VM {spec.vm_id}: cannot run {spec.qemu_binary}: {e.strerror}", vm_id=spec.vm_id) from None
+                pass_fds=fds, preexec_fn=enter)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise StartError(f"VM {spec.vm_id}: cannot run {spec.qemu_binary}: {getattr(e, 'strerror', None) or e}",
+                             vm_id=spec.vm_id) from None
         finally:
             qemu_log.close()
         self._exit_task = asyncio.get_running_loop().create_task(self._watch_exit(), name=f"{spec.vm_id}-qemu-exit")

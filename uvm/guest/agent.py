@@ -175,6 +175,7 @@ class Agent:
                              (proto.UPDATE, "update_container"), (proto.STATS, "container_stats"),
                              (proto.DELETE, "delete_container"), (proto.SCSI_MOUNT, "scsi_mount"),
                              (proto.SCSI_UNMOUNT, "scsi_unmount"), (proto.SCSI_UNPLUG, "scsi_unplug"),
+                             (proto.CONFIGURE_NETWORK, "configure_network"),
                              (proto.PREPARE_TEMPLATE, "prepare_template")):
             self.handlers[method] = self._runtime_handler(name)
 

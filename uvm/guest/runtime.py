@@ -23,6 +23,7 @@ from schemas import agent as proto
 from schemas import wirejson
 from uvm.guest import procs
 from uvm.guest.errors import RequestError, spawn_failed
+from uvm.guest.net import NetworkMixin
 from uvm.guest.procs import set_pipe_size, write_file
 from uvm.guest.streams import InStream, OutStream
 
@@ -358,7 +359,7 @@ class DiskMixin:
         return {}
 
 
-class Runtime(DiskMixin):
+class Runtime(DiskMixin, NetworkMixin):
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.containers: dict[str, Container] = {}
@@ -541,6 +542,7 @@ class Runtime(DiskMixin):
             raise err(proto.E_INVALID, "prepare_template: the VM already runs containers or processes")
         self.ensure_cgroups()
         self.ensure_disk_modules()
+        self.ensure_net_modules()
         for argv in (SHARE_MODULES, ["crun", "--version"]):
             status, out = self.agent.run_blocking(argv)
             if status != 0:
