@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml 2>/dev/null | sha256sum | cut -c1-12)
 # Host packages: QEMU and image tools, libvirt (daemon + headers for libvirt-python), Python build deps.
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static e2fsprogs erofs-utils kmod xz-utils cpio \
-	util-linux crun containerd libvirt-dev libvirt-daemon-system libvirt-clients pkg-config gcc \
+	util-linux crun containerd containernetworking-plugins libvirt-dev libvirt-daemon-system libvirt-clients pkg-config gcc \
 	python3 python3-venv python3-dev
 
 .PHONY: help setup system-packages venv image proto demo test lint unit bench soak clean distclean

@@ -119,3 +119,40 @@ def pod_network(mtu: int = 1400, inside: str | None = None) -> Iterator[PodNet]:
         if fd >= 0:
             os.close(fd)
         pyroute2_netns.remove(name)
+
+
+CNI_BIN = "/usr/lib/cni"  # Debian's containernetworking-plugins
+
+
+def cni_bridge_conf(name: str, bridge: str, subnet: str, ipam_dir: str) -> dict[str, Any]:
+    """A CNI network of the bridge plugin with host-local IPAM in subnet.0/24 (gateway subnet.1), no
+    masquerading (no iptables), its IPAM data in a private directory."""
+    return {"cniVersion": "1.0.0", "name": name, "type": "bridge", "bridge": bridge, "isGateway": True,
+            "ipMasq": False, "ipam": {"type": "host-local", "ranges": [[{"subnet": f"{subnet}.0/24"}]],
+                                      "routes": [{"dst": "0.0.0.0/0"}], "dataDir": ipam_dir}}
+
+
+def cni(command: str, conf: dict[str, Any], container_id: str, netns_path: str, ifname: str = "eth0") -> dict[str, Any]:
+    """Run the network's plugin as a CNI runtime does (ADD, DEL, CHECK); its JSON result ({} for DEL).
+    Raises AssertionError with the plugin's error when it fails."""
+    import json
+    import subprocess
+
+    res = subprocess.run([f"{CNI_BIN}/{conf['type']}"], input=json.dumps(conf).encode(), capture_output=True,
+                         timeout=60, check=False,
+                         env={"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns_path,
+                              "CNI_IFNAME": ifname, "CNI_PATH": CNI_BIN, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert res.returncode == 0, f"CNI {command}: {res.stdout.decode(errors='replace')} {res.stderr.decode(errors='replace')}"
+    return json.loads(res.stdout) if res.stdout.strip() else {}
+
+
+def delete_link(name: str) -> None:
+    with IPRoute(groups=0) as ipr:
+        for index in ipr.link_lookup(ifname=name):
+            with contextlib.suppress(Exception):
+                ipr.link("del", index=index)
+
+
+def host_links() -> set[str]:
+    with IPRoute(groups=0) as ipr:
+        return {str(link.get("IFLA_IFNAME")) for link in ipr.get_links()}

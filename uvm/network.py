@@ -824,7 +824,14 @@ class VmNetwork:
         try:
             if self.namespace == NEW:
                 self.netns_fd = await asyncio.to_thread(new_netns)
-                self.attachments = await asyncio.to_thread(open_taps, self.netns_fd, 1, self.queues, self.vhost)
+                try:
+                    self.attachments = await asyncio.to_thread(open_taps, self.netns_fd, 1, self.queues, self.vhost)
+                except NetworkError as e:
+                    if e.context.get("errno") not in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+                        raise
+                    # No tun device: a container that only asked for a namespace of its own still runs (CNI,
+                    # if it comes, finds no NIC to stand in for its veth).
+                    log.warning("%s: %s: the VM gets no NIC", self.label, e)
                 return
             self.netns_fd = await asyncio.to_thread(open_netns, self.namespace)
             config = await asyncio.to_thread(read_config, self.netns_fd)
@@ -868,7 +875,7 @@ class VmNetwork:
         """A new namespace: if CNI has added a link by now, take it over and tell the guest (a container
         about to start must see its network). Whether the guest has a network. Raises NetworkError."""
         async with self._lock:
-            if self.config is None and self.netns_fd is not None and self.namespace == NEW:
+            if self.config is None and self.netns_fd is not None and self.namespace == NEW and self.attachments:
                 config = await asyncio.to_thread(read_config, self.netns_fd)
                 if config.interfaces:
                     await self._take_over(config)

@@ -331,7 +331,7 @@ class UtilityVM:
         network, configure, macs = self.network, self.agent.configure_network, self._nic_macs(spec, clone)
         if network.config is not None:
             await network.configure_guest(configure, macs)
-        else:
+        elif network.attachments:
             self._network_task = asyncio.get_running_loop().create_task(
                 self._watch_network(network.take_over(configure, macs)), name=f"{self.id}-network")
 

@@ -314,3 +314,25 @@ async def test_a_task_boots_its_uvm_with_the_shape_and_a_bad_one_leaves_nothing(
         await bad.create()
     assert not bad.factory.backends and bad.task.vm is None
     assert sorted(p.name for p in bad.task.bundle.iterdir()) == ["config.json", "rootfs"]
+
+
+async def test_a_spec_without_a_network_namespace_is_refused_as_the_hosts_network(tmp_path: Path) -> None:
+    """ctr run --net-host, a hostNetwork pod: the spec has no network namespace; a VM cannot share the host's."""
+    h = Harness(tmp_path)
+    spec = json.loads((h.task.bundle / "config.json").read_text())
+    spec["linux"]["namespaces"] = [{"type": "pid"}]
+    (h.task.bundle / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(errors.InvalidArgumentError, match="asks for the host's network"):
+        await h.create()
+    assert not h.factory.backends and h.task.vm is None
+
+
+async def test_the_tasks_pid_is_the_hypervisors_and_pids_are_the_guests(h: Harness) -> None:
+    """As Kata: Create, Start and State name the hypervisor's pid (whose /proc/<pid>/ns/net is the UVM's
+    network namespace); the guest's pids stay the processes' own (Pids lists them)."""
+    await h.create()
+    qemu_pid = h.factory.last.pid
+    assert h.task.state(INIT).pid == qemu_pid and qemu_pid != INIT_PID
+    assert await within(h.task.start(INIT)) == qemu_pid
+    assert h.events[0][1].pid == qemu_pid  # TaskCreate
+    assert h.task.container is not None and h.task.container.init.pid == INIT_PID  # the guest's, for Pids
