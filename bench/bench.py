@@ -631,7 +631,8 @@ def main() -> int:
     ap.add_argument("--no-libvirt", dest="libvirt", action="store_false", help="skip the libvirt figures")
     ap.add_argument("--no-shim", dest="shim", action="store_false", help="skip the containerd shim figures")
     ap.add_argument("--no-template", dest="template", action="store_false", help="skip the template figures")
-    ap.add_argument("--only", choices=("link", "libvirt", "shim", "template"),
+    ap.add_argument("--no-net", dest="net", action="store_false", help="skip the network figures")
+    ap.add_argument("--only", choices=("link", "libvirt", "shim", "template", "net"),
                     help="run only this section (with the floors it compares against)")
     args = ap.parse_args()
     if args.only:
@@ -641,6 +642,7 @@ def main() -> int:
         args.link = args.only == "link"
         args.shim = args.only == "shim"
         args.template = args.only == "template"
+        args.net = args.only == "net"
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
         tmp = Path(t)
         run_dir, state_dir = tmp / "run", tmp / "state"
@@ -727,6 +729,18 @@ def main() -> int:
             tf["ctr"] = ctr_template_figures(tmp, run_dir, state_dir, args.n)
             templates.print_figures(tf)
             summary["template"] = tf
+        if args.net:
+            import net_figures  # bench/ (this script's directory) is on sys.path
+
+            print(f"network: TCP and HTTP against a raw guest on the same tap arrangement, start with/without "
+                  f"(n={args.n})", flush=True)
+            base = Path(tempfile.mkdtemp(prefix="uvmnb-", dir="/tmp"))
+            try:
+                nf = net_figures.figures(tmp, run_dir, state_dir, busybox_rootfs(base), raw_argv, args.n)
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+            net_figures.print_figures(nf)
+            summary["net"] = nf
         if args.boot_loop:
             print(f"boot loop: {args.boot_loop} UVM boots, deadline {args.boot_timeout:g}s each", flush=True)
             hangs, failures, times = asyncio.run(boot_loop(args.boot_loop, run_dir, state_dir, args.boot_timeout))

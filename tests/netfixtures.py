@@ -156,3 +156,44 @@ def delete_link(name: str) -> None:
 def host_links() -> set[str]:
     with IPRoute(groups=0) as ipr:
         return {str(link.get("IFLA_IFNAME")) for link in ipr.get_links()}
+
+
+@contextlib.contextmanager
+def host_page(address: str, body: bytes = b"from the host\n") -> Iterator[int]:
+    """A one-page HTTP server on the host (on a bridge's address, or 0.0.0.0): its port."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((address, 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def fetch(url: str, patience: float = 120) -> bytes:
+    """GET url from the host, trying again while the server in the guest is still starting."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return bytes(r.read())
+        except OSError as e:  # refused, or no route yet
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url}: {e}") from None
+            time.sleep(0.5)

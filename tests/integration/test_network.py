@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import os
 import re
 import subprocess
-import threading
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ from pyroute2 import netns as pyroute2_netns
 from schemas import oci
 from schemas.uvm_config import Share, UvmConfig
 from tests.conftest import assert_no_leftovers
-from tests.netfixtures import NEIGH_MAC, PodNet, in_ns, pod_network
+from tests.netfixtures import NEIGH_MAC, PodNet, fetch, host_page, in_ns, pod_network
 from uvm import errors
 from uvm import network as net
 from uvm.container import Container, Rootfs
@@ -78,44 +74,6 @@ async def serving(vm: UtilityVM, *args: str) -> AsyncIterator[Container]:
         await c.close()
 
 
-@contextlib.contextmanager
-def host_http_server(address: str) -> Iterator[int]:
-    """A one-page HTTP server on the host, on the bridge's address: its port."""
-
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"from the host\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer((address, 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def fetch(url: str, attempts: int = 120) -> bytes:
-    """GET url from the host, trying again while the server in the guest is starting (refused)."""
-    for n in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                return bytes(r.read())
-        except (ConnectionRefusedError, urllib.error.URLError) as e:
-            if n == attempts - 1 or "refused" not in str(e):
-                raise
-            time.sleep(0.5)
-    raise AssertionError("not reached")
-
-
 def namespace_state(pod: PodNet) -> dict[str, Any]:
     """The links and qdiscs of the pod's namespace, and its veth's addresses."""
 
@@ -146,7 +104,7 @@ async def check_the_pod_network(vm: UtilityVM, pod: PodNet) -> None:
         page = await asyncio.to_thread(fetch, f"http://{pod.address}:8080/")
         assert page == b"from the container\n"
     # container -> host: a server on the bridge's address
-    with host_http_server(pod.gateway) as port:
+    with host_page(pod.gateway) as port:
         code, out = await run_in_container(vm, "wget", "-q", "-O", "-", f"http://{pod.gateway}:{port}/")
         assert (code, out) == (0, "from the host\n")
     # ping both ways (from the UVM itself: the container shares its network; ping needs raw sockets)

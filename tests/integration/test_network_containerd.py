@@ -11,9 +11,7 @@ import os
 import re
 import secrets
 import shutil
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,17 @@ from pyroute2 import netns as pyroute2_netns
 from shim.containerd_env import PrivateContainerd
 from tests.integration.ctr import RUNTIME, assert_clean, run, wait_status
 from tests.integration.ctr import nothing_outlives_its_test as _nothing_outlives_its_test
-from tests.netfixtures import CNI_BIN, cni, cni_bridge_conf, delete_link, free_subnet, host_links, in_ns
+from tests.netfixtures import (
+    CNI_BIN,
+    cni,
+    cni_bridge_conf,
+    delete_link,
+    fetch,
+    free_subnet,
+    host_links,
+    host_page,
+    in_ns,
+)
 
 pytestmark = [pytest.mark.vm,
               pytest.mark.skipif(not os.path.exists(f"{CNI_BIN}/bridge"), reason="no CNI plugins in /usr/lib/cni")]
@@ -54,43 +62,6 @@ def network(tmp_path: Path) -> Iterator[dict[str, Any]]:
         yield {"conf": conf, "subnet": subnet, "gateway": f"{subnet}.1"}
     finally:
         delete_link(conf["bridge"])
-
-
-@contextlib.contextmanager
-def host_page(address: str) -> Iterator[int]:
-    """A one-page HTTP server on the host's side of the bridge: its port."""
-    import http.server
-
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"from the host\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer((address, 0), Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def fetch(url: str) -> bytes:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                return bytes(r.read())
-        except OSError as e:  # refused while the server in the UVM starts
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{url}: {e}") from None
-            time.sleep(0.5)
 
 
 def our_qdiscs_and_taps(netns_path: str) -> list[str]:

@@ -319,7 +319,7 @@ async def test_close_io_before_the_client_closes_delivers_everything_then_eof(fi
         assert proc.stdin_data == b"last words, really"
 
 
-def _writer_can_connect(path: str) -> bool:
+def writer_can_connect(path: str) -> bool:
     """Whether a client's non-blocking write-only open of the FIFO finds a reader (else ENXIO)."""
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
@@ -338,9 +338,9 @@ async def test_the_stdin_fifo_has_no_reader_until_the_start(fifos: dict[str, str
     await pio.open()  # the create (Exec, or the init's Create)
     try:
         pio.attach(proc.as_process())
-        assert not _writer_can_connect(fifos["stdin"])
+        assert not writer_can_connect(fifos["stdin"])
         pio.attach_stdin(proc.as_process())  # the start
-        assert _writer_can_connect(fifos["stdin"])
+        assert writer_can_connect(fifos["stdin"])
     finally:
         await pio.close()
 

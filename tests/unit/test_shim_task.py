@@ -4,7 +4,6 @@ the orderings and releases containerd relies on, with no QEMU (the e2e suite run
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import os
 import time
@@ -21,6 +20,7 @@ from schemas.shim_options import ShimOptions
 from schemas.uvm_config import UvmConfig
 from shim import leftovers
 from shim.task import EXEC_FAILED_STATUS, INIT, Task
+from tests.unit.test_shim_stdio import writer_can_connect
 from uvm import errors
 from uvm.testing import ErrorReply, FakeBackendFactory, FakeGuest, Request, make_test_config
 from uvm.vm import UtilityVM
@@ -141,16 +141,6 @@ async def test_task_start_goes_out_before_an_exit_that_comes_first(h: Harness) -
     assert h.topics[-1] == "/tasks/delete"
 
 
-def _client_connects(path: str) -> bool:
-    """Whether a client's non-blocking write-only open of a stdin FIFO finds the shim's reader."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        return True
-    except OSError as e:
-        assert e.errno == errno.ENXIO, e
-        return False
-
-
 async def _input_reaches_the_guest(h: Harness, path: str, data: bytes) -> None:
     guest = h.factory.last.guest
     writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
@@ -170,12 +160,12 @@ async def test_the_stdin_fifos_get_a_reader_at_the_start_not_the_create(h: Harne
     for path in fifos.values():
         os.mkfifo(path)
     await within(h.task.create([], fifos["stdin"], fifos["stdout"], "", False))
-    assert not _client_connects(fifos["stdin"])
+    assert not writer_can_connect(fifos["stdin"])
     await within(h.task.start(INIT))
     await _input_reaches_the_guest(h, fifos["stdin"], b"input of the init")
     await within(h.task.exec_add("e1", json.dumps({"args": ["cat"], "cwd": "/"}).encode(), False,
                                  fifos["e1-stdin"], fifos["e1-stdout"], ""))
-    assert not _client_connects(fifos["e1-stdin"])
+    assert not writer_can_connect(fifos["e1-stdin"])
     await within(h.task.start("e1"))
     await _input_reaches_the_guest(h, fifos["e1-stdin"], b"input of the exec")
 
