@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -45,7 +46,7 @@ from schemas import oci  # noqa: E402
 from schemas.uvm_config import UvmConfig, default_image_dir  # noqa: E402
 from shim.containerd_env import PrivateContainerd, busybox_rootfs, processes_with_arg  # noqa: E402
 from uvm import builder  # noqa: E402
-from uvm.backends.qemu import qemu_argv  # noqa: E402
+from uvm.backends.qemu import QemuFds, qemu_argv  # noqa: E402
 from uvm.link import AgentClient, AgentConnection  # noqa: E402
 from uvm.scratch import create_scratch  # noqa: E402
 from uvm.vm import UtilityVM  # noqa: E402
@@ -86,7 +87,9 @@ def floor_initramfs(tmp: Path, spec: builder.LaunchSpec) -> tuple[Path, Path]:
 
 
 def raw_argv(spec: builder.LaunchSpec, initrd: Path, tmp: Path, with_root: bool) -> list[str]:
-    argv = qemu_argv(spec, tmp)
+    """The UVM's QEMU command line (unconfined: the floor is QEMU itself) without the agent's port, QMP and
+    the console's log, its console on stdout."""
+    argv = qemu_argv(dataclasses.replace(spec, confine=False), QemuFds(qmp=-1, agent=-1, console_log=-1))
     out: list[str] = []
     skip = False
     for i, a in enumerate(argv):
@@ -94,9 +97,9 @@ def raw_argv(spec: builder.LaunchSpec, initrd: Path, tmp: Path, with_root: bool)
             skip = False
             continue
         nxt = argv[i + 1] if i + 1 < len(argv) else ""
-        if a in ("-chardev", "-device", "-qmp", "-serial", "-drive") and (
-            "agent" in nxt or "virtio-serial" in nxt or a == "-qmp" or "console" in nxt
-            or (not with_root and ("rootfs" in nxt))
+        if a in ("-chardev", "-device", "-mon", "-serial", "-drive", "-add-fd") and (
+            "agent" in nxt or "virtio-serial" in nxt or a in ("-mon", "-add-fd") or "console" in nxt
+            or "id=qmp" in nxt or (not with_root and ("rootfs" in nxt))
         ):
             skip = True
             continue

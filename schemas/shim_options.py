@@ -36,7 +36,7 @@ DEFAULT_PATH = Path("/etc/uvmshim/config.toml")
 UVM_KEYS = frozenset({"cpus", "memory_mib", "image", "kernel", "initrd", "rootfs", "kernel_args", "accel",
                       "boot_timeout", "launch_timeout", "backend", "libvirt_uri", "libvirt_image_dir", "qemu_binary",
                       "tb_size_mib", "scsi_controllers", "start", "template_autobuild", "template_dir",
-                      "template_memory_dir", "state_dir"})
+                      "template_memory_dir", "state_dir", "confine", "confine_uid_range"})
 
 
 class OptionsError(ValueError):

@@ -117,6 +117,12 @@ class UvmConfig(BaseModel):
     # gives /proc/<QEMU's pid>/ns/net to CNI after the task's create). QEMU backend only.
     network_namespace: Annotated[str, Field(max_length=4096)] | None = None
     kill_with_parent: bool = True
+    # QEMU confined (uvm/jail.py): a uid of its own from confine_uid_range (no account may use one), only
+    # the capabilities its 9p shares need, a mount namespace holding only its files, QEMU's full seccomp
+    # sandbox. QEMU backend (libvirt confines its QEMU its own way). Off: a warning at every start.
+    confine: bool = True
+    confine_uid_range: tuple[Annotated[int, Field(gt=0, lt=0xFFFFFFFE)], Annotated[int, Field(gt=0, lt=0xFFFFFFFE)]] = (
+        2147418112, 2147483647)
     shares: Annotated[list[Share], Field(max_length=16)] = Field(default_factory=list)
     scsi_controllers: Annotated[int, Field(ge=0, le=4)] = 1
     # Extra virtio-serial ports, each a unix socket <run_dir>/<id>/port-<name>.sock on the host

@@ -134,6 +134,7 @@ def spawn_server(sock_path: Path, flags: Flags, config: str | None, cwd: Path | 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(sock_path))
+        os.chmod(sock_path, 0o600)  # root's alone, as runc's shim makes its own since CVE-2020-15257
         listener.listen(64)
         argv = [sys.executable, "-m", "shim.main", "-namespace", flags.namespace, "-address", flags.address,
                 "-publish-binary", flags.publish_binary, "-id", flags.id, "-socket-fd", str(listener.fileno())]

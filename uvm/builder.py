@@ -73,6 +73,8 @@ class LaunchSpec:
     memory_file: Path | None = None
     memory_shared: bool = False
     incoming: Path | None = None
+    confine: bool = True  # QEMU in a jail of its own (uvm/jail.py)
+    confine_uid_range: tuple[int, int] = (2147418112, 2147483647)
     nics: tuple[Nic, ...] = ()  # added by UtilityVM once its network is set up
     netns_fd: int | None = None  # QEMU starts in this network namespace (its taps are there)
     extra: dict[str, str] = field(default_factory=dict)
@@ -202,6 +204,7 @@ def build(config: UvmConfig) -> LaunchSpec:
         kill_with_parent=config.kill_with_parent, image_id=image_id, shares=tuple(shares),
         extra_ports=tuple(config.extra_ports), scsi_controllers=config.scsi_controllers,
         backend=config.backend, libvirt_uri=config.libvirt_uri, libvirt_image_dir=config.libvirt_image_dir.absolute(),
+        confine=config.confine, confine_uid_range=config.confine_uid_range,
         console_socket=config.console_socket,
         ssh_port=ssh_port,
     )

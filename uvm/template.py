@@ -455,6 +455,11 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
             await asyncio.to_thread(_check_room, config.template_memory_dir, config.memory_mib)
             work.mkdir(mode=0o700)
             (work / MEMORY_NOTE).write_text(str(memory))  # for _sweep, if this builder gets killed
+            # Made here, not by QEMU: the template's and every clone's confined QEMU runs as a uid of its own
+            # and gets the file bound into its jail, read-write (QEMU 7.2 opens it so even for a private
+            # mapping). Only the jails reach it: its directory is root's, 0700.
+            os.close(os.open(memory, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            os.chmod(memory, 0o666)
             shares = []
             for n, share in enumerate(config.shares):  # same devices, placeholder directories
                 (work / f"share{n}").mkdir()

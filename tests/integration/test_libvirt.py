@@ -45,6 +45,12 @@ async def test_libvirt_lifecycle_command_disk_shutdown(libvirtd: list[str], make
     try:
         await vm.start()
         assert vm.hello is not None and f"uvmshim-{vm.id}" in domains()
+        # libvirt's own confinement is in force: QEMU as libvirt's user, under QEMU's seccomp sandbox
+        # (qemu.conf's seccomp_sandbox), with no capability in effect.
+        assert vm.backend is not None and vm.backend.pid is not None
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{vm.backend.pid}/status").read_text().splitlines())
+        assert int(fields["Uid"].split()[1]) != 0 and fields["Seccomp"].strip() == "2", fields
+        assert int(fields["CapEff"], 16) == 0, fields["CapEff"]
         res = await vm.run(["sh", "-c", "ls /sys/bus/pci/devices | wc -l; hostname"])
         assert res.exit_status == 0 and res.stdout.split()[1].decode() == vm.id
         open_to_qemu(tmp_path)

@@ -211,7 +211,8 @@ async def test_qmp_socket_that_never_appears(make_config: Callable[..., UvmConfi
     fake = tmp_path / "fake-qemu"
     fake.write_text("#!/bin/sh\necho \"$$\" > \"$(dirname \"$0\")/pid\"\nexec sleep 600\n")
     fake.chmod(0o755)
-    vm = UtilityVM(make_config(qemu_binary=str(fake), accel="tcg", launch_timeout=1.5))
+    # (unconfined: the fake writes its pid next to itself, outside any jail)
+    vm = UtilityVM(make_config(qemu_binary=str(fake), accel="tcg", launch_timeout=1.5, confine=False))
     with pytest.raises(errors.BootTimeoutError, match="the qemu backend did not bring the hypervisor up within the "
                                                        "launch timeout of 1.5s"):
         await vm.start()

@@ -26,7 +26,7 @@ from shim import debugvm
 from shim.runuvm import RunuvmError
 from shim.service import process_details
 from uvm import builder
-from uvm.backends.qemu import qemu_argv
+from uvm.backends.qemu import QemuFds, qemu_argv
 from uvm.errors import ConfigError
 from uvm.ssh import ClientKey, SshError, known_hosts_line, parse_host_key
 from uvm.testing import make_test_config
@@ -43,18 +43,21 @@ def test_ssh_port_out_of_range_is_rejected(port: int) -> None:
         UvmConfig(ssh_port=port)
 
 
+FDS = QemuFds(qmp=10, agent=11, console_log=12)
+
+
 def test_no_nic_and_a_file_console_by_default(tmp_path: Path) -> None:
     spec = builder.build(make_test_config(tmp_path))
     assert spec.ssh_port is None and not spec.console_socket
-    argv = " ".join(qemu_argv(spec, tmp_path))
+    argv = " ".join(qemu_argv(spec, FDS))
     assert "-netdev" not in argv and "virtio-net" not in argv
-    assert f"file,id=console,path={tmp_path / 'console.log'}" in argv
+    assert "-add-fd fd=12,set=1 -chardev file,id=console,path=/dev/fdset/1" in argv  # the shim opened the log
 
 
 def test_ssh_port_zero_becomes_a_free_loopback_port_forwarded_to_22(tmp_path: Path) -> None:
     spec = builder.build(make_test_config(tmp_path, ssh_port=0))
     assert spec.ssh_port is not None and 1024 <= spec.ssh_port <= 65535
-    argv = qemu_argv(spec, tmp_path)
+    argv = qemu_argv(spec, FDS)
     netdev = argv[argv.index("-netdev") + 1]
     assert netdev == f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
     assert "virtio-net-device,netdev=net0" in argv
@@ -71,10 +74,9 @@ def test_ssh_port_in_use_is_a_config_error(tmp_path: Path) -> None:
 
 def test_console_socket_keeps_the_console_log(tmp_path: Path) -> None:
     spec = builder.build(make_test_config(tmp_path, console_socket=True))
-    argv = qemu_argv(spec, tmp_path)
+    argv = qemu_argv(spec, dataclasses.replace(FDS, console=13))
     chardev = argv[argv.index("-serial") - 1]
-    assert chardev == (f"socket,id=console,path={tmp_path / 'console.sock'},server=on,wait=off,"
-                       f"logfile={tmp_path / 'console.log'}")
+    assert chardev == "socket,id=console,fd=13,server=on,wait=off,logfile=/dev/fdset/1"  # (the log: fd 12)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -299,9 +301,7 @@ def test_commas_in_paths_are_doubled_in_qemu_options(tmp_path: Path) -> None:
     base.mkdir()
     spec = builder.build(make_test_config(base, shares=[Share(tag="s", host_path=base)]))
     spec = dataclasses.replace(spec, memory_file=base / "m,em")
-    argv = qemu_argv(spec, base / "r,un")
+    argv = qemu_argv(spec, FDS)
     doubled = str(base).replace(",", ",,")
-    assert f"local,id=fs0,path={doubled},security_model=none,multidevs=remap" in argv
-    assert f"socket,id=agent,path={doubled}/r,,un/agent.sock,server=on,wait=off" in argv
+    assert f"local,id=fs0,path={doubled},security_model=passthrough,multidevs=remap" in argv
     assert any(a.startswith(f"memory-backend-file,id=ram,size=64M,mem-path={doubled}/m,,em,") for a in argv)
-    assert f"unix:{doubled}/r,,un/qmp.sock,server=on,wait=off" in argv
