@@ -594,6 +594,25 @@ def print_shim_figures(shim: dict[str, Any]) -> None:
               "tmpfs) is shared by every clone")
 
 
+def confine_figures(run_dir: Path, state_dir: Path, memdir: Path, n: int) -> dict[str, Any]:
+    """Cold UVM and template clone to agent ready, confined (uvm/jail.py) against unconfined, interleaved."""
+    from uvm import template
+
+    runs: dict[str, list[float]] = {"cold_confined": [], "cold_unconfined": [], "clone_confined": [],
+                                    "clone_unconfined": []}
+    common: dict[str, Any] = {"template_memory_dir": memdir}
+    asyncio.run(template.build(UvmConfig(run_dir=run_dir, state_dir=state_dir, **common)))
+    for _ in range(n):
+        for confine in (True, False):
+            kind = "confined" if confine else "unconfined"
+            runs[f"cold_{kind}"].append(asyncio.run(uvm_start(run_dir, state_dir, confine=confine, **common)))
+            runs[f"clone_{kind}"].append(asyncio.run(uvm_start(run_dir, state_dir, confine=confine, start="template",
+                                                               **common)))
+    m = {k: median(v) for k, v in runs.items()}
+    return {**m, "cold_ratio": m["cold_confined"] / m["cold_unconfined"],
+            "clone_ratio": m["clone_confined"] / m["clone_unconfined"], "runs": runs}
+
+
 def q35_argv(spec: builder.LaunchSpec, initrd: Path, with_root: bool) -> list[str]:
     """Raw QEMU on q35 (libvirt's machine), same kernel and command line, console on stdio."""
     argv = [spec.qemu_binary, "-machine", "q35", "-accel", spec.accel, "-cpu", spec.cpu_model, "-m", str(spec.memory_mib),
@@ -635,7 +654,8 @@ def main() -> int:
     ap.add_argument("--no-shim", dest="shim", action="store_false", help="skip the containerd shim figures")
     ap.add_argument("--no-template", dest="template", action="store_false", help="skip the template figures")
     ap.add_argument("--no-net", dest="net", action="store_false", help="skip the network figures")
-    ap.add_argument("--only", choices=("link", "libvirt", "shim", "template", "net"),
+    ap.add_argument("--no-confine", dest="confine", action="store_false", help="skip the confinement figures")
+    ap.add_argument("--only", choices=("link", "libvirt", "shim", "template", "net", "confine"),
                     help="run only this section (with the floors it compares against)")
     args = ap.parse_args()
     if args.only:
@@ -646,6 +666,7 @@ def main() -> int:
         args.shim = args.only == "shim"
         args.template = args.only == "template"
         args.net = args.only == "net"
+        args.confine = args.only == "confine"
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
         tmp = Path(t)
         run_dir, state_dir = tmp / "run", tmp / "state"
@@ -744,6 +765,18 @@ def main() -> int:
                 shutil.rmtree(base, ignore_errors=True)
             net_figures.print_figures(nf)
             summary["net"] = nf
+        if args.confine:
+            print(f"confinement: cold start and clone start, confined against unconfined, interleaved (n={args.n})",
+                  flush=True)
+            memdir = Path(tempfile.mkdtemp(prefix="uvm-bench-mem-", dir="/dev/shm"))
+            try:
+                cf = confine_figures(run_dir, state_dir, memdir, args.n)
+            finally:
+                remove_templates(state_dir, memdir)
+            print(f"confined cold start {cf['cold_confined']:.2f}s, unconfined {cf['cold_unconfined']:.2f}s "
+                  f"({cf['cold_ratio']:.3f}x, target <= 1.05x); clone {cf['clone_confined']:.3f}s, unconfined "
+                  f"{cf['clone_unconfined']:.3f}s ({cf['clone_ratio']:.3f}x, target <= 1.1x)")
+            summary["confine"] = cf
         if args.boot_loop:
             print(f"boot loop: {args.boot_loop} UVM boots, deadline {args.boot_timeout:g}s each", flush=True)
             hangs, failures, times = asyncio.run(boot_loop(args.boot_loop, run_dir, state_dir, args.boot_timeout))

@@ -305,3 +305,23 @@ def test_start_action_with_a_bad_config_fails_before_spawning(tmp_path: Path) ->
     assert not (bundle / "address").exists()
     assert not socket_path(parse_flags([*args, "start"])).exists()
     assert _serving_shims(task_id) == []
+
+
+def test_the_task_service_socket_is_roots_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0600, as containerd's runc shim makes its own since CVE-2020-15257 (anyone who can connect to a shim's
+    socket can run anything in its containers)."""
+    import subprocess
+
+    from shim import main as shim_main
+
+    spawned: list[list[str]] = []
+
+    class NoDaemon:
+        def __init__(self, argv: list[str], **kw: object) -> None:
+            spawned.append(argv)
+            self.pid = 4242
+
+    monkeypatch.setattr(subprocess, "Popen", NoDaemon)
+    sock = tmp_path / "s.sock"
+    shim_main.spawn_server(sock, shim_main.Flags(namespace="ns", id="t1"), None)
+    assert spawned and sock.stat().st_mode & 0o777 == 0o600
