@@ -55,9 +55,32 @@ def process_cmdlines() -> Iterator[tuple[int, bytes]]:
 
 
 def processes_using(run_dir: str) -> list[int]:
-    """Pids whose command line names a path inside run_dir (QEMU's sockets and logs live there)."""
-    needle = (run_dir.rstrip("/") + "/").encode()
-    return [pid for pid, cmdline in process_cmdlines() if needle in cmdline]
+    """Pids whose command line names a path inside run_dir, or that hold it (or a file in it) open: QEMU
+    gets its sockets and logs as descriptors and holds its run directory's lock, so its command line may
+    name nothing of it."""
+    base = run_dir.rstrip("/")
+    needle = (base + "/").encode()
+    found = []
+    for pid, cmdline in process_cmdlines():
+        if needle in cmdline or _holds(pid, base):
+            found.append(pid)
+    return found
+
+
+def _holds(pid: int, base: str) -> bool:
+    """Whether pid has base, or something below it, open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target == base or target.startswith(base + "/"):
+            return True
+    return False
 
 
 def kill_and_wait(pids: list[int]) -> None:

@@ -18,16 +18,20 @@ from uvm.testing import libvirt_daemons
 
 
 def _qemu_processes_under(path: Path) -> list[str]:
+    """QEMU processes (real or fake) that name a path under path or hold one open (QEMU gets its sockets
+    and logs as descriptors and holds its run directory's lock)."""
+    from shim.leftovers import processes_using
+
     found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in processes_using(str(path)):
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(path) in cmd and ("qemu" in cmd or "fake-qemu" in cmd):
-            found.append(f"{pid}: {cmd[:200]}")
+        program = Path(args[0].decode(errors="replace")).name
+        if pid != os.getpid() and (program.startswith("qemu-system") or program == "fake-qemu" or
+                                   (program == "sh" and b"fake-qemu" in b" ".join(args))):
+            found.append(f"{pid}: {b' '.join(args).decode(errors='replace')[:200]}")
     return found
 
 

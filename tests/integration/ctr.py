@@ -32,11 +32,25 @@ def shim_processes(ctd: PrivateContainerd) -> list[int]:
     return shim_daemons(address=str(ctd.address))
 
 
+def qemu_processes(ctd: PrivateContainerd, tid: str) -> list[int]:
+    """The QEMU of a task's UVM (its program, not a process whose arguments merely say qemu)."""
+    return [p for p in vm_processes(ctd, tid) if is_qemu(p)]
+
+
+def is_qemu(pid: int) -> bool:
+    try:
+        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return Path(program.decode(errors="replace")).name.startswith("qemu-system")
+
+
 def vm_processes(ctd: PrivateContainerd, tid: str) -> list[int]:
     """QEMU of a task's UVM: its command line names files in the UVM's run directory."""
     from shim.task import vm_id_for
 
-    return [p for p in processes_using(f"/{vm_id_for(ctd.namespace, tid)}/") if p != os.getpid()]
+    run_dir = Path(os.environ.get("UVMSHIM_RUN_DIR", "/run/uvmshim")) / vm_id_for(ctd.namespace, tid)
+    return [p for p in processes_using(str(run_dir)) if p != os.getpid()]
 
 
 def containerd_env(suite_dir: Path, image_dir: Path) -> Iterator[tuple[PrivateContainerd, Path]]:

@@ -28,6 +28,7 @@ from tests.integration.ctr import (
     assert_clean,
     ctr_events,
     exit_status_of_rm,
+    qemu_processes,
     remove_ctr_fifos,
     run,
     shim_processes,
@@ -316,7 +317,7 @@ def test_bad_input_fails_the_run_with_a_message(env: tuple[PrivateContainerd, Pa
 def test_qemu_killed_under_a_running_task(env: tuple[PrivateContainerd, Path], detached: str) -> None:
     ctd, _ = env
     wait_status(ctd, detached, "RUNNING")
-    qemu = [p for p in vm_processes(ctd, detached) if b"qemu" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    qemu = qemu_processes(ctd, detached)
     assert qemu, "no QEMU process found for the task"
     for pid in qemu:
         os.kill(pid, signal.SIGKILL)

@@ -29,11 +29,11 @@ from tests.integration.ctr import (
     RUNTIME,
     assert_clean,
     ctr_events,
+    qemu_processes,
     remove_ctr_fifos,
     run,
     shim_processes,
     task_status,
-    vm_processes,
     wait_status,
 )
 from tests.integration.ctr import nothing_outlives_its_test as _nothing_outlives_its_test
@@ -66,7 +66,7 @@ def until(found: Callable[[], bool], what: str, ctr: subprocess.Popen[bytes] | N
 
 
 def qemu_of(ctd: PrivateContainerd, tid: str) -> list[int]:
-    return [p for p in vm_processes(ctd, tid) if b"qemu" in _cmdline(p)]
+    return qemu_processes(ctd, tid)
 
 
 def shim_of(ctd: PrivateContainerd, tid: str) -> list[int]:

@@ -4,6 +4,7 @@ shim left (processes using the VM's run directory, the directory itself), with r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -147,3 +148,19 @@ def test_kill_and_wait_tolerates_pids_that_are_gone(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(leftovers.time, "sleep", no_waiting)
     leftovers.kill_and_wait([proc.pid])  # no ProcessLookupError, and no wait
+
+
+def test_processes_using_finds_a_process_that_only_holds_the_run_dir_open(run_dir: Path) -> None:
+    """A confined QEMU's command line names nothing of its run directory (its sockets and logs are
+    descriptors), but it holds the directory's lock: that is how the delete action finds it."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                              pass_fds=(fd,))
+    try:
+        os.close(fd)
+        assert holder.pid in processes_using(str(run_dir))
+        assert holder.pid not in processes_using(str(run_dir) + "x")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait()
