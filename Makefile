@@ -46,9 +46,10 @@ image: system-packages
 	@$(PYTHON) images/build.py
 
 # containerd's messages: schemas/containerd/*.proto (from Debian's containerd sources) compiled by
-# grpcio-tools; the generated modules are checked in, and a test fails when they drift from the .proto files.
+# grpcio-tools, and the tests' CRI subset (tests/cri/api.proto); the generated modules are checked in, and a test fails when they drift from the .proto files.
 proto: venv
 	@$(PY) -m schemas.containerd.compile
+	@$(PY) -m tests.cri.compile
 
 demo: setup image
 	@$(PY) -m uvm.demo
