@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from schemas import agent as proto
 
@@ -20,18 +20,30 @@ def _b64(limit: int) -> BeforeValidator:
     def decode(value: object) -> bytes:
         if not isinstance(value, str):
             raise ValueError("expected base64 text")
-        if len(value) > (limit * 4) // 3 + 4:
+        if len(value) > (limit * 4) // 3 + 4:  # cheap, before decoding; loose by up to 2 bytes
             raise ValueError(f"more than {limit} bytes")
         try:
-            return base64.b64decode(value, validate=True)
+            data = base64.b64decode(value, validate=True)
         except binascii.Error as e:
             raise ValueError(f"invalid base64: {e}") from None
+        if len(data) > limit:
+            raise ValueError(f"more than {limit} bytes")
+        return data
 
     return BeforeValidator(decode)
 
 
 class GuestModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _check_exit(exit_status: int | None, signal: int | None, *, ended: bool) -> None:
+    """The guest reads both from one waitpid status: a process exits with a status or is ended by a
+    signal (a kill, the OOM killer), never both; and one that ended has one of them."""
+    if exit_status is not None and signal is not None:
+        raise ValueError("exit_status and signal both set: a process exits or is ended by a signal, not both")
+    if ended and exit_status is None and signal is None:
+        raise ValueError("exit_status and signal both null: an ended process has one of them")
 
 
 Text = Annotated[str, Field(max_length=4096)]
@@ -80,6 +92,11 @@ class RunResult(GuestModel):
     truncated: bool
     timed_out: bool
 
+    @model_validator(mode="after")
+    def _one_outcome(self) -> Self:
+        _check_exit(self.exit_status, self.signal, ended=True)
+        return self
+
 
 class LogEvent(GuestModel):
     event: Annotated[str, Field(pattern=f"^{proto.EVENT_LOG}$")]
@@ -112,8 +129,13 @@ class ContainerState(GuestModel):
     pid: Annotated[int, Field(ge=0, le=2**22)]
     bundle: Text
     created: Timestamp
-    exit_status: Annotated[int, Field(ge=0, le=255)] | None
+    exit_status: Annotated[int, Field(ge=0, le=255)] | None  # both null while the init has not exited
     signal: Annotated[int, Field(ge=1, le=64)] | None
+
+    @model_validator(mode="after")
+    def _at_most_one_outcome(self) -> Self:
+        _check_exit(self.exit_status, self.signal, ended=False)
+        return self
 
 
 class ContainerList(GuestModel):
@@ -149,6 +171,11 @@ class ExitEvent(GuestModel):
     exit_status: Annotated[int, Field(ge=0, le=255)] | None
     signal: Annotated[int, Field(ge=1, le=64)] | None
     at: Timestamp
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> Self:
+        _check_exit(self.exit_status, self.signal, ended=True)
+        return self
 
 
 class OomEvent(GuestModel):

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from schemas import agent as proto
 from schemas import agent_models as models
 from schemas import framing, wirejson
-from schemas.validation import first_problem
+from schemas.validation import guest_problem, guest_text
 from uvm import errors
 from uvm.streams import CREDIT, InboundStream, OutboundStream, remember
 
@@ -293,11 +293,12 @@ class AgentClient:
             if flags & framing.FLAG_ERROR:
                 body = models.ErrorBody.model_validate_json(payload)
                 cls = _ERROR_TYPES.get(body.code, errors.AgentError)
-                raise cls(body.code, f"{method}: {body.message}", method=method, vm_id=self.conn.name)
+                raise cls(body.code, f"{method}: {guest_text(body.message, proto.MAX_ERROR_MESSAGE)}", method=method,
+                          vm_id=self.conn.name)
             return model.model_validate_json(payload)
         except ValidationError as e:
             err = errors.GuestProtocolError(
-                f"agent link {self.conn.name}: invalid {method} response from the guest: {first_problem(e)}",
+                f"agent link {self.conn.name}: invalid {method} response from the guest: {guest_problem(e)}",
                 vm_id=self.conn.name, method=method)
             self.conn.fail(err)
             raise err from None

@@ -6,6 +6,10 @@ mounts it or exposes the block device) are separate steps. The same (path, read-
 twice shares its slot with a reference count; the last release unplugs it. A read-write disk is
 exclusive. Adding a mapped disk = host attach then guest mount; a failure at any step rolls back
 the earlier ones. Removing = guest unmount, guest unplug, host detach.
+
+The host chooses every guest path: the guest must mount where it was told (or, told none, nowhere),
+and a different answer is a protocol error (the attach is rolled back, then the link dropped). A
+guest path is taken from the start of its add, so two adds at one path cannot both record it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from schemas import agent as proto
 from schemas import agent_models as models
+from schemas.validation import guest_text
 from uvm import errors
 from uvm.lifecycle import VmState
 
@@ -81,6 +86,7 @@ class ScsiManager:
         self.slots: dict[tuple[int, int], ScsiSlot] = {}
         self.mounts: dict[str, MappedDisk] = {}  # guest path -> disk
         self.disks: list[MappedDisk] = []  # every mapped disk, mounted or exposed as a block device
+        self._mounting: set[str] = set()  # guest paths of adds still under way
         self._lock = asyncio.Lock()
 
     # -- bookkeeping (no I/O) -------------------------------------------------------------------
@@ -151,18 +157,42 @@ class ScsiManager:
 
     async def add_mapped_disk(self, path: Path | str, guest_path: str | None, readonly: bool = False,
                               fstype: str = "ext4", options: tuple[str, ...] = ()) -> MappedDisk:
-        if guest_path is not None and guest_path in self.mounts:
-            raise errors.DiskError(f"guest path {guest_path}: a disk is mounted there already", guest_path=guest_path)
-        slot = await self.attach(path, readonly)
+        """Attach path and mount it at guest_path (None: expose the block device only). Raises
+        DiskError, NoAvailableLocationError, or GuestProtocolError if the guest answers with another
+        path (the link is dropped); nothing of the disk is left attached when it raises."""
+        if guest_path is not None:
+            if guest_path in self.mounts or guest_path in self._mounting:
+                raise errors.DiskError(f"guest path {guest_path}: a disk is mounted there already",
+                                       guest_path=guest_path)
+            self._mounting.add(guest_path)
         try:
-            res = await self.vm._client("scsi mount").request(proto.SCSI_MOUNT, {
+            return await self._add_mapped_disk(path, guest_path, readonly, fstype, options)
+        finally:
+            if guest_path is not None:
+                self._mounting.discard(guest_path)
+
+    async def _add_mapped_disk(self, path: Path | str, guest_path: str | None, readonly: bool, fstype: str,
+                               options: tuple[str, ...]) -> MappedDisk:
+        slot = await self.attach(path, readonly)
+        client = None
+        try:
+            client = self.vm._client("scsi mount")
+            res = await client.request(proto.SCSI_MOUNT, {
                 "controller": slot.controller, "lun": slot.lun, "path": guest_path, "fstype": fstype,
                 "options": list(options), "readonly": readonly}, models.ScsiMountResult)
+            if res.path != guest_path:
+                told = "to mount it nowhere" if guest_path is None else f"to mount it at {guest_path}"
+                answered = "no path" if res.path is None else f"path {guest_text(res.path)}"
+                raise errors.GuestProtocolError(
+                    f"agent link {client.conn.name}: scsi mount of disk {slot.path}: told {told}, the guest "
+                    f"answered {answered}", vm_id=client.conn.name, method=proto.SCSI_MOUNT)
         except BaseException as e:
             try:
                 await asyncio.shield(self.release(slot))  # roll back the host attach
             except errors.UvmError:
                 pass
+            if isinstance(e, errors.GuestProtocolError) and client is not None:
+                client.conn.fail(e)  # (after the rollback: a dropped link stops the VM, and its unplug with it)
             if isinstance(e, errors.AgentError):
                 raise errors.DiskError(f"disk {slot.path}: {e.message}", path=slot.path) from None
             raise

@@ -31,7 +31,7 @@ from schemas import agent as proto
 from schemas import agent_models as models
 from schemas import oci
 from schemas.uvm_config import UvmConfig
-from schemas.validation import first_problem
+from schemas.validation import guest_problem, guest_text
 from uvm import builder, errors
 from uvm.backends.base import Backend, HypervisorExit
 from uvm.container import Container, ContainerState, Rootfs, SharedSource
@@ -49,6 +49,7 @@ CONSOLE_TAIL_LINES = 30
 CLONE_TIMEOUT_S = 20.0
 SSH_PORT_ATTEMPTS = 3
 HOSTFWD_REFUSED = "Could not set up host forwarding rule"  # QEMU's words when the ssh port is taken
+GUEST_LOG_LINE_LIMIT = 4096  # characters of a guest log line shown, once escaped (a LogEvent's own cap)
 
 BackendFactory = Callable[[builder.LaunchSpec], Backend]
 
@@ -322,7 +323,7 @@ class UtilityVM:
         if self.network is not None:
             self.network.launched()  # (not before: a failed clone's taps serve the cold boot that follows)
         self.log.info("started%s in %.2fs (agent v%d, kernel %s, accel %s)", " from a template" if clone else "",
-                      self.boot_seconds, hello.version, hello.kernel, spec.accel)
+                      self.boot_seconds, hello.version, guest_text(hello.kernel), spec.accel)
 
     async def _network_up(self, spec: builder.LaunchSpec, clone: bool) -> None:
         """A joined namespace's NICs are configured in the guest before start returns, a new namespace's
@@ -610,11 +611,11 @@ class UtilityVM:
                         self.log.warning("guest: %d log lines dropped (more than %d a second)", dropped,
                                          LogBudget.RATE)
                     self.log.log({"debug": 10, "info": 20, "warning": 30, "error": 40}[rec.level], "guest: %s",
-                                 rec.message)
+                                 guest_text(rec.message, GUEST_LOG_LINE_LIMIT))
             else:
                 raise errors.GuestProtocolError(f"unknown notification {str(event)[:64]!r}")
         except ValidationError as e:
-            raise errors.GuestProtocolError(f"invalid {str(event)[:64]} notification: {first_problem(e)}") from None
+            raise errors.GuestProtocolError(f"invalid {str(event)[:64]} notification: {guest_problem(e)}") from None
 
     async def _with_stdio(self, op: str, method: str, params: dict[str, Any], container: str | None, terminal: bool,
                           stdin: bool, stdout: bool, stderr: bool) -> Process:

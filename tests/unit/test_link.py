@@ -132,6 +132,16 @@ async def test_error_response_maps_to_typed_error(agent: Agent, code: str, error
     assert (await client.ping(5)).seq == 5
 
 
+async def test_an_error_message_from_the_guest_is_shown_escaped(agent: Agent) -> None:
+    """The guest's words end up in the shim's log and containerd's errors: no line of their own in either."""
+    guest, conn, client = agent
+    guest.handlers["run"] = lambda req: ErrorReply(proto.E_INVALID, "mount failed\nERROR forged line\x1b[2J")
+    with pytest.raises(errors.AgentInvalidArgumentError) as info:
+        await client.run(["mount"])
+    assert str(info.value) == r"run: mount failed\nERROR forged line\x1b[2J"
+    assert conn.closed is None
+
+
 async def test_not_found_is_also_a_not_found_error(agent: Agent) -> None:
     _, _, client = agent
     with pytest.raises(errors.NotFoundError):
@@ -200,6 +210,12 @@ VIOLATIONS: list[tuple[str, str, Callable[[Request], Reply], type[errors.LinkErr
      errors.GuestProtocolError, r"invalid run response from the guest: exit_status"),
     ("run-bool-for-int", "run", lambda r: {**run_result(), "exit_status": True},
      errors.GuestProtocolError, r"invalid run response from the guest: exit_status"),
+    ("run-neither-status-nor-signal", "run", lambda r: run_result(exit_status=None),
+     errors.GuestProtocolError, r"invalid run response from the guest: payload: Value error, exit_status and signal "
+                                r"both null"),
+    ("run-status-and-signal", "run", lambda r: run_result(exit_status=0, signal=9),
+     errors.GuestProtocolError, r"invalid run response from the guest: payload: Value error, exit_status and signal "
+                                r"both set"),
     ("error-body-invalid", "ping", lambda r: PayloadReply(b'{"code": 5, "message": "x"}', flags=framing.FLAG_ERROR),
      errors.GuestProtocolError, r"invalid ping response from the guest: code: Input should be a valid string"),
     ("error-body-not-json", "ping", lambda r: PayloadReply(b"\xff\xfe", flags=framing.FLAG_ERROR),
@@ -247,6 +263,22 @@ async def test_protocol_violation_fails_the_call_and_every_later_call(
         with pytest.raises(errors.LinkError) as again:
             await _call(client, later)
         assert type(again.value) is error_type and str(again.value) == str(first)
+
+
+@pytest.mark.parametrize(("field", "shown"), [
+    ("x\n2024-01-01 ERROR uvm: forged line", r"x\n2024-01-01 ERROR uvm: forged line"),
+    ("\x1b[2J\u202eevil\\", r"\x1b[2J\u202eevil\\"),
+    ("k" * 700_000, "k" * 200 + "...[699800 more characters]"),
+], ids=["newline", "terminal-and-bidi-controls", "700KiB"])
+async def test_a_field_name_from_the_guest_is_escaped_and_clipped_in_the_error_and_the_log(
+        agent: Agent, caplog: pytest.LogCaptureFixture, field: str, shown: str) -> None:
+    guest, _, client = agent
+    guest.handlers["ping"] = lambda r: {"seq": r.params["seq"], field: 1}
+    with caplog.at_level(logging.ERROR, logger="uvm"), pytest.raises(errors.GuestProtocolError) as info:
+        await _call(client, "ping")
+    assert info.value.message == (f"agent link vm-t: invalid ping response from the guest: {shown}: "
+                                  "Extra inputs are not permitted")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [info.value.message]
 
 
 async def test_garbage_sent_unprompted_fails_a_pending_call(agent: Agent) -> None:

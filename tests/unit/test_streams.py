@@ -19,10 +19,11 @@ from schemas import agent as proto
 from schemas import agent_models as models
 from schemas import framing, oci
 from uvm import errors
+from uvm.guest import procs
 from uvm.link import AgentClient, AgentConnection
 from uvm.process import Process, ProcessExit, ProcessTable
 from uvm.streams import CREDIT, InboundStream, OutboundStream
-from uvm.testing import FakeBackendFactory, FakeGuest, Request, fake_agent, make_test_config
+from uvm.testing import FakeBackendFactory, FakeGuest, Request, fake_agent, make_test_config, run_result
 from uvm.vm import UtilityVM
 
 T = TypeVar("T")
@@ -518,6 +519,38 @@ def test_valid_exit_events_are_accepted(change: dict[str, Any]) -> None:
     assert event.container == change.get("container")
 
 
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"exit_status": None}, "both null"), ({"signal": 9}, "both set"), ({"exit_status": 255, "signal": 64}, "both set"),
+], ids=["neither", "status-and-signal", "status-and-signal-at-the-edges"])
+def test_an_exit_has_a_status_or_a_signal_not_both_nor_neither(change: dict[str, Any], problem: str) -> None:
+    """Neither would read as exit code 128 (128 + no signal), both as whichever the host looks at first."""
+    with pytest.raises(ValidationError, match=f"exit_status and signal {problem}"):
+        models.ExitEvent.model_validate({**VALID_EXIT, **change})
+    with pytest.raises(ValidationError, match=f"exit_status and signal {problem}"):
+        models.RunResult.model_validate({**run_result(), **change})
+
+
+def test_a_container_state_has_at_most_one_of_a_status_and_a_signal() -> None:
+    state = {"id": "c1", "status": "running", "pid": 7, "bundle": "/run/c1", "created": 1.0}
+    for outcome in ({"exit_status": None, "signal": None}, {"exit_status": 0, "signal": None},
+                    {"exit_status": None, "signal": 9}):  # not exited (or never started), exited, killed
+        models.ContainerState.model_validate({**state, **outcome})
+    with pytest.raises(ValidationError, match="exit_status and signal both set"):
+        models.ContainerState.model_validate({**state, "exit_status": 0, "signal": 9})
+
+
+def test_every_status_an_honest_guest_reports_is_accepted() -> None:
+    """The guest reads exit_status and signal from a waitpid status (procs.decode_status): every exit status,
+    and every signal, with a core dump or without (SIGKILL: a kill, a timed-out run, the OOM killer)."""
+    statuses = [code << 8 for code in range(256)] + [sig | core for sig in range(1, 65) for core in (0, 0x80)]
+    for status in statuses:
+        exit_status, sig = procs.decode_status(status)
+        event = models.ExitEvent.model_validate({**VALID_EXIT, "exit_status": exit_status, "signal": sig})
+        models.RunResult.model_validate(run_result(exit_status=exit_status, signal=sig, timed_out=sig == 9))
+        exit_code = ProcessExit(event.exit_status, event.signal, event.at).exit_code
+        assert exit_code == (status >> 8 if status & 0x7F == 0 else 128 + (status & 0x7F))
+
+
 VALID_OOM: dict[str, Any] = {"event": "oom", "container": "c1", "oom_kills": 2, "at": 1_700_000_000.0}
 
 
@@ -691,6 +724,7 @@ async def test_vm_keeps_an_exit_notified_before_the_exec_answer(vm_guest: tuple[
 
 @pytest.mark.parametrize(("change", "where"), [
     ({"pid": 0}, "pid"), ({"exit_status": "0"}, "exit_status"), ({"rogue": 1}, "rogue"), ({"at": None}, "at"),
+    ({"exit_status": None}, "payload"), ({"signal": 9}, "payload"),
 ])
 async def test_vm_drops_the_link_on_a_malformed_exit_and_exits_nothing(
     vm_guest: tuple[UtilityVM, FakeGuest, Any], change: dict[str, Any], where: str,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -692,6 +694,17 @@ def test_the_guest_log_budget_drops_a_flood_and_counts_what_it_dropped() -> None
     assert budget.take(1000.0 + 1.5 / budget.RATE) is None
 
 
+async def test_a_guest_log_line_is_logged_on_one_line(vm: UtilityVM, factory: FakeBackendFactory,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A newline in the guest's message cannot start a line of the host's log that looks like the host's."""
+    with caplog.at_level(logging.DEBUG, logger=f"uvm.{vm.id}"):
+        await factory.last.guest.notify({"event": proto.EVENT_LOG, "level": "warning",
+                                         "message": "disk full\n2024-01-01 ERROR uvm.vm1: forged\x1b[2J"})
+        await within(vm.ping())  # the notification was handled before this answer
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("guest: ")] == [
+        r"guest: disk full\n2024-01-01 ERROR uvm.vm1: forged\x1b[2J"]
+
+
 async def test_a_slot_whose_detach_failed_is_never_handed_out_again(
         vm: UtilityVM, factory: FakeBackendFactory, tmp_path: Path) -> None:
     """QEMU may still hold the node of a failed detach: a new disk at that slot would collide with it."""
@@ -713,6 +726,74 @@ async def test_a_slot_whose_detach_failed_is_never_handed_out_again(
     second = await within(vm.add_scsi_disk(disks[1]))
     assert (second.slot.controller, second.slot.lun) != (first.slot.controller, first.slot.lun)
     await within(vm.remove_scsi_disk(second))
+
+
+def disk_images(tmp_path: Path, *names: str) -> list[Path]:
+    images = []
+    for name in names:
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+        images.append(tmp_path / name)
+    return images
+
+
+@pytest.mark.parametrize(("asked", "answered", "told"), [
+    ("/mnt/b", "/mnt/a", "told to mount it at /mnt/b, the guest answered path /mnt/a"),  # the first disk's
+    ("/mnt/b", None, "told to mount it at /mnt/b, the guest answered no path"),
+    ("/mnt/b", "/mnt/b/", "told to mount it at /mnt/b, the guest answered path /mnt/b/"),
+    ("/mnt/b", "/mnt/x/../b", "told to mount it at /mnt/b, the guest answered path /mnt/x/../b"),
+    ("/mnt/b", "/mnt/b\nERROR forged", r"told to mount it at /mnt/b, the guest answered path /mnt/b\nERROR forged"),
+    (None, "/mnt/a", "told to mount it nowhere, the guest answered path /mnt/a"),
+    (None, "/mnt/c", "told to mount it nowhere, the guest answered path /mnt/c"),
+], ids=["another-disks-path", "no-path", "trailing-slash", "not-normalized", "newline", "unasked-taken", "unasked"])
+async def test_a_mount_answered_with_another_path_drops_the_link_and_leaves_nothing_attached(
+        vm: UtilityVM, factory: FakeBackendFactory, tmp_path: Path, asked: str | None, answered: str | None,
+        told: str) -> None:
+    """The host chooses where a disk is mounted. Taking the guest's word for it let a second disk's answer
+    overwrite the first disk's record: the first could then never be removed, its slot never freed."""
+    first_image, second_image = disk_images(tmp_path, "a.img", "b.img")
+    first = await within(vm.add_scsi_disk(first_image, "/mnt/a"))
+    backend = factory.last
+    backend.guest.handlers[proto.SCSI_MOUNT] = lambda req: {"device": "/dev/sdb", "path": answered}
+    with pytest.raises(errors.GuestProtocolError,
+                       match=re.escape(f"agent link vm1: scsi mount of disk {second_image}: {told}")):
+        await within(vm.add_scsi_disk(second_image, asked))
+    # The second disk is unplugged in the guest and detached on the host; the first is recorded as it was.
+    unplug = backend.guest.requests[-1]
+    assert (unplug.method, unplug.params) == (proto.SCSI_UNPLUG, {"controller": 0, "lun": 1})
+    assert backend.scsi == {(0, 0): (str(first_image), False)}
+    assert vm.scsi.slots == {(0, 0): first.slot} and vm.scsi.mounts == {"/mnt/a": first}
+    assert vm.scsi.disks == [first]
+    # A guest that breaks the protocol loses its link, and the VM with it (after the rollback).
+    with pytest.raises(errors.VmDiedError, match="the agent link was lost"):
+        await within(vm.wait())
+    assert backend.calls.index("detach_scsi 0:1") < backend.calls.index("terminate")
+
+
+async def test_one_guest_path_is_given_to_one_of_two_concurrent_disks(
+        vm: UtilityVM, factory: FakeBackendFactory, tmp_path: Path) -> None:
+    """The path is taken when an add starts, not when the guest answers: the second add is refused at once."""
+    first_image, second_image = disk_images(tmp_path, "a.img", "b.img")
+    backend = factory.last
+    honest = backend.guest.handlers[proto.SCSI_MOUNT]
+    backend.guest.handlers[proto.SCSI_MOUNT] = lambda req: None  # held: answered below
+    first_add = asyncio.create_task(vm.add_scsi_disk(first_image, "/mnt/a"))
+    mount = (await within(backend.guest.wait_for_requests(2)))[-1]
+    assert mount.method == proto.SCSI_MOUNT
+    with pytest.raises(errors.DiskError, match="guest path /mnt/a: a disk is mounted there already"):
+        await within(vm.add_scsi_disk(second_image, "/mnt/a"))
+    assert [c for c in backend.calls if c.startswith("attach_scsi")] == [f"attach_scsi 0:0 {first_image} rw"]
+    await backend.guest.respond(mount.id, {"device": "/dev/sda", "path": "/mnt/a"})
+    first = await within(first_add)
+    assert vm.scsi.mounts == {"/mnt/a": first}
+    await within(vm.remove_scsi_disk(first))
+    assert vm.scsi.slots == {} and backend.scsi == {}
+    # Free again once the disk is gone, or once an add failed.
+    backend.guest.handlers[proto.SCSI_MOUNT] = lambda req: ErrorReply(proto.E_INVALID, "mount: wrong fs type")
+    with pytest.raises(errors.DiskError, match="wrong fs type"):
+        await within(vm.add_scsi_disk(second_image, "/mnt/a"))
+    backend.guest.handlers[proto.SCSI_MOUNT] = honest
+    second = await within(vm.add_scsi_disk(second_image, "/mnt/a"))
+    assert vm.scsi.mounts == {"/mnt/a": second} and list(backend.scsi) == [(0, 0)]
 
 
 async def test_an_unusable_template_directory_falls_back_to_a_cold_boot(new_vm: Callable[..., UtilityVM],
