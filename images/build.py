@@ -401,10 +401,13 @@ class Cpio:
         return bytes(self.buf)
 
 
+INITRAMFS_APPLETS = ("sh", "mount", "insmod", "switch_root", "mkdir", "sleep", "cat", "echo", "poweroff", "ln", "ip")
+
+
 def build_initramfs(ktree: Path, kver: str, busybox: Path, out: Path, kkey: str) -> Path:
     init = (HERE / "init").read_bytes()
     mods = module_closure(ktree, kver, BOOT_MODULES)
-    key = sha256_of([BUILD_FORMAT, kkey, file_digest(busybox), init, *mods])
+    key = sha256_of([BUILD_FORMAT, kkey, file_digest(busybox), init, " ".join(INITRAMFS_APPLETS), *mods])
     target = out / f"initramfs-{key}.cpio"
     if target.exists():
         step(f"initramfs up to date ({target.name})")
@@ -415,7 +418,7 @@ def build_initramfs(ktree: Path, kver: str, busybox: Path, out: Path, kkey: str)
         c.dir(d)
     c.chardev("dev/console", 5, 1)
     c.file("bin/busybox", busybox.read_bytes(), 0o755)
-    for applet in ("sh", "mount", "insmod", "switch_root", "mkdir", "sleep", "cat", "echo", "poweroff", "ln"):
+    for applet in INITRAMFS_APPLETS:
         c.symlink(f"bin/{applet}", "busybox")
     moddir = ktree / "lib" / "modules" / kver
     lines = []

@@ -372,10 +372,12 @@ def _template_config(args: argparse.Namespace) -> Any:
     if args.config is None:
         return UvmConfig(cpus=args.cpus, memory_mib=args.memory, kernel_args=args.kernel_args, accel=args.accel)
     from schemas.shim_options import load_options
-    from shim.task import SHARE_TAG
+    from schemas.uvm_config import NEW_NETNS
+    from shim.pod import POD_TAG
 
-    # The shape the shim gives a container's UVM: its config plus the rootfs share.
-    return load_options(args.config).uvm_config(shares=[Share(tag=SHARE_TAG, host_path=Path("/"))])
+    # The shape the shim gives a pod's UVM: its config plus the pod share and a NIC (a container's network).
+    return load_options(args.config).uvm_config(shares=[Share(tag=POD_TAG, host_path=Path("/"))],
+                                                network_namespace=NEW_NETNS)
 
 
 async def _template(args: argparse.Namespace) -> int:

@@ -149,12 +149,14 @@ def clean(bundle: Path) -> list[str]:
     network = state.get("network")
     if isinstance(network, dict) and isinstance(network.get("netns"), str):
         done += _clean_network(network)
-    from shim import rootfs
+    from shim import pod, rootfs
 
-    target = Path(state["rootfs_mounted"]) if state.get("rootfs_mounted") else bundle / "rootfs"
-    if rootfs.unmount(target):
-        done.append(f"unmounted {target}")
-    if rootfs.unstage_binds(bundle / rootfs.BINDS_DIR):
-        done.append(f"unmounted the bind mounts under {bundle / rootfs.BINDS_DIR}")
+    # A task's rootfs and binds (a pod's container), or the whole pod directory (the task whose UVM it was).
+    for key, release in (("task_dir", pod.release_task_dir), ("pod_dir", lambda p: pod.PodDir(p).remove())):
+        path = state.get(key)
+        if isinstance(path, str) and os.path.isabs(path) and ".." not in Path(path).parts and release(Path(path)):
+            done.append(f"unmounted and removed {path}")
+    if rootfs.unmount(bundle / "rootfs"):  # (where an earlier version mounted a snapshot)
+        done.append(f"unmounted {bundle / 'rootfs'}")
     forget(bundle)
     return done

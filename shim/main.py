@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -98,10 +99,23 @@ def parse_flags(argv: list[str]) -> Flags:
     raise UsageError("missing action (start, delete)")
 
 
-def socket_path(flags: Flags) -> Path:
-    """As runc's shim: a short path (unix sockets: 108 bytes) unique per containerd, namespace and task."""
-    digest = hashlib.sha256(f"{flags.address}/{flags.namespace}/{flags.id}".encode()).hexdigest()  # no '/' in ns, id
-    return SOCKET_DIR / f"uvm-{digest[:40]}.sock"
+def socket_path(flags: Flags, group: str | None = None) -> Path:
+    """As runc's shim: a short path (unix sockets: 108 bytes) unique per containerd, namespace and group (the
+    pod's sandbox id for a pod's tasks: shim/pod.py's group_of; else the task's own id)."""
+    key = f"{flags.address}/{flags.namespace}/{group or flags.id}"  # no '/' in namespaces and ids
+    return SOCKET_DIR / f"uvm-{hashlib.sha256(key.encode()).hexdigest()[:40]}.sock"
+
+
+def bundle_group(task_id: str, bundle: Path | None = None) -> str:
+    """The task's group from its bundle's config.json annotations (the task's own id when it has none)."""
+    from shim.pod import group_of
+
+    try:
+        spec = json.loads(((bundle or Path.cwd()) / "config.json").read_text())
+    except (OSError, ValueError):
+        return task_id
+    annotations = spec.get("annotations") if isinstance(spec, dict) else None
+    return group_of(annotations if isinstance(annotations, dict) else None, task_id)
 
 
 def _runtime_config_path(data: bytes) -> str | None:
@@ -167,11 +181,12 @@ def action_start(flags: Flags) -> int:
             print(f"containerd-shim-uvm-v1: {e}", file=sys.stderr)
             return 1
         explicit = str(path) if path else None
-    sock_path = socket_path(flags)
+    sock_path = socket_path(flags, bundle_group(flags.id))
     address = f"unix://{sock_path}"
     SOCKET_DIR.mkdir(parents=True, exist_ok=True, mode=0o711)
     if sock_path.exists():
-        if _socket_alive(sock_path):  # a shim for this task already serves: reuse it
+        if _socket_alive(sock_path):  # the shim of this task's pod (its sandbox's) serves: this task joins it
+            Path("address").write_text(address)
             print(address, end="")
             return 0
         sock_path.unlink()
@@ -191,7 +206,7 @@ def action_delete(flags: Flags) -> int:
     bundle = Path(flags.bundle or os.getcwd())
     for what in leftovers.clean(bundle):
         print(f"containerd-shim-uvm-v1 delete {flags.id}: {what}", file=sys.stderr)
-    sock_path = socket_path(flags)
+    sock_path = socket_path(flags, bundle_group(flags.id, bundle))
     if sock_path.exists() and not _socket_alive(sock_path):
         sock_path.unlink()
     exited_at = timestamp_pb2.Timestamp()

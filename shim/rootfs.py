@@ -45,7 +45,7 @@ def is_mountpoint(path: Path) -> bool:
     return path.resolve() in mount_points_under(path)
 
 
-def _run(argv: list[str], what: str) -> None:
+def run_mount(argv: list[str], what: str) -> None:
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -66,7 +66,7 @@ def mount_all(mounts: list[HostMount], target: Path) -> None:
                 ["mount", "--rbind" if m.type == "rbind" or "rbind" in m.options else "--bind", m.source, str(target)]
             if opts:
                 argv[1:1] = ["-o", ",".join(opts)]
-            _run(argv, f"rootfs mount {m.type} {m.source} on {target}")
+            run_mount(argv, f"rootfs mount {m.type} {m.source} on {target}")
             done += 1
     except BaseException:
         for _ in range(done):
@@ -174,11 +174,11 @@ def stage_binds(binds: list[BindMount], stage: Path) -> None:
         for b in binds:
             target = stage / str(b.index)
             what = f"mount {b.destination}: bind {b.source}"
-            _run(["mount", "--rbind" if b.recursive else "--bind", str(b.source), str(target)], what)
-            _run(["mount", "--make-rprivate", str(target)], f"{what}: private")
+            run_mount(["mount", "--rbind" if b.recursive else "--bind", str(b.source), str(target)], what)
+            run_mount(["mount", "--make-rprivate", str(target)], f"{what}: private")
             if b.readonly:
                 for point in mount_points_under(target):
-                    _run(["mount", "-o", "remount,bind,ro", str(point)], f"{what}: {point} read-only")
+                    run_mount(["mount", "-o", "remount,bind,ro", str(point)], f"{what}: {point} read-only")
     except BaseException:
         unstage_binds(stage)
         raise

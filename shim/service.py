@@ -20,11 +20,14 @@ from schemas.containerd import diag_pb2, runc_options_pb2, types_task_pb2
 from schemas.containerd import shim_pb2 as pb
 from schemas.containerd.runtime_options import config_path
 from schemas.shim_options import OptionsError, ShimOptions, find_config, load_options
+from schemas.uvm_config import UvmConfig
 from shim.events import Publisher, timestamp
+from shim.pod import Pod
 from shim.task import INIT, Exited, Task
 from shim.ttrpc import Code, Server, TtrpcError
 from uvm import errors
 from uvm.container import ContainerStatistics
+from uvm.vm import UtilityVM
 
 log = logging.getLogger("uvmshim.service")
 
@@ -87,18 +90,25 @@ def exited_fields(exited: Exited | None) -> dict[str, Any]:
 
 
 class TaskService:
-    """One shim's task service: one task (one UVM). `shutdown_requested` is set by Shutdown."""
+    """One shim's task service: the tasks of one pod (a sandbox and its containers, or one standalone task)
+    in one UVM. `shutdown_requested` is set by Shutdown once no task is left."""
 
     def __init__(self, namespace: str, shim_id: str, publisher: Publisher, config_path: str | None = None,
-                 state_dir: Path | None = None, console_log: Path | None = None) -> None:
+                 state_dir: Path | None = None, console_log: Path | None = None,
+                 vm_factory: Callable[[UvmConfig], UtilityVM] = UtilityVM) -> None:
         self.namespace = namespace
+        self._vm_factory = vm_factory  # tests: UVMs over a fake backend
         self.state_dir = state_dir
         self.console_log = console_log
         self.shim_id = shim_id
         self.publisher = publisher
         self.config_path = config_path
-        self.task: Task | None = None
+        self.pod = Pod(state_dir or Path.cwd())
         self.shutdown_requested = asyncio.Event()
+
+    @property
+    def live_tasks(self) -> list[Task]:
+        return [t for t in self.pod.tasks.values() if not t.deleted]
 
     def register(self, server: Server) -> None:
         table: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
@@ -127,24 +137,30 @@ class TaskService:
         return call
 
     def _task(self, task_id: str) -> Task:
-        if self.task is None or self.task.deleted or task_id != self.task.id:
+        task = self.pod.tasks.get(task_id)
+        if task is None or task.deleted:
             raise TtrpcError(Code.NOT_FOUND, f"task {task_id}: not found in shim {self.shim_id}")
-        return self.task
+        return task
 
     async def create(self, req: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
-        if self.task is not None and not self.task.deleted:
-            raise TtrpcError(Code.ALREADY_EXISTS, f"task {req.id}: this shim already runs task {self.task.id}")
+        old = self.pod.tasks.get(req.id)
+        if old is not None and not old.deleted:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"task {req.id}: already exists in shim {self.shim_id}")
         if req.checkpoint:
             raise TtrpcError(Code.UNIMPLEMENTED, "restoring from a checkpoint is not supported by io.containerd.uvm.v1")
         explicit = config_path_from(req.options if req.HasField("options") else None) or self.config_path
         options: ShimOptions = load_options(find_config(explicit))
-        task = Task(req.id, Path(req.bundle), self.namespace, options, self.publisher.publish, self.state_dir,
-                    console_log=self.console_log)
-        self.task = task
+        bundle = Path(req.bundle)
+        # The first task keeps its files in the shim's state directory (runuvm's --root/<id>, or its bundle);
+        # a pod's later containers in their own bundles.
+        state_dir = self.state_dir if not self.pod.tasks and self.state_dir is not None else bundle
+        task = Task(req.id, bundle, self.namespace, options, self.publisher.publish, state_dir,
+                    vm_factory=self._vm_factory, console_log=self.console_log, pod=self.pod)
         try:
             pid = await task.create(list(req.rootfs), req.stdin, req.stdout, req.stderr, req.terminal)
         except BaseException:
-            self.task = None
+            if self.pod.tasks.get(req.id) is task:
+                del self.pod.tasks[req.id]
             raise
         return pb.CreateTaskResponse(pid=pid)
 
@@ -212,37 +228,42 @@ class TaskService:
         return pb.StatsResponse(stats=metrics(await self._task(req.id).stats()))
 
     async def connect(self, req: pb.ConnectRequest) -> pb.ConnectResponse:
-        task_pid = self.task.procs[INIT].pid if self.task is not None and INIT in self.task.procs else 0
+        task = self.pod.tasks.get(req.id)
+        task_pid = task.procs[INIT].pid if task is not None and INIT in task.procs else 0
         return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=task_pid, version=VERSION)
 
     async def shutdown(self, req: pb.ShutdownRequest) -> empty_pb2.Empty:
-        """Exit the shim once no task is left (or at once with `now`); the reply goes out first."""
-        if self.task is not None and not self.task.deleted and not req.now:
+        """Exit the shim once no task of its pod is left (or at once with `now`); the reply goes out first.
+        containerd sends one after each task's delete: a pod's shim ignores those while tasks remain."""
+        if self.live_tasks and not req.now:
             return empty_pb2.Empty()
         self.shutdown_requested.set()
         return empty_pb2.Empty()
 
     async def diag_info(self, req: diag_pb2.InfoRequest) -> diag_pb2.InfoResponse:
         resp = diag_pb2.InfoResponse(namespace=self.namespace, task_id=self.shim_id)
-        vm = self.task.vm if self.task is not None and not self.task.deleted else None
-        if self.task is not None and vm is not None:
-            resp.bundle, resp.vm_id, resp.vm_state = str(self.task.bundle), vm.id, vm.state.value
+        vm = self.pod.vm if self.live_tasks else None
+        owner = self.pod.tasks.get(self.pod.owner or "")
+        if vm is not None and owner is not None:
+            resp.bundle, resp.vm_id, resp.vm_state = str(owner.bundle), vm.id, vm.state.value
             resp.backend, resp.boot_seconds = vm.config.backend, vm.boot_seconds or 0.0
             resp.hypervisor_pid = (vm.backend.pid if vm.backend is not None else None) or 0
         return resp
 
     async def diag_exec(self, req: diag_pb2.ExecInUvmRequest) -> diag_pb2.ExecInUvmResponse:
-        """A command in the UVM itself (not in the container), for looking inside (hcsshim's shimdiag exec)."""
-        if self.task is None or self.task.deleted or self.task.vm is None:
+        """A command in the UVM itself (not in a container), for looking inside (hcsshim's shimdiag exec)."""
+        if not self.live_tasks or self.pod.vm is None:
             raise TtrpcError(Code.NOT_FOUND, f"shim {self.shim_id}: no UVM")
         if not req.args:
             raise TtrpcError(Code.INVALID_ARGUMENT, "ExecInUvm: args must not be empty")
-        res = await self.task.vm.run(list(req.args), stdin=req.stdin, timeout=req.timeout_seconds or None)
+        res = await self.pod.vm.run(list(req.args), stdin=req.stdin, timeout=req.timeout_seconds or None)
         code = res.exit_status if res.exit_status is not None else 128 + (res.signal or 0)
         return diag_pb2.ExecInUvmResponse(exit_code=code, stdout=res.stdout, stderr=res.stderr, truncated=res.truncated)
 
     async def close(self) -> None:
-        """Tear down whatever is left (the shim is going away), then flush the events."""
-        if self.task is not None:
-            await self.task.teardown()
+        """Tear down whatever is left (the shim is going away): the containers, then the pod's UVM; then
+        flush the events."""
+        tasks = list(self.pod.tasks.values())
+        for task in sorted(tasks, key=lambda t: t.owns_the_uvm):
+            await task.teardown()
         await self.publisher.close()

@@ -28,22 +28,21 @@ from schemas.containerd import mount_pb2
 from schemas.shim_options import ShimOptions
 from schemas.uvm_config import NEW_NETNS, Share, UvmConfig
 from schemas.validation import first_problem
-from shim import leftovers
+from shim import cgroups, leftovers
 from shim import rootfs as host_rootfs
 from shim.events import timestamp
+from shim.pod import POD_TAG, Pod, Role, make_mount_targets, rewrite_namespaces, role_of
 from shim.stdio import ProcessIO
 from uvm import errors
 from uvm.builder import host_memory_mib
 from uvm.container import Container, ContainerState, ContainerStatistics, Rootfs, SharedSource
-from uvm.lifecycle import stop_escalating
+from uvm.lifecycle import VmState, stop_escalating
 from uvm.process import Process, ProcessExit
 from uvm.vm import UtilityVM
 
 log = logging.getLogger("uvmshim.task")
 
 INIT = ""  # the exec id of a task's init process
-SHARE_TAG = "rootfs"
-BINDS_TAG = "binds"  # the share holding the task's bind mount sources (shim/rootfs.py)
 EXEC_FAILED_STATUS = 255  # an exec whose Start failed: a Wait on it returns this (runc releases it too)
 
 
@@ -104,23 +103,11 @@ def network_namespace_of(spec: oci.Spec) -> str:
         "pod): a container in a utility VM cannot share the host's network stack; give it a network namespace")
 
 
-def namespaces_in_the_uvm(spec: oci.Spec) -> None:
-    """The container shares its UVM's network namespace (the guest's NICs stand in for the veths of the
-    namespace the spec named: that is the container's network), so the spec loses its network entry; the
-    paths of other namespaces to join (a pod's /proc/PID/ns/ipc, ...) are the host's, which a container in
-    its own UVM cannot enter: it gets new ones of those types inside the UVM, as Kata does."""
-    namespaces = (spec.linux or {}).get("namespaces")
-    if not isinstance(namespaces, list):
-        return
-    for ns in list(namespaces):
-        if isinstance(ns, dict) and ns.get("type") == "network":
-            namespaces.remove(ns)
-        elif isinstance(ns, dict) and "path" in ns:
-            log.info("namespace %s: not joining the host's %s inside the UVM", ns.get("type"), ns.pop("path"))
-
-
 ANNOTATION_MEMORY = "io.uvmshim.uvm.memory_mib"  # the task's UVM shape, as hcsshim's computetopology annotations
 ANNOTATION_CPUS = "io.uvmshim.uvm.cpus"
+SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"  # bytes
+SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
 MIB = 1 << 20
 DEFAULT_CPU_PERIOD = 100_000  # µs, the kernel's and runc's
 MAX_CPUS = UvmConfig.model_fields["cpus"].metadata[-1].le
@@ -144,6 +131,18 @@ def uvm_shape(spec: oci.Spec, options: ShimOptions) -> dict[str, int]:
         shape["memory_mib"] += -(-res.memory.limit // MIB)
     if res and res.cpu and res.cpu.quota and res.cpu.quota > 0:
         shape["cpus"] += -(-res.cpu.quota // (res.cpu.period or DEFAULT_CPU_PERIOD))
+    # A pod's sandbox: CRI's sizing of the whole pod (the sum of its containers' limits), as Kata reads it.
+    ann = spec.annotations or {}
+    try:
+        pod_memory = int(ann.get(SANDBOX_MEMORY, "0"))
+        pod_quota, pod_period = int(ann.get(SANDBOX_CPU_QUOTA, "0")), int(ann.get(SANDBOX_CPU_PERIOD, "0"))
+    except ValueError:
+        raise errors.InvalidArgumentError(f"annotations {SANDBOX_MEMORY}, {SANDBOX_CPU_QUOTA}, {SANDBOX_CPU_PERIOD}: "
+                                          "not whole numbers") from None
+    if pod_memory > 0:
+        shape["memory_mib"] += -(-pod_memory // MIB)
+    if pod_quota > 0:
+        shape["cpus"] += -(-pod_quota // (pod_period or DEFAULT_CPU_PERIOD))
     for key, field in ((ANNOTATION_MEMORY, "memory_mib"), (ANNOTATION_CPUS, "cpus")):
         value = (spec.annotations or {}).get(key)
         if value is not None:
@@ -192,7 +191,8 @@ class TaskProcess:
 class Task:
     def __init__(self, task_id: str, bundle: Path, namespace: str, options: ShimOptions,
                  publish: Callable[[str, Message], None], state_dir: Path | None = None,
-                 vm_factory: Callable[[UvmConfig], UtilityVM] = UtilityVM, console_log: Path | None = None) -> None:
+                 vm_factory: Callable[[UvmConfig], UtilityVM] = UtilityVM, console_log: Path | None = None,
+                 pod: Pod | None = None) -> None:
         self.id = task_id
         self.bundle = bundle
         # Where the shim keeps its own files (uvmshim.json, the UVM's console log): containerd's bundle,
@@ -203,32 +203,47 @@ class Task:
         self.options = options
         self.publish = publish
         self._vm_factory = vm_factory  # tests: a UtilityVM over a fake backend
-        self.vm: UtilityVM | None = None
+        self.pod = pod or Pod(self.state_dir)  # shared with the other tasks of this shim
+        self.pod.tasks[task_id] = self
+        self.role = Role("standalone", task_id)
         self.container: Container | None = None
         self.procs: dict[str, TaskProcess] = {}
-        self.rootfs_mounted: Path | None = None
-        self.binds_staged: Path | None = None
+        self.task_dir: Path | None = None  # <pod>/<id>: its rootfs and binds, once made
         self.started = False
         self.deleted = False
         self._starting: asyncio.Future[None] | None = None  # the init's Start, until it answered
         self._teardown_task: asyncio.Task[None] | None = None
+        self._pod_stop: asyncio.Task[None] | None = None  # a sandbox whose init exited stops its pod
 
     def __repr__(self) -> str:
-        return f"<Task {self.namespace}/{self.id} procs={sorted(self.procs)} vm={self.vm!r}>"
+        return f"<Task {self.namespace}/{self.id} {self.role.kind} procs={sorted(self.procs)} vm={self.vm!r}>"
+
+    @property
+    def vm(self) -> UtilityVM | None:
+        """The UVM this task runs in: its pod's."""
+        return self.pod.vm
+
+    @property
+    def owns_the_uvm(self) -> bool:
+        return self.pod.owner == self.id
 
     # -- create -----------------------------------------------------------------------------------
 
     async def create(self, rootfs: list[mount_pb2.Mount], stdin: str, stdout: str, stderr: str,
                      terminal: bool) -> int:
-        """Boot the UVM and create (not start) the container. Everything is undone on failure.
+        """Create (not start) the container: a sandbox or standalone task boots its pod's UVM first, a pod's
+        container joins the running one. Everything of this task is undone on failure (the pod's UVM and
+        its other containers are untouched when a container's create fails).
 
-        Raises InvalidArgumentError (bundle, spec, rootfs, FIFOs), StartError (the UVM), AgentError."""
+        Raises InvalidArgumentError (bundle, spec, rootfs, FIFOs), StateError (a container whose sandbox does
+        not run here), AlreadyExistsError (a second sandbox), StartError (the UVM), AgentError."""
         try:
             spec_text = (self.bundle / "config.json").read_bytes()
         except OSError as e:
             raise errors.InvalidArgumentError(f"bundle {self.bundle}: config.json: {e.strerror}") from None
         spec = parse_spec_json(spec_text, f"bundle {self.bundle}: config.json")
         spec.process.terminal = terminal
+        self.role = role_of(spec.annotations, self.id)
         io = ProcessIO(self.id, stdin, stdout, stderr, terminal, namespace=self.namespace)
         init = TaskProcess(INIT, io)
         try:
@@ -236,30 +251,21 @@ class Task:
             binds = host_rootfs.bind_mounts([(m.destination, m.source, m.type, m.options) for m in spec.mounts],
                                             self.bundle)
             network: str | None = network_namespace_of(spec)
-            if network == NEW_NETNS and self.options.uvm_config(id="net").backend != "qemu":
-                log.info("task %s: the %s backend gives a UVM no network of its own", self.id,
-                         self.options.uvm_config(id="net").backend)
-                network = None
-            shape = uvm_shape(spec, self.options)
+            if self.role.brings_the_uvm:
+                vm = await self._boot(spec, network)
+            else:
+                vm = self._joined_uvm()
+            vm.oom_listeners.append(self.on_oom)
             root = self._prepare_rootfs(rootfs, spec)
-            shares = [Share(tag=SHARE_TAG, host_path=root, readonly=bool(spec.root and spec.root.readonly))]
             if binds:
-                self.binds_staged = self.state_dir / host_rootfs.BINDS_DIR
-                host_rootfs.stage_binds(binds, self.binds_staged)
-                shares.append(Share(tag=BINDS_TAG, host_path=self.binds_staged, readonly=all(b.readonly for b in binds)))
-            namespaces_in_the_uvm(spec)
-            self.vm = self._vm_factory(self.options.uvm_config(
-                id=vm_id_for(self.namespace, self.id), shares=shares, console_log=self.console_log,
-                network_namespace=network, **shape))
-            self.vm.oom_listeners.append(self.on_oom)
-            self.vm.network_listeners.append(self._write_state)  # its taps exist: the delete action must know
-            self._write_state()
-            await self.vm.start()
-            self._write_state()
+                host_rootfs.stage_binds(binds, self.pod.dir.binds(self.id))
+            rewrite_namespaces(spec, self.pod.owner_host_pid, self.pod.owner_guest_pid)
             want_in, want_out, want_err = io.wants
-            self.container = await self.vm.create_container(
-                self.id, spec, Rootfs(share=SHARE_TAG), stdin=want_in, stdout=want_out, stderr=want_err,
-                mount_sources={b.index: SharedSource(BINDS_TAG, str(b.index)) for b in binds})
+            self.container = await vm.create_container(
+                self.id, spec, Rootfs(share=POD_TAG, path=str(root.relative_to(self.pod.dir.path))),
+                stdin=want_in, stdout=want_out, stderr=want_err,
+                mount_sources={b.index: SharedSource(POD_TAG, f"{self.id}/{host_rootfs.BINDS_DIR}/{b.index}")
+                               for b in binds})
         except BaseException:
             await io.close()
             await self.teardown()
@@ -268,34 +274,91 @@ class Task:
         # The task's pid is QEMU's, as Kata reports the hypervisor's: /proc/<pid>/ns/net is the UVM's network
         # namespace, which `ctr run --cni` configures after this create and CRI names in the specs of a pod's
         # other containers. The guest's pids are what Pids lists.
-        init.pid = self.vm.backend.pid if self.vm.backend is not None and self.vm.backend.pid else init.proc.pid
+        init.pid = vm.backend.pid if vm.backend is not None and vm.backend.pid else init.proc.pid
+        if self.owns_the_uvm:
+            self.pod.owner_host_pid, self.pod.owner_guest_pid = init.pid, init.proc.pid
         io.attach(init.proc)
         self.procs[INIT] = init
         init.watcher = asyncio.create_task(self._watch(init), name=f"{self.id}-init-exit")
+        init.watcher.add_done_callback(self._watch_ended)
         self.publish("/tasks/create", ev.TaskCreate(
             container_id=self.id, bundle=str(self.bundle), rootfs=rootfs, pid=init.pid,
             io=ev.TaskIO(stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal)))
         return init.pid
 
+    async def _boot(self, spec: oci.Spec, network: str | None) -> UtilityVM:
+        """The pod's UVM, booted for this sandbox or standalone task, sized for it (uvm_shape), with the pod
+        directory as its one share and the spec's network. Raises AlreadyExistsError when the shim runs a
+        pod already."""
+        if self.pod.owner is not None:
+            raise errors.AlreadyExistsError(f"task {self.id}: this shim already runs the pod of {self.pod.owner}",
+                                            container=self.id)
+        base = self.options.uvm_config(id="shape")
+        if network == NEW_NETNS and base.backend != "qemu":
+            log.info("task %s: the %s backend gives a UVM no network of its own", self.id, base.backend)
+            network = None
+        shape = uvm_shape(spec, self.options)
+        self.pod.owner = self.id
+        cgroups_path = (spec.linux or {}).get("cgroupsPath")
+        if isinstance(cgroups_path, str) and cgroups_path:
+            # The host's accounting: this shim, and the QEMU it starts (which inherits it), in the pod's cgroup.
+            self.pod.cgroup = cgroups.place(os.getpid(), cgroups_path)
+        self.pod.dir.make()
+        vm = self._vm_factory(self.options.uvm_config(
+            id=vm_id_for(self.namespace, self.id), shares=[Share(tag=POD_TAG, host_path=self.pod.dir.path)],
+            console_log=self.console_log, network_namespace=network, **shape))
+        self.pod.vm = vm
+        vm.network_listeners.append(self._write_state)  # its taps exist: the delete action must know
+        self._write_state()
+        await vm.start()
+        self._write_state()
+        return vm
+
+    def _joined_uvm(self) -> UtilityVM:
+        """A pod's container: its sandbox's running UVM. Raises StateError (FAILED_PRECONDITION) when the
+        sandbox does not run in this shim (or is stopping)."""
+        vm = self.pod.vm
+        if vm is None or self.pod.owner != self.role.sandbox_id or vm.state is not VmState.RUNNING:
+            raise errors.StateError(f"task {self.id}: its sandbox {self.role.sandbox_id or '(none named)'} does not "
+                                    "run in this shim (not created, or stopping): nothing was booted",
+                                    container=self.id)
+        return vm
+
     def _prepare_rootfs(self, mounts: list[mount_pb2.Mount], spec: oci.Spec) -> Path:
+        """The task's root filesystem at <pod>/<id>/rootfs: the snapshotter's mounts, or a bind of root.path
+        (a host directory). A read-only root gets its missing mount points first (as runc makes them before
+        it makes the root read-only), then is made read-only on the host too: a guest cannot write through.
+        Raises InvalidArgumentError (all undone by teardown)."""
+        self.task_dir = self.pod.dir.task_dir(self.id)
+        self.task_dir.mkdir(mode=0o700)
+        target = self.pod.dir.rootfs(self.id)
+        target.mkdir()
+        self._write_state()
         if mounts:
-            target = self.bundle / "rootfs"
-            target.mkdir(exist_ok=True)
             host_rootfs.mount_all([host_rootfs.HostMount(m.type, m.source, tuple(m.options)) for m in mounts], target)
-            self.rootfs_mounted = target
-            return target
-        if spec.root is None:
+        elif spec.root is None:
             raise errors.InvalidArgumentError(f"bundle {self.bundle}: config.json has no root and no rootfs mounts came")
-        return host_rootfs.host_root(self.bundle, spec.root.path)
+        else:
+            source = host_rootfs.host_root(self.bundle, spec.root.path)
+            host_rootfs.run_mount(["mount", "--rbind", str(source), str(target)], f"rootfs {source}")
+            host_rootfs.run_mount(["mount", "--make-rprivate", str(target)], f"rootfs {source}: private")
+        if spec.root is not None and spec.root.readonly:
+            make_mount_targets(target, spec.mounts)
+            host_rootfs.run_mount(["mount", "-o", "remount,bind,ro", str(target)], f"rootfs {target}: read-only")
+        return target
 
     def _write_state(self) -> None:
-        """Record what a later `delete` must clean up if this shim dies (VM, its QEMU pid, mounts)."""
-        assert self.vm is not None
-        pid = self.vm.backend.pid if self.vm.backend is not None else None
-        state = {"vm_id": self.vm.id, "backend": self.vm.config.backend, "libvirt_uri": self.vm.config.libvirt_uri,
-                 "hypervisor_pid": pid, "run_dir": str(self.vm.config.run_dir / self.vm.id),
-                 "rootfs_mounted": str(self.rootfs_mounted) if self.rootfs_mounted else None,
-                 "network": self.vm.network.record() if self.vm.network is not None else {}}
+        """Record what a later `delete` must clean up if this shim dies: the task's directory in the pod (its
+        rootfs and binds) and, for the task that brought the UVM, the VM, its QEMU pid, its network, the
+        pod directory."""
+        state: dict[str, object] = {"task_dir": str(self.task_dir) if self.task_dir else None}
+        vm = self.pod.vm
+        if self.owns_the_uvm and vm is not None:
+            pid = vm.backend.pid if vm.backend is not None else None
+            state.update({"vm_id": vm.id, "backend": vm.config.backend, "libvirt_uri": vm.config.libvirt_uri,
+                          "hypervisor_pid": pid, "run_dir": str(vm.config.run_dir / vm.id),
+                          "pod_dir": str(self.pod.dir.path),
+                          "network": vm.network.record() if vm.network is not None else {}})
         leftovers.record(self.state_dir, state)
 
     # -- processes --------------------------------------------------------------------------------
@@ -325,9 +388,16 @@ class Task:
         await p.io.drained()
         self._exited(p, exit_of(info))
 
+    def _watch_ended(self, watcher: asyncio.Task[None]) -> None:
+        """A watcher that failed (a bug): said loudly, not left for the garbage collector to mention."""
+        if not watcher.cancelled() and (e := watcher.exception()) is not None:
+            log.error("task %s: %s failed", self.id, watcher.get_name(), exc_info=e)
+
     def _exited(self, p: TaskProcess, exited: Exited) -> None:
-        """p's exit: Wait returns it, and TaskExit tells containerd."""
+        """p's exit: Wait returns it, and TaskExit tells containerd. A sandbox's init: the pod stops."""
         p.exit.set_result(exited)
+        if p.exec_id == INIT and self.role.kind == "sandbox" and self.pod.others(self.id) and not self.deleted:
+            self._pod_stop = asyncio.get_running_loop().create_task(self.stop_the_pod(), name=f"{self.id}-pod-stop")
         log.info("task %s: %s exited with %d", self.id, p.exec_id or "init", exited.status)
         self.publish("/tasks/exit", ev.TaskExit(container_id=self.id, id=p.exec_id or self.id, pid=p.pid,
                                                 exit_status=exited.status, exited_at=timestamp(exited.at)))
@@ -368,6 +438,7 @@ class Task:
         p.io.attach(p.proc)
         p.io.attach_stdin(p.proc)
         p.watcher = asyncio.create_task(self._watch(p), name=f"{self.id}-{exec_id}-exit")
+        p.watcher.add_done_callback(self._watch_ended)
         self.publish("/tasks/exec-started", ev.TaskExecStarted(container_id=self.id, exec_id=exec_id, pid=p.pid))
         return p.pid
 
@@ -414,6 +485,8 @@ class Task:
             raise errors.NotFoundError(f"task {self.id}: {exec_id or 'init'}: process already finished",
                                        container=self.id)
         if exec_id == INIT:
+            if all_processes and self.role.kind == "sandbox":  # CRI's stop of a pod: every container too
+                await self._signal_the_pods_containers(sig)
             try:
                 await self._live_container("kill").kill(sig, all_processes)
             except errors.NotRunningError:
@@ -509,17 +582,17 @@ class Task:
         await asyncio.shield(self._teardown_task)
 
     async def _teardown(self) -> None:
-        log.info("task %s: tearing down its container, UVM and mounts", self.id)
+        owner = self.owns_the_uvm
+        log.info("task %s: tearing down its container%s and mounts", self.id, ", the pod's UVM" if owner else "")
         released = False
         try:
+            if self._pod_stop is not None:
+                await asyncio.gather(self._pod_stop, return_exceptions=True)
             if self.container is not None:
                 with contextlib.suppress(errors.UvmError):
                     await self.container.close()
-            if self.vm is not None:
-                with contextlib.suppress(errors.UvmError):
-                    if self.vm.backend is not None and self.vm.state.value in ("running", "stopping"):
-                        await stop_escalating(self.vm, self.options.stop_grace_s)
-                await self.vm.close()
+            if owner:
+                await self._stop_the_uvm()
             released = True
         finally:
             now = time.time()
@@ -530,18 +603,46 @@ class Task:
                 if p.proc is not None and not p.exit.done():  # killed with the container (before TaskDelete)
                     self._exited(p, Exited(137, now))
                 await p.io.close()
-            # The binds first (the user's files are behind them), each step whatever the other did.
-            unmounted = True
-            for attr, undo in (("binds_staged", host_rootfs.unstage_binds), ("rootfs_mounted", host_rootfs.unmount)):
-                path = getattr(self, attr)
-                if path is not None:
-                    try:
-                        undo(path)
-                        setattr(self, attr, None)
-                    except errors.UvmError as e:
-                        log.error("task %s: %s", self.id, e.message)
-                        unmounted = False
-            if not unmounted:
-                raise errors.UvmError(f"task {self.id}: mounts left under {self.state_dir}", container=self.id)
+            # Its rootfs and binds (the user's files are behind them); for the owner, the whole pod directory.
+            try:
+                if owner and released:
+                    self.pod.dir.remove()
+                elif self.task_dir is not None:
+                    self.pod.dir.release_task(self.id)
+                self.task_dir = None
+            except errors.UvmError as e:
+                log.error("task %s: %s", self.id, e.message)
+                raise errors.UvmError(f"task {self.id}: mounts left under {self.pod.dir.path}", container=self.id) \
+                    from None
             if released:  # else `delete` must still find the VM by this record
                 leftovers.forget(self.state_dir)
+
+    async def _stop_the_uvm(self) -> None:
+        """The pod's UVM stopped (shutdown, then terminate) and closed; its other tasks' processes are
+        reported exited by the VM's death. Idempotent."""
+        vm = self.pod.vm
+        if vm is not None:
+            with contextlib.suppress(errors.UvmError):
+                if vm.backend is not None and vm.state.value in ("running", "stopping"):
+                    await stop_escalating(vm, self.options.stop_grace_s)
+            await vm.close()
+        if self.pod.cgroup is not None:
+            self.pod.cgroup.undo(os.getpid())
+            self.pod.cgroup = None
+
+    async def _signal_the_pods_containers(self, sig: int) -> None:
+        for task in self.pod.others(self.id):
+            if task.container is not None and not task.container.init.exited:
+                try:
+                    await task.container.kill(sig, True)
+                except errors.UvmError as e:
+                    log.warning("task %s: signal %d to the pod's container %s: %s", self.id, sig, task.id, e.message)
+
+    async def stop_the_pod(self) -> None:
+        """The sandbox's init exited: the pod's containers are killed (each exit reported), then its UVM
+        stops (the sandbox's Delete still releases the rest)."""
+        await self._signal_the_pods_containers(9)
+        exits = [t.procs[INIT].exit for t in self.pod.others(self.id) if INIT in t.procs]
+        if exits:  # (asyncio.wait, not a timed gather: that would cancel the futures Wait hands out)
+            await asyncio.wait(exits, timeout=self.options.stop_grace_s)
+        await self._stop_the_uvm()

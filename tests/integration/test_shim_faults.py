@@ -42,7 +42,7 @@ pytestmark = pytest.mark.vm
 
 STEPS = ["boot", "hello", "create", "start", "output", "delete"]
 STEP_TIMEOUT_S = 180.0
-GUEST_SHARE = "/run/uvmshim/shares/rootfs"  # where the UVM mounts a task's rootfs share (for createRuntime hooks)
+POD_SHARE = "/run/uvmshim/shares/pod"  # where the UVM mounts its pod's share: <task id>/rootfs (for createRuntime hooks)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def kill_all(pids: list[int]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def spec_with_hooks(ctd: PrivateContainerd, tmp_path: Path, rootfs: Path, step: str, marker: str) -> Path:
+def spec_with_hooks(ctd: PrivateContainerd, tmp_path: Path, rootfs: Path, tid: str, step: str, marker: str) -> Path:
     """ctr's default spec (ctr run --config takes nothing else but the id) on the rootfs directory, running
     a loop that prints; for the create and start steps, a hook run by crun in the UVM that leaves a marker
     the host sees in the shared rootfs and then waits: createRuntime stops the create, poststart the start
@@ -97,7 +97,7 @@ def spec_with_hooks(ctd: PrivateContainerd, tmp_path: Path, rootfs: Path, step: 
     hook = {"create": "createRuntime", "start": "poststart"}.get(step)
     if hook:
         spec["hooks"] = {hook: [{"path": "/bin/sh", "args": [
-            "sh", "-c", f"touch {GUEST_SHARE}/tmp/{marker}.{step}; while true; do sleep 1; done"]}]}
+            "sh", "-c", f"touch {POD_SHARE}/{tid}/rootfs/tmp/{marker}.{step}; while true; do sleep 1; done"]}]}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     return path
@@ -128,7 +128,7 @@ def test_a_kill_at_each_step_is_never_a_success(env: tuple[PrivateContainerd, Pa
     marker = f"{tid}-{time.monotonic_ns()}"
     victims = {"qemu": qemu_of, "shim": shim_of}[victim]
     log_offset = ctd.log_path.stat().st_size
-    spec = spec_with_hooks(ctd, tmp_path, rootfs, step, marker)
+    spec = spec_with_hooks(ctd, tmp_path, rootfs, tid, step, marker)
     argv = ["ctr", "--address", str(ctd.address), "-n", ctd.namespace, "run", *RUNTIME, "--config", str(spec), tid]
     if step != "output":  # (a foreground ctr run deletes the task itself when it ends)
         argv.insert(argv.index("run") + 1, "-d")

@@ -16,7 +16,7 @@ import pytest
 
 from shim import leftovers
 from shim import rootfs as host_rootfs
-from shim.task import BINDS_TAG, SHARE_TAG
+from shim.pod import POD_TAG
 from tests.unit.test_shim_task import INIT_PID, Harness, Runtime, within
 from uvm import errors
 from uvm.testing import Request
@@ -96,13 +96,17 @@ def test_a_failed_staging_is_undone(tmp_path: Path, sources: dict[str, Path]) ->
 
 
 def test_delete_of_a_dead_shims_bundle_unstages_its_binds(tmp_path: Path, sources: dict[str, Path]) -> None:
+    """A pod's container's task directory (<pod>/<id>: its binds, its rootfs), as its state file names it."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
+    task_dir = tmp_path / "pod" / "c1"
+    task_dir.mkdir(parents=True)
     host_rootfs.stage_binds(host_rootfs.bind_mounts(as_tuples(spec_mounts(sources)), tmp_path),
-                            bundle / host_rootfs.BINDS_DIR)
+                            task_dir / host_rootfs.BINDS_DIR)
+    leftovers.record(bundle, {"task_dir": str(task_dir)})
     done = leftovers.clean(bundle)
-    assert any("bind mounts" in d for d in done)
-    assert not host_rootfs.mount_points_under(tmp_path) and not (bundle / host_rootfs.BINDS_DIR).exists()
+    assert done == [f"unmounted and removed {task_dir}"]
+    assert not host_rootfs.mount_points_under(tmp_path) and not task_dir.exists()
 
 
 async def test_a_task_shares_its_bind_sources_and_the_guest_is_told_where(
@@ -120,22 +124,24 @@ async def test_a_task_shares_its_bind_sources_and_the_guest_is_told_where(
         return {"pid": INIT_PID}
 
     monkeypatch.setattr(Runtime, "create", create)
-    stage = h.task.bundle / host_rootfs.BINDS_DIR
+    stage = h.task.pod.dir.binds("t1")
     try:
         await h.create()
         assert h.task.vm is not None
+        # One share, the pod directory: the task's rootfs and its binds are under it (<id>/rootfs, <id>/binds).
         assert [(s.tag, s.host_path, s.readonly) for s in h.task.vm.config.shares] == [
-            (SHARE_TAG, h.task.bundle / "rootfs", False), (BINDS_TAG, stage, False)]
+            (POD_TAG, h.task.pod.dir.path, False)]
         assert host_rootfs.mount_points_under(stage)
         [params] = seen
-        assert params["mount_sources"] == [{"index": 1, "share": BINDS_TAG, "path": "1"},
-                                           {"index": 2, "share": BINDS_TAG, "path": "2"}]
+        assert params["rootfs"] == {"share": POD_TAG, "path": "t1/rootfs"}
+        assert params["mount_sources"] == [{"index": 1, "share": POD_TAG, "path": "t1/binds/1"},
+                                           {"index": 2, "share": POD_TAG, "path": "t1/binds/2"}]
         assert params["spec"]["mounts"] == spec_mounts(sources)  # the guest rewrites the sources
         # The container shares its UVM's network namespace (its NIC stands in for the named one's veth).
         assert params["spec"]["linux"]["namespaces"] == [{"type": "pid"}]
     finally:
         await within(h.task.teardown())
-    assert not stage.exists() and not host_rootfs.mount_points_under(tmp_path)
+    assert not h.task.pod.dir.path.exists() and not host_rootfs.mount_points_under(tmp_path)
 
 
 PROPAGATION = """

@@ -171,7 +171,7 @@ async def test_create_without_config_json_is_an_invalid_argument(shim: Shim) -> 
     assert status.code == Code.INVALID_ARGUMENT
     assert "config.json" in status.message
     assert str(bundle) in status.message
-    assert shim.service.task is None
+    assert not shim.service.pod.tasks
     # Nothing was created: the task is still unknown, and a new Create is allowed.
     assert (await shim.status_of("State", pb.StateRequest(id="t1"))).code == Code.NOT_FOUND
     assert (await shim.status_of("Create", pb.CreateTaskRequest(id="t1", bundle=str(bundle)))).code == \
@@ -185,7 +185,7 @@ async def test_create_with_a_malformed_config_json_is_an_invalid_argument(shim: 
     status = await shim.status_of("Create", pb.CreateTaskRequest(id="t1", bundle=str(bundle)))
     assert status.code == Code.INVALID_ARGUMENT
     assert "config.json" in status.message
-    assert shim.service.task is None
+    assert not shim.service.pod.tasks
 
 
 async def test_create_with_a_bad_config_file_from_runtime_options(shim: Shim) -> None:
@@ -198,7 +198,7 @@ async def test_create_with_a_bad_config_file_from_runtime_options(shim: Shim) ->
     assert status.code == Code.INVALID_ARGUMENT
     assert str(config) in status.message
     assert "gpu" in status.message
-    assert shim.service.task is None
+    assert not shim.service.pod.tasks
 
 
 async def test_create_with_undecodable_runtime_options(shim: Shim) -> None:
@@ -212,7 +212,7 @@ async def test_create_with_undecodable_runtime_options(shim: Shim) -> None:
 async def test_create_from_a_checkpoint_is_unimplemented(shim: Shim) -> None:
     status = await shim.status_of("Create", pb.CreateTaskRequest(id="t1", bundle=str(shim.dir), checkpoint="/cp"))
     assert status.code == Code.UNIMPLEMENTED
-    assert shim.service.task is None
+    assert not shim.service.pod.tasks
 
 
 async def test_service_close_without_a_task_is_prompt(sock_dir: Path) -> None:
