@@ -324,6 +324,12 @@ class ProcessIO:
             if e.errno != errno.EPIPE:
                 log.warning("%s: writing output: %s", self.name, e)
             stream.close()
+        finally:
+            # As runc's shim closes its writer once the process's pipe ends: the reader sees end of file.
+            # CRI's ExecSync waits for that after the exit (its attach is done only then).
+            if fd in self._out_fds:
+                self._out_fds.remove(fd)
+                os.close(fd)
 
     async def _copy_in(self, proc: Process, fd: int) -> None:
         try:

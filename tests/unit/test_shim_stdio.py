@@ -230,6 +230,25 @@ async def test_attach_relays_output_in_order_and_drained_waits_for_it(fifos: dic
     assert open_fds() == baseline
 
 
+async def test_the_reader_sees_end_of_file_once_the_output_ended(fifos: dict[str, str]) -> None:
+    """As runc's shim closes its FIFO writer when the process's pipe ends: CRI's ExecSync waits for that end
+    of file after the exit (a writer kept until Delete hung every ExecSync)."""
+    proc = FakeProcess(stdout=[b"out\n"], stderr=[b"err\n"], stdin=False)
+    pio = ProcessIO("t", "", fifos["stdout"], fifos["stderr"], terminal=False)
+    await pio.open()
+    fds = [os.open(fifos[name], os.O_RDONLY | os.O_NONBLOCK) for name in ("stdout", "stderr")]
+    try:
+        pio.attach(proc.as_process())
+        await asyncio.wait_for(pio.drained(), 10.0)
+        for fd, expected in zip(fds, (b"out\n", b"err\n"), strict=True):
+            assert os.read(fd, 100) == expected
+            assert os.read(fd, 100) == b""  # end of file: no writer is left (not BlockingIOError)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        await pio.close()
+
+
 async def test_drained_waits_for_a_slow_reader(fifos: dict[str, str]) -> None:
     """More output than the FIFO holds: drained() returns only once the reader took all of it."""
     chunks = [bytes([i]) * 65536 for i in range(16)]  # 1 MiB, in the order it must arrive

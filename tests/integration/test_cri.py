@@ -22,8 +22,9 @@ import pytest
 
 from shim.containerd_env import mounts_under
 from tests.cri import api_pb2 as api
-from tests.cri.client import CriClient, stream
+from tests.cri.client import CriClient, CriError, stream
 from tests.cri.env import CriContainerd, cgroup_dirs, container_config
+from tests.integration.ctr import qemu_processes, shim_processes
 from tests.netfixtures import CNI_BIN, fetch
 
 _MISSING = [tool for tool in ("containerd", "ctr", "runc") if shutil.which(tool) is None] + [
@@ -35,7 +36,7 @@ if _MISSING:
                 allow_module_level=True)
 
 # The runtime handlers (containerd CRI runtime names) every test runs with.
-HANDLERS = ["runc"]
+HANDLERS = ["runc", "uvm"]
 
 PAGE = b"hello from the pod\n"
 HTTPD = ["sh", "-c", f"mkdir -p /www && printf '{PAGE.decode().strip()}\\n' > /www/index.html && "
@@ -156,6 +157,25 @@ def test_containers_of_a_pod_share_localhost(env: CriContainerd, pod: Pod) -> No
     fetch(f"http://{pod.ip}:8080/index.html", patience=30)  # httpd is serving
     res = env.cri.exec_sync(pod.waiter, ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"], exec_timeout=10)
     assert (res.exit_code, res.stdout, res.stderr) == (0, PAGE, b"")
+
+
+def test_containers_of_a_pod_see_one_kernel_ipc_and_uts(env: CriContainerd, pod: Pod) -> None:
+    probe = ["sh", "-c", "cat /proc/sys/kernel/random/boot_id; readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts"]
+    seen = [env.cri.exec_sync(cid, probe).stdout for cid in (pod.httpd, pod.waiter)]
+    assert seen[0] == seen[1] and len(seen[0].splitlines()) == 3, seen
+
+
+def test_two_pods_reach_each_other(env: CriContainerd, pod: Pod) -> None:
+    config = env.pod_config(f"peer-{pod.handler}")
+    peer = env.cri.run_pod(config, pod.handler).pod_sandbox_id
+    try:
+        client = start(env.cri, peer, config, container_config("client", ["sleep", "3600"], pod=config))
+        fetch(f"http://{pod.ip}:8080/index.html", patience=30)  # httpd is serving
+        res = env.cri.exec_sync(client, ["wget", "-q", "-O", "-", f"http://{pod.ip}:8080/index.html"], exec_timeout=20)
+        assert (res.exit_code, res.stdout) == (0, PAGE), res.stderr
+    finally:
+        env.cri.stop_pod(peer)
+        env.cri.remove_pod(peer)
 
 
 def test_dns_config_and_hostname_reach_the_container(env: CriContainerd, pod: Pod) -> None:
@@ -285,3 +305,64 @@ def test_stop_and_remove_pod_leave_nothing(env: CriContainerd, handler: str) -> 
     assert not [m for m in mounts_under(env.base_dir) if ids & set(m.parts)], "mounts of the pod left"
     assert not env.shared_entries_of(*ids), f"left in /run/containerd: {env.shared_entries_of(*ids)}"
     assert not [p for p in Path("/var/lib/cni/results").glob(f"*{pod_id}*")], "CNI results cache left"
+    assert not qemu_processes(env, pod_id), "the pod's QEMU is left"
+    assert not pod_shims(env, pod_id), "the pod's shim is left"
+
+
+# --- the uvm handler: one UVM per pod --------------------------------------------------------------
+
+
+def pod_shims(env: CriContainerd, pod_id: str) -> list[int]:
+    """The shim daemons serving a pod (the shim's id is its sandbox's)."""
+    return [p for p in shim_processes(env) if pod_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+
+
+def uvm_pod(pod: Pod) -> Pod:
+    if pod.handler != "uvm":
+        pytest.skip("a property of the uvm handler's UVM")
+    return pod
+
+
+def test_a_pod_is_one_shim_one_qemu_in_the_pods_cgroup(env: CriContainerd, pod: Pod) -> None:
+    uvm_pod(pod)
+    shims = pod_shims(env, pod.id)
+    qemus = qemu_processes(env, pod.id)
+    assert len(shims) == 1 and len(qemus) == 1, (shims, qemus)
+    # Every task of the pod names the UVM's QEMU as its pid (CRI puts /proc/<pid>/ns/* in the specs).
+    pids = {line.split()[1] for line in env.ctr("tasks", "ls").stdout.decode().splitlines()[1:]
+            if line.split()[0] in (pod.id, pod.httpd, pod.waiter)}
+    assert pids == {str(qemus[0])}
+    # The host's accounting: the shim and its QEMU in the sandbox's cgroup (under the pod's cgroup parent).
+    for pid in (shims[0], qemus[0]):
+        groups = [line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+        assert any(g.startswith(f"{env.cgroup_parent}/{pod.id}") for g in groups), (pid, groups)
+
+
+def test_a_bad_uvm_size_annotation_fails_the_pod_by_name_and_leaves_nothing(env: CriContainerd) -> None:
+    if "uvm" not in HANDLERS:
+        pytest.skip("the uvm handler is not tested")
+    before = set(shim_processes(env))
+    config = env.pod_config("badsize", annotations={"io.uvmshim.uvm.memory_mib": "lots"})
+    with pytest.raises(CriError, match="io.uvmshim.uvm.memory_mib"):
+        env.cri.run_pod(config, "uvm")
+    assert not [p for p in env.cri.list_pods().items if p.metadata.name == "badsize"]
+    assert set(shim_processes(env)) <= before, "a shim of the failed pod is left"
+
+
+def test_the_uvms_death_is_every_containers_exit_never_success(env: CriContainerd) -> None:
+    if "uvm" not in HANDLERS:
+        pytest.skip("the uvm handler is not tested")
+    config = env.pod_config("doomed")
+    pod_id = env.cri.run_pod(config, "uvm").pod_sandbox_id
+    try:
+        ids = [start(env.cri, pod_id, config, container_config(name, ["sleep", "3600"], pod=config))
+               for name in ("one", "two")]
+        (qemu,) = qemu_processes(env, pod_id)
+        os.kill(qemu, 9)
+        for cid in ids:
+            status = wait_exited(env.cri, cid, timeout=60)
+            assert status.exit_code != 0, f"{cid}: exit code 0 after its UVM was killed"
+    finally:
+        env.cri.stop_pod(pod_id)
+        env.cri.remove_pod(pod_id)
+    assert not qemu_processes(env, pod_id) and not pod_shims(env, pod_id)
