@@ -54,6 +54,7 @@ proto: venv
 demo: setup image
 	@$(PY) -m uvm.demo
 	@$(PY) -m shim.demo
+	@$(PY) -m tests.cri.demo
 
 lint: venv
 	@echo "[lint] ruff"; $(VENV)/bin/ruff check .

@@ -9,7 +9,8 @@ Runs are interleaved (F0, F1, UVM, F0, ...) so drift hits all three alike. Then 
 N more UVM boots, counting hangs (a boot that misses its deadline).
 
 The containerd shim's figures (``--only shim`` runs just these, with their own F0 runs; ``--only link``,
-``--only libvirt`` and ``--only template`` likewise for theirs):
+``--only libvirt``, ``--only template``, ``--only net``, ``--only confine`` and ``--only pod`` likewise for
+theirs; pod_figures.py: Kubernetes pods through containerd's CRI, the uvm handler against runc's):
 * ``ctr run --rm ... date`` through a private containerd, from spawning ctr to the first byte on its
   stdout, interleaved with F0 boots;
 * the shim's ``start`` and ``delete`` actions against ``python -c pass`` on the same interpreter;
@@ -356,9 +357,9 @@ def shim_run_figures(ctd: PrivateContainerd, rootfs: Path, f0_argv: list[str], n
 
 
 def processes_of_shim(task_id: str) -> list[int]:
-    """The serving shim daemon(s) of a task: `python -m shim.main ... -id ID ... serve`."""
+    """The serving shim daemon(s) of a task: `python -m shim.containerd.main ... -id ID ... serve`."""
     needle = f"\0-id\0{task_id}\0".encode()
-    return [p for p in processes_with_arg("shim.main") if needle in _cmdline(p)]
+    return [p for p in processes_with_arg("shim.containerd.main") if needle in _cmdline(p)]
 
 
 def _cmdline(pid: int) -> bytes:
@@ -414,7 +415,7 @@ def shim_action_figures(tmp: Path, n: int = 10) -> dict[str, object]:
 
     Each start spawns a serving daemon: it is stopped (SIGTERM) before the delete, which then finds the
     task's socket dead and removes it."""
-    from shim.main import parse_flags, socket_path
+    from shim.containerd.main import parse_flags, socket_path
 
     env = {k: v for k, v in os.environ.items() if k != "UVMSHIM_CONFIG"}
     address = str(tmp / "x.sock")  # never connected to: start and delete only hash it into the socket name
@@ -596,12 +597,12 @@ def print_shim_figures(shim: dict[str, Any]) -> None:
 
 def confine_figures(run_dir: Path, state_dir: Path, memdir: Path, n: int) -> dict[str, Any]:
     """Cold UVM and template clone to agent ready, confined (uvm/jail.py) against unconfined, interleaved."""
-    from uvm import template
+    from uvm import template_builder
 
     runs: dict[str, list[float]] = {"cold_confined": [], "cold_unconfined": [], "clone_confined": [],
                                     "clone_unconfined": []}
     common: dict[str, Any] = {"template_memory_dir": memdir}
-    asyncio.run(template.build(UvmConfig(run_dir=run_dir, state_dir=state_dir, **common)))
+    asyncio.run(template_builder.build(UvmConfig(run_dir=run_dir, state_dir=state_dir, **common)))
     for _ in range(n):
         for confine in (True, False):
             kind = "confined" if confine else "unconfined"
@@ -655,7 +656,8 @@ def main() -> int:
     ap.add_argument("--no-template", dest="template", action="store_false", help="skip the template figures")
     ap.add_argument("--no-net", dest="net", action="store_false", help="skip the network figures")
     ap.add_argument("--no-confine", dest="confine", action="store_false", help="skip the confinement figures")
-    ap.add_argument("--only", choices=("link", "libvirt", "shim", "template", "net", "confine"),
+    ap.add_argument("--no-pod", dest="pod", action="store_false", help="skip the CRI pod figures")
+    ap.add_argument("--only", choices=("link", "libvirt", "shim", "template", "net", "confine", "pod"),
                     help="run only this section (with the floors it compares against)")
     args = ap.parse_args()
     if args.only:
@@ -667,6 +669,7 @@ def main() -> int:
         args.template = args.only == "template"
         args.net = args.only == "net"
         args.confine = args.only == "confine"
+        args.pod = args.only == "pod"
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
         tmp = Path(t)
         run_dir, state_dir = tmp / "run", tmp / "state"
@@ -777,6 +780,16 @@ def main() -> int:
                   f"({cf['cold_ratio']:.3f}x, target <= 1.05x); clone {cf['clone_confined']:.3f}s, unconfined "
                   f"{cf['clone_unconfined']:.3f}s ({cf['clone_ratio']:.3f}x, target <= 1.1x)")
             summary["confine"] = cf
+        pod_left: dict[str, list[str]] = {}
+        if args.pod:
+            import pod_figures  # bench/ (this script's directory) is on sys.path
+
+            print(f"pods through CRI: uvm cold, uvm from a template and runc interleaved, three containers against "
+                  f"one (n={args.n}); idle PSS of 1, 3 and {pod_figures.DENSITY} pods", flush=True)
+            pf = pod_figures.figures(tmp, state_dir, args.n)
+            pod_figures.print_figures(pf)
+            summary["pod"] = pf
+            pod_left = {k: v for k, v in pf["left"].items() if v}
         if args.boot_loop:
             print(f"boot loop: {args.boot_loop} UVM boots, deadline {args.boot_timeout:g}s each", flush=True)
             hangs, failures, times = asyncio.run(boot_loop(args.boot_loop, run_dir, state_dir, args.boot_timeout))
@@ -790,8 +803,8 @@ def main() -> int:
         path.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"results: {path}")
         leftovers = list(run_dir.iterdir()) if run_dir.exists() else []
-        if leftovers:
-            print(f"LEAK: {leftovers}")
+        if leftovers or pod_left:
+            print(f"LEAK: {leftovers or ''}{pod_left or ''}")
             return 1
     return 0
 

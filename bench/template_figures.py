@@ -24,7 +24,7 @@ from measure import alive, median, smaps_split  # bench/ (the bench script's dir
 
 from schemas import oci
 from schemas.uvm_config import Share, UvmConfig
-from uvm import template
+from uvm import template, template_builder
 from uvm.container import Rootfs
 from uvm.vm import UtilityVM
 
@@ -34,7 +34,7 @@ DENSITY = 20
 
 async def clone_start_figures(config: Callable[..., UvmConfig], f0: Callable[[], float], n: int) -> dict[str, Any]:
     t0 = time.monotonic()
-    built = await template.build(config())
+    built = await template_builder.build(config())
     build_s = time.monotonic() - t0
     runs: dict[str, list[float]] = {"F0": [], "clone": []}
     for i in range(n):
@@ -55,7 +55,7 @@ async def clone_start_figures(config: Callable[..., UvmConfig], f0: Callable[[],
 
 async def idle_clone_pss(config: Callable[..., UvmConfig], k: int = 3) -> dict[str, Any]:
     """k idle clones at once: per-clone QEMU PSS, split into the template file's share and the rest."""
-    t = await template.build(config())
+    t = await template_builder.build(config())
     vms = [UtilityVM(config(start="template")) for _ in range(k)]
     try:
         for vm in vms:
@@ -127,7 +127,7 @@ async def density(config: Callable[..., UvmConfig], rootfs: Path, count: int = D
                   parallel: int = 4) -> dict[str, Any]:
     """count clones at once, each running a container; every container must answer an exec."""
     share = [Share(tag="rootfs", host_path=rootfs)]
-    await template.build(config(shares=share))
+    await template_builder.build(config(shares=share))
     vms = [UtilityVM(config(start="template", shares=share)) for _ in range(count)]
     gate = asyncio.Semaphore(parallel)
     t0 = time.monotonic()

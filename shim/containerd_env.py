@@ -35,8 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from shim.leftovers import process_cmdlines
-from shim.rootfs import mount_points_under as mounts_under
+from shim.containerd.leftovers import process_cmdlines
+from shim.containerd.rootfs import mount_points_under as mounts_under
 from uvm.demo import busybox_rootfs
 from uvm.errors import AlreadyStoppedError, StateError, UvmError
 
@@ -355,12 +355,12 @@ def processes_with_arg(arg: str) -> list[int]:
 
 
 def shim_daemons(*, address: str | None = None, under: Path | None = None) -> list[int]:
-    """Our shim daemons (`shim.main` in argv) of one containerd (its address in argv) or working under one
+    """Our shim daemons (`shim.containerd.main` in argv) of one containerd (its address in argv) or working under one
     directory (runuvm's --root/<id>): never the shims that someone else runs on the same host."""
     found = []
     for pid, cmdline in process_cmdlines():
         args = cmdline.split(b"\0")
-        if b"shim.main" not in args or (address is not None and address.encode() not in args):
+        if b"shim.containerd.main" not in args or (address is not None and address.encode() not in args):
             continue
         if under is not None:
             try:

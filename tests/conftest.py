@@ -20,7 +20,7 @@ from uvm.testing import libvirt_daemons
 def _qemu_processes_under(path: Path) -> list[str]:
     """QEMU processes (real or fake) that name a path under path or hold one open (QEMU gets its sockets
     and logs as descriptors and holds its run directory's lock)."""
-    from shim.leftovers import processes_using
+    from shim.containerd.leftovers import processes_using
 
     found = []
     for pid in processes_using(str(path)):

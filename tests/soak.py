@@ -27,9 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from shim.containerd.leftovers import processes_using  # noqa: E402
+from shim.containerd.rootfs import mount_points_under  # noqa: E402
 from shim.containerd_env import PrivateContainerd, busybox_rootfs, shim_daemons  # noqa: E402
-from shim.leftovers import processes_using  # noqa: E402
-from shim.rootfs import mount_points_under  # noqa: E402
 
 RUNTIME = ["--runtime", "io.containerd.uvm.v1"]
 CYCLE_DEADLINE_S = 180.0

@@ -193,7 +193,10 @@ def build(config: UvmConfig) -> LaunchSpec:
     ssh_port = loopback_port(config.ssh_port) if config.ssh_port is not None else None
     run_dir = config.run_dir.absolute() / config.id
     if len(str(run_dir / "agent.sock")) > 100:
-        raise ConfigError(f"run_dir {config.run_dir}: too long for unix sockets (keep it under ~80 chars)")
+        room = 100 - len(f"/{config.id}/agent.sock")
+        raise ConfigError(f"run_dir {config.run_dir.absolute()}: {len(str(config.run_dir.absolute()))} characters, too "
+                          f"long for the unix sockets of VM {config.id} under it (at most {room} with this VM id)",
+                          run_dir=str(config.run_dir))
     return LaunchSpec(
         vm_id=config.id, kernel=kernel, initrd=initrd, rootfs=rootfs, cmdline=cmdline,
         cpus=config.cpus, memory_mib=config.memory_mib, accel=accel,

@@ -22,7 +22,7 @@ from uvm import errors
 from uvm.process import Process, ProcessExit
 
 if TYPE_CHECKING:
-    from uvm.vm import UtilityVM
+    from uvm.parts import VmServices
 
 log = logging.getLogger("uvm.container")
 
@@ -74,7 +74,7 @@ class ContainerStatistics:
 
 
 class Container:
-    def __init__(self, vm: UtilityVM, cid: str, init: Process) -> None:
+    def __init__(self, vm: VmServices, cid: str, init: Process) -> None:
         self.vm = vm
         self.id = cid
         self.init = init
@@ -86,7 +86,7 @@ class Container:
 
     @property
     def _client(self) -> Any:
-        return self.vm._client(f"container {self.id}")
+        return self.vm.agent_client(f"container {self.id}")
 
     def _check(self, op: str, *allowed: ContainerState) -> None:
         if self.state is ContainerState.CLOSED:
@@ -183,7 +183,7 @@ class Container:
                              stderr: bool = True) -> Process:
         """Exec a process in the running container (with streamed stdio)."""
         self._check("create_process", ContainerState.RUNNING)  # a paused container's processes are frozen
-        return await self.vm._exec(self.id, spec, stdin=stdin, stdout=stdout, stderr=stderr)
+        return await self.vm.exec_in(self.id, spec, stdin=stdin, stdout=stdout, stderr=stderr)
 
     async def open_process(self, pid: int) -> Process:
         self._check("open_process")
@@ -219,4 +219,4 @@ class Container:
             for proc in list(self.vm.processes):
                 if proc.container == self.id:
                     proc.close()
-            self.vm._forget_container(self)
+            self.vm.forget_container(self.id)

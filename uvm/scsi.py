@@ -27,7 +27,7 @@ from uvm import errors
 from uvm.lifecycle import VmState
 
 if TYPE_CHECKING:
-    from uvm.vm import UtilityVM
+    from uvm.parts import VmServices
 
 LUNS_PER_CONTROLLER = 64
 QCOW2_MAGIC = b"QFI\xfb"
@@ -79,7 +79,7 @@ def check_image(path: Path | str, readonly: bool) -> Path:
 
 
 class ScsiManager:
-    def __init__(self, vm: UtilityVM, controllers: int, luns: int = LUNS_PER_CONTROLLER) -> None:
+    def __init__(self, vm: VmServices, controllers: int, luns: int = LUNS_PER_CONTROLLER) -> None:
         self.vm = vm
         self.controllers = controllers
         self.luns = luns
@@ -126,7 +126,7 @@ class ScsiManager:
                 slot.refs += 1
                 return slot
             c, lun = self._free_location(str(p))
-            backend = self.vm._require_backend("attach_scsi")
+            backend = self.vm.require_backend("attach_scsi")
             await backend.attach_scsi(c, lun, str(p), readonly, await asyncio.to_thread(image_format, p))
             slot = ScsiSlot(c, lun, str(p), readonly)
             self.slots[(c, lun)] = slot
@@ -142,9 +142,9 @@ class ScsiManager:
                 return
             try:
                 if self.vm.agent is not None and self.vm.state is VmState.RUNNING:
-                    await self.vm._client("scsi unplug").request(
+                    await self.vm.agent_client("scsi unplug").request(
                         proto.SCSI_UNPLUG, {"controller": slot.controller, "lun": slot.lun}, models.Empty)
-                await self.vm._require_backend("detach_scsi").detach_scsi(slot.controller, slot.lun)
+                await self.vm.require_backend("detach_scsi").detach_scsi(slot.controller, slot.lun)
             except BaseException:
                 if self.vm.state is VmState.RUNNING:  # QEMU may still hold the node: never hand the slot out again
                     slot.broken = True
@@ -176,7 +176,7 @@ class ScsiManager:
         slot = await self.attach(path, readonly)
         client = None
         try:
-            client = self.vm._client("scsi mount")
+            client = self.vm.agent_client("scsi mount")
             res = await client.request(proto.SCSI_MOUNT, {
                 "controller": slot.controller, "lun": slot.lun, "path": guest_path, "fstype": fstype,
                 "options": list(options), "readonly": readonly}, models.ScsiMountResult)
@@ -210,7 +210,7 @@ class ScsiManager:
             if self.mounts.get(disk.guest_path) is not disk:
                 raise errors.DiskError(f"guest path {disk.guest_path}: no such mapped disk", guest_path=disk.guest_path)
             try:
-                await self.vm._client("scsi unmount").request(proto.SCSI_UNMOUNT, {"path": disk.guest_path}, models.Empty)
+                await self.vm.agent_client("scsi unmount").request(proto.SCSI_UNMOUNT, {"path": disk.guest_path}, models.Empty)
             except errors.AgentError as e:
                 raise errors.DiskError(f"disk {disk.slot.path}: {e.message}", path=disk.slot.path) from None
             del self.mounts[disk.guest_path]

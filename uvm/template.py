@@ -31,10 +31,10 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -42,6 +42,10 @@ from schemas.uvm_config import NEW_NETNS, Share, UvmConfig
 from uvm import builder
 from uvm.builder import PLACEHOLDER_MAC, Nic
 from uvm.errors import TemplateError
+
+if TYPE_CHECKING:
+    from schemas.agent_models import HelloResult
+    from uvm.link import AgentClient
 
 FORMAT = "1"
 META = "meta.json"
@@ -426,12 +430,27 @@ def _check_room(memdir: Path, memory_mib: int) -> None:
                             "needs that much room", free_mib=free_mib)
 
 
-async def build(config: UvmConfig, *, force: bool = False) -> Template:
-    """Boot a VM of config's image and shape, warm it, save it as the template. Returns the valid
-    template (another process's, if it built one meanwhile). Raises TemplateError; leaves nothing
-    behind on failure (no QEMU, no memory file, no partial template)."""
-    from uvm.vm import UtilityVM
+class TemplateVm(Protocol):
+    """What build needs of the VM it boots (uvm/vm.py's UtilityVM, passed in: this module never imports
+    the VM, which imports it)."""
 
+    hello: HelloResult | None
+    spec: builder.LaunchSpec | None
+
+    async def start(self) -> None: ...
+    def agent_client(self, op: str) -> AgentClient: ...
+    async def save_state(self, path: Path) -> None: ...
+    async def close(self) -> None: ...
+
+
+NewVm = Callable[..., TemplateVm]  # UtilityVM(config, spec_update=...)
+
+
+async def build(config: UvmConfig, new_vm: NewVm, *, force: bool = False) -> Template:
+    """Boot a VM of config's image and shape (made by new_vm: UtilityVM), warm it, save it as the
+    template. Returns the valid template (another process's, if it built one meanwhile). Raises
+    TemplateError; leaves nothing behind on failure (no QEMU, no memory file, no partial template).
+    uvm/template_builder.py's build passes UtilityVM."""
     spec = await asyncio.to_thread(builder.build, config)
     if spec.backend != "qemu":
         raise TemplateError(f"templates need the qemu backend (this VM uses {spec.backend})")
@@ -467,7 +486,7 @@ async def build(config: UvmConfig, *, force: bool = False) -> Template:
             tconfig = config.model_copy(update={
                 "id": f"template-{bid}", "shares": shares, "start": "cold", "console_log": work / "console.log",
                 "network_namespace": NEW_NETNS if config.network_namespace is not None else None})
-            vm = UtilityVM(tconfig, spec_update={"memory_file": memory, "memory_shared": True})
+            vm = new_vm(tconfig, spec_update={"memory_file": memory, "memory_shared": True})
             try:
                 await vm.start()
                 if vm.hello is None or "clone" not in vm.hello.capabilities:
@@ -514,30 +533,8 @@ def build_in_background(config: UvmConfig) -> None:
     import sys
 
     try:
-        subprocess.Popen([sys.executable, "-m", "uvm.template", config.model_dump_json()],
+        subprocess.Popen([sys.executable, "-m", "uvm.template_builder", config.model_dump_json()],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True, close_fds=True, cwd="/")
     except OSError as e:
         log.warning("cannot start a background template build: %s", e)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m uvm.template CONFIG_JSON``: build the template for that UVM config."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m uvm.template CONFIG_JSON", file=sys.stderr)
-        return 2
-    try:
-        config = UvmConfig.model_validate_json(args[0])
-        t = asyncio.run(build(config))
-    except (TemplateError, ValidationError) as e:
-        print(f"template: {e}", file=sys.stderr)
-        return 1
-    print(t.path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

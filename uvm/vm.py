@@ -260,7 +260,7 @@ class UtilityVM:
                 self.log.warning("%s: rebuilding it", problem)
             try:
                 # Not forced: a template another process built meanwhile (under the build lock) is used.
-                return await template.build(self.config)
+                return await template.build(self.config, UtilityVM)
             except errors.TemplateError as e:
                 problem = e
         elif self.config.template_autobuild and spec.backend == "qemu":
@@ -647,8 +647,9 @@ class UtilityVM:
             raise conn.closed or e from None
         return proc
 
-    async def _exec(self, container: str | None, spec: oci.Process, *, stdin: bool, stdout: bool,
-                    stderr: bool) -> Process:
+    async def exec_in(self, container: str | None, spec: oci.Process, *, stdin: bool, stdout: bool,
+                      stderr: bool) -> Process:
+        """A process started in a container (None: in the UVM itself), with streamed stdio."""
         params = {"container": container, "process": spec.model_dump(mode="json", exclude_none=True)}
         return await self._with_stdio("create_process", proto.EXEC, params, container, spec.terminal,
                                       stdin, stdout, stderr)
@@ -656,7 +657,7 @@ class UtilityVM:
     async def create_process(self, spec: oci.Process, *, stdin: bool = False, stdout: bool = True,
                              stderr: bool = True) -> Process:
         """Start a process in the UVM itself (ProcessHost), with streamed stdio."""
-        return await self._exec(None, spec, stdin=stdin, stdout=stdout, stderr=stderr)
+        return await self.exec_in(None, spec, stdin=stdin, stdout=stdout, stderr=stderr)
 
     async def open_process(self, pid: int) -> Process:
         self._check_started("open_process")
@@ -691,7 +692,8 @@ class UtilityVM:
         self.containers[cid] = container
         return container
 
-    def _require_backend(self, op: str) -> Backend:
+    def require_backend(self, op: str) -> Backend:
+        """The hypervisor backend of the running VM (raises NotRunningError/ClosedError otherwise)."""
         self._check_started(op)
         if self.state is not VmState.RUNNING or self.backend is None:
             raise errors.NotRunningError(f"VM {self.id}: {op}: VM is {self.state.value}", vm_id=self.id)
@@ -714,10 +716,13 @@ class UtilityVM:
             out[disk.slot.controller].append(disk)
         return out
 
-    def _forget_container(self, c: Container) -> None:
-        if self.containers.get(c.id) is c:
-            del self.containers[c.id]
-        self.processes.remove_container(c.id)
+    def forget_container(self, container_id: str) -> None:
+        """A closed container leaves the books (a live one of the same id, created since, stays)."""
+        c = self.containers.get(container_id)
+        if c is not None and c.state is not ContainerState.CLOSED:
+            return
+        self.containers.pop(container_id, None)
+        self.processes.remove_container(container_id)
 
     def host_figures(self) -> tuple[int, float]:
         """(resident bytes, CPU seconds) of the hypervisor process on the host; zeros if unknown."""

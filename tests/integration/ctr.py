@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from shim.containerd.leftovers import processes_using
 from shim.containerd_env import PrivateContainerd, mounts_under, shim_daemons
-from shim.leftovers import processes_using
 from tests.conftest import private_config
 from uvm.demo import busybox_rootfs
 
@@ -47,7 +47,7 @@ def is_qemu(pid: int) -> bool:
 
 def vm_processes(ctd: PrivateContainerd, tid: str) -> list[int]:
     """QEMU of a task's UVM: its command line names files in the UVM's run directory."""
-    from shim.task import vm_id_for
+    from shim.containerd.task import vm_id_for
 
     run_dir = Path(os.environ.get("UVMSHIM_RUN_DIR", "/run/uvmshim")) / vm_id_for(ctd.namespace, tid)
     return [p for p in processes_using(str(run_dir)) if p != os.getpid()]
@@ -96,7 +96,7 @@ def run(ctd: PrivateContainerd, *args: str, input: bytes | None = b"",
 
 def assert_clean(ctd: PrivateContainerd, *ids: str) -> None:
     """Nothing of these tasks is left: shim, QEMU, sockets, FIFOs, mounts, run directories."""
-    from shim.task import vm_id_for
+    from shim.containerd.task import vm_id_for
 
     run_dir = Path(os.environ.get("UVMSHIM_RUN_DIR", "/run/uvmshim"))
     deadline = time.monotonic() + 15

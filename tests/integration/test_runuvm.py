@@ -20,8 +20,8 @@ import pytest
 
 from schemas import oci
 from shim.containerd_env import processes_with_arg, shim_daemons
-from shim.runuvm_client import ConsoleSocket, CreateOpts, RunuvmCommandError
-from shim.runuvm_client import Runuvm as Client
+from shim.runuvm.client import ConsoleSocket, CreateOpts, RunuvmCommandError
+from shim.runuvm.client import Runuvm as Client
 from tests.conftest import private_config
 from uvm.demo import busybox_rootfs
 

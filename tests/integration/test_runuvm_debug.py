@@ -21,7 +21,7 @@ import pytest
 
 from schemas import oci
 from shim.containerd_env import shim_daemons
-from shim.runuvm_client import ConsoleSocket
+from shim.runuvm.client import ConsoleSocket
 from tests.conftest import _qemu_processes_under, private_config
 from uvm.demo import busybox_rootfs
 from uvm.ssh import connect

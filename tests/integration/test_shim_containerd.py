@@ -153,7 +153,7 @@ async def update_memory_limit(ctd: PrivateContainerd, tid: str, limit: int) -> N
     from google.protobuf import any_pb2, empty_pb2
 
     from schemas.containerd import shim_pb2
-    from shim.ttrpc import Client
+    from shim.containerd.ttrpc import Client
 
     bundle = ctd.base_dir / "state" / "io.containerd.runtime.v2.task" / ctd.namespace / tid
     address = (bundle / "address").read_text().removeprefix("unix://")
@@ -355,7 +355,7 @@ def test_twenty_sequential_runs_leave_nothing(env: tuple[PrivateContainerd, Path
 def test_runs_from_a_template(env: tuple[PrivateContainerd, Path], tmp_path: Path, suite_dir: Path) -> None:
     """start = "template" in the runtime config: the first run builds the template, then each task's
     UVM is a clone (the shim says so in containerd's log); the template outlives the tasks."""
-    from shim.task import vm_id_for
+    from shim.containerd.task import vm_id_for
     from tests.conftest import template_memory_dir
     from uvm import template
 

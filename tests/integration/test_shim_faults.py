@@ -165,7 +165,7 @@ def test_a_kill_at_each_step_is_never_a_success(env: tuple[PrivateContainerd, Pa
 def strike(ctd: PrivateContainerd, tid: str, step: str, marker: str, rootfs: Path, ctr: subprocess.Popen[bytes],
            log_offset: int, kill: Callable[[], None]) -> bool:
     """Wait for the step, then kill; whether the task existed (Create had returned) when it struck."""
-    from shim.task import vm_id_for
+    from shim.containerd.task import vm_id_for
 
     if step == "boot":
         until(lambda: bool(qemu_of(ctd, tid)), f"the QEMU of {tid}", ctr)

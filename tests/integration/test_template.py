@@ -16,7 +16,7 @@ import pytest
 
 from schemas.uvm_config import UvmConfig
 from tests.conftest import assert_no_leftovers, orphan_template_files
-from uvm import errors, template
+from uvm import errors, template, template_builder
 from uvm.vm import UtilityVM
 
 pytestmark = pytest.mark.vm
@@ -41,7 +41,7 @@ def config(make_config: Callable[..., UvmConfig], tmp_path: Path) -> Iterator[Ca
 
 
 async def test_clones_are_their_own_machines(config: Callable[..., UvmConfig], suite_dir: Path) -> None:
-    built = await template.build(config())
+    built = await template_builder.build(config())
     assert built.state.stat().st_size < 1 << 20  # device state only: RAM stays in the memory file
     clones = [UtilityVM(config(start="template")) for _ in range(2)]
     try:
@@ -74,7 +74,7 @@ async def test_auto_without_template_boots_cold_and_names_why(config: Callable[.
 
 async def test_corrupt_or_stale_template_is_not_resumed(config: Callable[..., UvmConfig], suite_dir: Path) -> None:
     cfg = config(kernel_args="uvm.test=corrupt")
-    t = await template.build(cfg)
+    t = await template_builder.build(cfg)
     # A truncated state file: detected by its digest, never loaded; auto boots cold.
     with t.state.open("r+b") as f:
         f.truncate(t.meta.state_size // 2)
@@ -113,7 +113,7 @@ async def test_corrupt_or_stale_template_is_not_resumed(config: Callable[..., Uv
 async def test_clone_whose_qemu_dies_mid_load_falls_back_cold(config: Callable[..., UvmConfig],
                                                                suite_dir: Path) -> None:
     cfg = config(kernel_args="uvm.test=badload")
-    t = await template.build(cfg)
+    t = await template_builder.build(cfg)
     # A state file that passes the digest check (meta rewritten to match) but QEMU cannot load.
     t.state.write_bytes(b"QEVM" + os.urandom(t.meta.state_size - 4))
     meta = t.meta.model_copy(update={"state_sha256": template._sha256(t.state)})
@@ -137,7 +137,7 @@ async def test_no_room_for_the_template_memory(config: Callable[..., UvmConfig],
     try:
         cfg = config(template_memory_dir=small, kernel_args="uvm.test=noroom")
         with pytest.raises(errors.TemplateError, match="MiB free"):
-            await template.build(cfg)
+            await template_builder.build(cfg)
         vm = UtilityVM(cfg.model_copy(update={"start": "template"}))
         try:
             await vm.start()
@@ -157,7 +157,7 @@ def test_cli_template_build_list_boot_rm(suite_dir: Path, image_dir: Path, tmp_p
            "UVMSHIM_IMAGE_DIR": str(image_dir)}
 
     def runuvm(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "shim.cli", *args], env=env, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "shim.runuvm.cli", *args], env=env, capture_output=True, text=True,
                               timeout=300)
 
     # The template memory goes to the default /dev/shm/uvmshim-templates here: removed by `rm` below
@@ -184,7 +184,7 @@ def test_cli_template_build_list_boot_rm(suite_dir: Path, image_dir: Path, tmp_p
 
 
 async def test_auto_builds_in_the_background_when_configured(config: Callable[..., UvmConfig]) -> None:
-    from shim.leftovers import process_cmdlines
+    from shim.containerd.leftovers import process_cmdlines
 
     cfg = config(start="auto", template_autobuild=True, kernel_args="uvm.test=autobuild")
     vm = UtilityVM(cfg)
@@ -195,7 +195,7 @@ async def test_auto_builds_in_the_background_when_configured(config: Callable[..
         await vm.close()
 
     def builders() -> list[int]:
-        return [pid for pid, argv in process_cmdlines() if b"uvm.template" in argv and b"uvm.test=autobuild" in argv]
+        return [pid for pid, argv in process_cmdlines() if b"uvm.template_builder" in argv and b"uvm.test=autobuild" in argv]
 
     for _ in range(360):  # the detached builder (another process: no event to await) ends once the template is saved
         if not builders():

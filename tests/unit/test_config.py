@@ -201,7 +201,7 @@ def test_memory_check_uses_memtotal(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_too_long_run_dir_is_rejected(tmp_path: Path) -> None:
     long_dir = tmp_path / ("d" * 100)
-    with pytest.raises(ConfigError, match="run_dir .*too long for unix sockets"):
+    with pytest.raises(ConfigError, match="run_dir .*too long for the unix sockets"):
         builder.build(make_test_config(tmp_path, run_dir=long_dir))
 
 

@@ -22,9 +22,9 @@ from pydantic import ValidationError
 
 from schemas.containerd import runc_options_pb2
 from schemas.uvm_config import Share, UvmConfig
-from shim import debugvm
-from shim.runuvm import RunuvmError
-from shim.service import process_details
+from shim.containerd.service import process_details
+from shim.runuvm import debugvm
+from shim.runuvm.commands import RunuvmError
 from uvm import builder
 from uvm.backends.qemu import QemuFds, qemu_argv
 from uvm.errors import ConfigError

@@ -52,8 +52,8 @@ from schemas import framing, wirejson
 from schemas.framing import FrameDecoder, FramingError
 from schemas.uvm_config import UvmConfig
 from schemas.validation import guest_text
-from shim.events import timestamp
-from shim.service import metrics
+from shim.containerd.events import timestamp
+from shim.containerd.service import metrics
 from uvm import errors
 from uvm.container import ContainerStatistics
 from uvm.link import AgentClient, AgentConnection

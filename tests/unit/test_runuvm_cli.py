@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from shim import cli, runuvm
-from shim.runuvm_client import Runuvm
+from shim.runuvm import cli
+from shim.runuvm import commands as runuvm
+from shim.runuvm.client import Runuvm
 
 
 def parse_exec(*words: str) -> Any:
@@ -79,8 +80,8 @@ def test_delete_keeps_a_container_whose_shim_lives_but_does_not_answer(tmp_path:
     """A State that fails while the shim daemon lives is not a dead shim: plain delete refuses,
     --force tears it down (daemon killed, directory gone)."""
     d = _container_dir(tmp_path, "c1")  # no socket: State fails
-    # A stand-in daemon: "shim.main" in its command line, working in the container's directory.
-    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "shim.main"], cwd=d)
+    # A stand-in daemon: "shim.containerd.main" in its command line, working in the container's directory.
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "shim.containerd.main"], cwd=d)
     try:
         deadline = time.monotonic() + 10
         while not runuvm._daemon_pids(d / runuvm.SOCKET):  # right after the spawn its command line can be empty

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from shim import leftovers
-from shim import rootfs as host_rootfs
-from shim.pod import POD_TAG
+from shim.containerd import leftovers
+from shim.containerd import rootfs as host_rootfs
+from shim.containerd.pod import POD_TAG
 from tests.unit.test_shim_task import INIT_PID, Harness, Runtime, within
 from uvm import errors
 from uvm.testing import Request
@@ -147,7 +147,7 @@ async def test_a_task_shares_its_bind_sources_and_the_guest_is_told_where(
 PROPAGATION = """
 import subprocess, sys
 from pathlib import Path
-from shim import rootfs
+from shim.containerd import rootfs
 base = Path(sys.argv[1])
 run = lambda *a: subprocess.run(a, check=True)
 run("mount", "-t", "tmpfs", "tmpfs", str(base))  # a shared mount, as systemd's / is

@@ -1,4 +1,4 @@
-"""shim.events: task events forwarded to a real ttrpc Events server, in order, in containerd's envelope."""
+"""shim.containerd.events: task events forwarded to a real ttrpc Events server, in order, in containerd's envelope."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from google.protobuf import empty_pb2
 
 from schemas.containerd import events_task_pb2 as ev
 from schemas.containerd import events_ttrpc_pb2
-from shim.events import SERVICE, Publisher, envelope, timestamp
-from shim.ttrpc import Server
+from shim.containerd.events import SERVICE, Publisher, envelope, timestamp
+from shim.containerd.ttrpc import Server
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -1,4 +1,4 @@
-"""shim.leftovers: the state file a serving shim records, and the `delete` action's cleanup of what a dead
+"""shim.containerd.leftovers: the state file a serving shim records, and the `delete` action's cleanup of what a dead
 shim left (processes using the VM's run directory, the directory itself), with real processes."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from shim import leftovers
-from shim.leftovers import STATE_FILE, clean, forget, processes_using, record
+from shim.containerd import leftovers
+from shim.containerd.leftovers import STATE_FILE, clean, forget, processes_using, record
 
 pytestmark = pytest.mark.timeout(10)
 

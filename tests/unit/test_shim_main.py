@@ -1,4 +1,4 @@
-"""shim.main: Go-style flag parsing, exit codes and usage, the socket path, the runtime options on stdin,
+"""shim.containerd.main: Go-style flag parsing, exit codes and usage, the socket path, the runtime options on stdin,
 and the `start`/`delete` actions run as containerd runs them (a subprocess in the bundle directory)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from schemas.containerd import runtimeoptions_pb2, shim_pb2
-from shim.main import SOCKET_DIR, USAGE, Flags, UsageError, _runtime_config_path, main, parse_flags, socket_path
+from shim.containerd.main import SOCKET_DIR, USAGE, Flags, UsageError, _runtime_config_path, main, parse_flags, socket_path
 
 PYTHON = Path(sys.executable)
 REPO = Path(__file__).resolve().parents[2]
@@ -230,7 +230,7 @@ def run_shim(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> s
     environ = {k: v for k, v in os.environ.items() if k != "UVMSHIM_CONFIG"}
     environ["PYTHONPATH"] = str(REPO)
     environ.update(env or {})
-    return subprocess.run([str(PYTHON), "-m", "shim.main", *args], cwd=cwd, env=environ, stdin=subprocess.DEVNULL,
+    return subprocess.run([str(PYTHON), "-m", "shim.containerd.main", *args], cwd=cwd, env=environ, stdin=subprocess.DEVNULL,
                           capture_output=True, timeout=30, check=False)
 
 
@@ -247,7 +247,7 @@ def test_delete_action_reports_a_kill_and_is_idempotent(tmp_path: Path) -> None:
 
 def test_delete_action_kills_what_a_dead_shim_left(tmp_path: Path) -> None:
     """A state file naming a run directory, a process using it: delete kills it and removes the directory."""
-    from shim import leftovers
+    from shim.containerd import leftovers
 
     run_dir = Path(os.path.realpath(tmp_path / "run"))
     run_dir.mkdir()
@@ -312,7 +312,7 @@ def test_the_task_service_socket_is_roots_alone(tmp_path: Path, monkeypatch: pyt
     socket can run anything in its containers)."""
     import subprocess
 
-    from shim import main as shim_main
+    from shim.containerd import main as shim_main
 
     spawned: list[list[str]] = []
 

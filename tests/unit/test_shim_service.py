@@ -1,4 +1,4 @@
-"""shim.service: uvm's errors as containerd's status codes, runtime options, and the task service's edge
+"""shim.containerd.service: uvm's errors as containerd's status codes, runtime options, and the task service's edge
 behaviour over a real ttrpc connection (no VM is booted: every call here fails or answers before one)."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from schemas import shim_options
 from schemas.containerd import runtimeoptions_pb2
 from schemas.containerd import shim_pb2 as pb
 from schemas.shim_options import OptionsError
-from shim.events import Publisher
-from shim.service import SERVICE, TaskService, config_path_from, to_status
-from shim.ttrpc import Client, Code, Server, TtrpcError
+from shim.containerd.events import Publisher
+from shim.containerd.service import SERVICE, TaskService, config_path_from, to_status
+from shim.containerd.ttrpc import Client, Code, Server, TtrpcError
 from uvm import errors
 
 pytestmark = pytest.mark.timeout(10)

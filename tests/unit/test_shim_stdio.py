@@ -1,4 +1,4 @@
-"""shim.stdio: containerd's stdio FIFOs (real ones, from os.mkfifo) relayed to and from a process's streams."""
+"""shim.containerd.stdio: containerd's stdio FIFOs (real ones, from os.mkfifo) relayed to and from a process's streams."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import cast
 
 import pytest
 
-from shim.stdio import ProcessIO, open_fifo_reader, open_fifo_writer, read_some, write_all
+from shim.containerd.stdio import ProcessIO, open_fifo_reader, open_fifo_writer, read_some, write_all
 from uvm import errors
 from uvm.process import Process
 
@@ -478,7 +478,7 @@ async def test_a_binary_uri_starts_the_logger_feeds_it_and_stops_it(tmp_path: Pa
 
 async def test_a_logger_that_ignores_the_end_of_its_input_is_terminated(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("shim.stdio.LOGGER_EOF_GRACE_S", 0.1)
+    monkeypatch.setattr("shim.containerd.stdio.LOGGER_EOF_GRACE_S", 0.1)
     script = waiting_logger(tmp_path, "#!/bin/sh\nexec 5>&-\nexec sleep 30\n")
     pio = ProcessIO("t", "", f"binary://{script}", "", terminal=False)
     await pio.open()
@@ -504,8 +504,8 @@ async def test_a_bad_output_uri_is_named_and_leaves_nothing(uri: str, problem: s
 
 
 async def test_a_logger_never_ready_is_stopped_and_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("shim.stdio.LOGGER_READY_TIMEOUT_S", 0.3)
-    monkeypatch.setattr("shim.stdio.LOGGER_EOF_GRACE_S", 0.1)
+    monkeypatch.setattr("shim.containerd.stdio.LOGGER_READY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("shim.containerd.stdio.LOGGER_EOF_GRACE_S", 0.1)
     script = waiting_logger(tmp_path, "#!/bin/sh\nexec sleep 30\n")
     pio = ProcessIO("t", "", f"binary://{script}", "", terminal=False)
     before = open_fds()

@@ -1,4 +1,4 @@
-"""shim.task.Task over a UtilityVM on the fake backend and a FakeGuest that plays the container runtime:
+"""shim.containerd.task.Task over a UtilityVM on the fake backend and a FakeGuest that plays the container runtime:
 the orderings and releases containerd relies on, with no QEMU (the e2e suite runs the same with one)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from schemas import agent as proto
 from schemas.framing import DATA
 from schemas.shim_options import ShimOptions
 from schemas.uvm_config import UvmConfig
-from shim import leftovers
-from shim.task import EXEC_FAILED_STATUS, INIT, Task
+from shim.containerd import leftovers
+from shim.containerd.task import EXEC_FAILED_STATUS, INIT, Task
 from tests.unit.test_shim_stdio import writer_can_connect
 from uvm import errors
 from uvm.testing import ErrorReply, FakeBackendFactory, FakeGuest, Request, make_test_config
@@ -248,7 +248,7 @@ def spec_with(**fields: Any) -> Any:
 def test_the_uvm_is_sized_for_the_container(fields: dict[str, Any], shape: tuple[int, int],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """As Kata: the configured size plus the container's memory limit and CPU quota; annotations win."""
-    from shim.task import uvm_shape
+    from shim.containerd.task import uvm_shape
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert uvm_shape(spec_with(**fields), ShimOptions()) == {"memory_mib": shape[0], "cpus": shape[1]}
@@ -257,7 +257,7 @@ def test_the_uvm_is_sized_for_the_container(fields: dict[str, Any], shape: tuple
 def test_the_uvm_stays_within_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """A memory limit above the host's memory (Kubernetes lets limits overcommit; 2^63 means no limit to
     some tools) and a quota above its CPUs give a UVM of the host's size."""
-    from shim.task import uvm_shape
+    from shim.containerd.task import uvm_shape
     from uvm.builder import host_memory_mib
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
@@ -271,7 +271,7 @@ def test_the_uvm_stays_within_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"linux": {"resources": {"pids": {"limit": "many"}}}}, "linux.resources"),
 ])
 def test_a_uvm_shape_that_cannot_be_is_refused_by_name(fields: dict[str, Any], problem: str) -> None:
-    from shim.task import uvm_shape
+    from shim.containerd.task import uvm_shape
 
     with pytest.raises(errors.InvalidArgumentError) as e:
         uvm_shape(spec_with(**fields), ShimOptions())

@@ -1,4 +1,4 @@
-"""shim.ttrpc: the containerd ttrpc wire protocol over real unix sockets, with raw-socket peers for
+"""shim.containerd.ttrpc: the containerd ttrpc wire protocol over real unix sockets, with raw-socket peers for
 everything a well-behaved client or server would never send."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from schemas.containerd import status_pb2, ttrpc_pb2
-from shim.ttrpc import (
+from shim.containerd.ttrpc import (
     HEADER,
     MAX_MESSAGE_SIZE,
     TYPE_REQUEST,

@@ -1,4 +1,4 @@
-"""shim.ttrpc against byte vectors written out by hand from ttrpc's wire format (containerd/ttrpc 1.1:
+"""shim.containerd.ttrpc against byte vectors written out by hand from ttrpc's wire format (containerd/ttrpc 1.1:
 a 10-byte big-endian header {u32 payload length, u32 stream id, u8 type (1 request, 2 response), u8
 flags}, then a protobuf Request {1 service, 2 method, 3 payload, 4 timeout_nano} or Response {1
 google.rpc.Status, 2 payload}), not produced by this project's encoder: a mistake made the same way on
@@ -10,7 +10,7 @@ import asyncio
 from pathlib import Path
 
 from schemas.containerd import shim_pb2
-from shim.ttrpc import Client, Server
+from shim.containerd.ttrpc import Client, Server
 
 TASK = "containerd.task.v2.Task"
 # StateRequest{id: "t1"}: field 1, length-delimited (0x0a), 2 bytes.

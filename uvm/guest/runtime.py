@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from uvm.guest.agent import Agent
+    from uvm.guest.services import AgentServices
 else:
     import _signal as signal
 
@@ -295,7 +295,7 @@ def check_guest_path(path: object) -> str:
 class DiskMixin:
     """scsi_mount / scsi_unmount / scsi_unplug (one-time waits are bounded and block the loop briefly)."""
 
-    agent: Agent
+    agent: AgentServices
     disk_modules_loaded = False
 
     def ensure_disk_modules(self) -> None:
@@ -360,7 +360,7 @@ class DiskMixin:
 
 
 class Runtime(DiskMixin, NetworkMixin):
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentServices) -> None:
         self.agent = agent
         self.containers: dict[str, Container] = {}
         self.processes: dict[tuple[str, int], GuestProcess] = {}  # (container or "", pid)

@@ -21,7 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from uvm.guest.agent import Agent
+    from uvm.guest.services import AgentServices
 
 CREDIT = struct.Struct(">I")
 EV_READ = 0x001  # select.EPOLLIN
@@ -31,7 +31,7 @@ EV_WRITE = 0x004  # select.EPOLLOUT
 class OutStream:
     """fd -> host. ``on_end`` is called once, when EOF was sent or the host stopped reading."""
 
-    def __init__(self, agent: Agent, sid: int, fd: int, on_end: Callable[[], None], owns_fd: bool = True,
+    def __init__(self, agent: AgentServices, sid: int, fd: int, on_end: Callable[[], None], owns_fd: bool = True,
                  pipe: bool = False) -> None:
         self.agent = agent
         self.sid = sid
@@ -109,7 +109,7 @@ class OutStream:
 class InStream:
     """host -> fd (stdin). A pty's stdin shares the master fd with its OutStream (owns_fd False)."""
 
-    def __init__(self, agent: Agent, sid: int, fd: int, owns_fd: bool = True, eof_byte: bytes = b"") -> None:
+    def __init__(self, agent: AgentServices, sid: int, fd: int, owns_fd: bool = True, eof_byte: bytes = b"") -> None:
         self.agent = agent
         self.sid = sid
         self.fd = fd

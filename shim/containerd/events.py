@@ -17,7 +17,7 @@ from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from schemas.containerd import events_ttrpc_pb2
-from shim.ttrpc import Client, TtrpcError
+from shim.containerd.ttrpc import Client, TtrpcError
 
 log = logging.getLogger("uvmshim.events")
 

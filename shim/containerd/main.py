@@ -101,14 +101,14 @@ def parse_flags(argv: list[str]) -> Flags:
 
 def socket_path(flags: Flags, group: str | None = None) -> Path:
     """As runc's shim: a short path (unix sockets: 108 bytes) unique per containerd, namespace and group (the
-    pod's sandbox id for a pod's tasks: shim/pod.py's group_of; else the task's own id)."""
+    pod's sandbox id for a pod's tasks: shim/containerd/pod.py's group_of; else the task's own id)."""
     key = f"{flags.address}/{flags.namespace}/{group or flags.id}"  # no '/' in namespaces and ids
     return SOCKET_DIR / f"uvm-{hashlib.sha256(key.encode()).hexdigest()[:40]}.sock"
 
 
 def bundle_group(task_id: str, bundle: Path | None = None) -> str:
     """The task's group from its bundle's config.json annotations (the task's own id when it has none)."""
-    from shim.pod import group_of
+    from shim.containerd.pod import group_of
 
     try:
         spec = json.loads(((bundle or Path.cwd()) / "config.json").read_text())
@@ -150,7 +150,7 @@ def spawn_server(sock_path: Path, flags: Flags, config: str | None, cwd: Path | 
         listener.bind(str(sock_path))
         os.chmod(sock_path, 0o600)  # root's alone, as runc's shim makes its own since CVE-2020-15257
         listener.listen(64)
-        argv = [sys.executable, "-m", "shim.main", "-namespace", flags.namespace, "-address", flags.address,
+        argv = [sys.executable, "-m", "shim.containerd.main", "-namespace", flags.namespace, "-address", flags.address,
                 "-publish-binary", flags.publish_binary, "-id", flags.id, "-socket-fd", str(listener.fileno())]
         argv += ["-debug"] * flags.debug + (["-config", config] if config else [])
         for flag, value in (("-log", flags.log), ("-vm-log", flags.vm_log), ("-vm-console", flags.vm_console)):
@@ -201,7 +201,7 @@ def action_delete(flags: Flags) -> int:
     from google.protobuf import timestamp_pb2
 
     from schemas.containerd import shim_pb2
-    from shim import leftovers
+    from shim.containerd import leftovers
 
     bundle = Path(flags.bundle or os.getcwd())
     for what in leftovers.clean(bundle):
@@ -262,9 +262,9 @@ def _dump_tasks() -> None:
 async def serve(flags: Flags) -> None:
     import asyncio
 
-    from shim.events import Publisher
-    from shim.service import TaskService
-    from shim.ttrpc import Server
+    from shim.containerd.events import Publisher
+    from shim.containerd.service import TaskService
+    from shim.containerd.ttrpc import Server
 
     log = logging.getLogger("uvmshim.main")
     events_address = os.environ.get("TTRPC_ADDRESS") or (f"{flags.address}.ttrpc" if flags.address else "")

@@ -1,6 +1,6 @@
 """`runuvm`'s container commands (runc's verbs), as a client of the same task service containerd uses.
 
-`create` spawns a shim daemon (shim.main serve) whose socket and files live in --root/<id>, and sends
+`create` spawns a shim daemon (shim.containerd.main serve) whose socket and files live in --root/<id>, and sends
 it Create; every other command connects to that socket and sends one task-service call, so runuvm
 and containerd exercise one code path. --root/<id>/runuvm.json keeps what `state`/`list` report
 that the task service does not know (bundle, creation time). `run` and foreground `exec` relay the
@@ -9,7 +9,7 @@ with a terminal goes, as runc gives it, to the caller's --console-socket: the ma
 whose slave is the process's stdio in the daemon (raw: the terminal in the UVM does the line
 discipline); its size follows `resize-tty`.
 
-Each command raises RunuvmError (a one-line message) for bad input; shim/cli.py prints it and exits 1.
+Each command raises RunuvmError (a one-line message) for bad input; shim/runuvm/cli.py prints it and exits 1.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from google.protobuf import any_pb2, empty_pb2
 
 from schemas.containerd import diag_pb2, runc_options_pb2, types_task_pb2
 from schemas.containerd import shim_pb2 as pb
-from shim.leftovers import process_cmdlines
-from shim.main import Flags, spawn_server
-from shim.stdio import fd_ready, read_some, write_all
-from shim.ttrpc import Client, TtrpcError
+from shim.containerd.leftovers import process_cmdlines
+from shim.containerd.main import Flags, spawn_server
+from shim.containerd.stdio import fd_ready, read_some, write_all
+from shim.containerd.ttrpc import Client, TtrpcError
 
 T = TypeVar("T")
 
@@ -378,7 +378,7 @@ class Runuvm:
 
     async def _remove(self, cid: str) -> None:
         """Stop the shim daemon (Shutdown, or SIGKILL via leftovers), remove --root/<id>."""
-        from shim import leftovers
+        from shim.containerd import leftovers
 
         d = self._dir(cid)
         sock = d / SOCKET
@@ -547,8 +547,8 @@ async def read_input(fd: int) -> bytes:
 
 
 def _daemon_pids(sock: Path) -> list[int]:
-    """The shim daemon serving sock: a `shim.main` process working in the socket's directory."""
-    return [pid for pid, cmdline in process_cmdlines() if b"shim.main" in cmdline and _cwd(pid) == str(sock.parent)]
+    """The shim daemon serving sock: a `shim.containerd.main` process working in the socket's directory."""
+    return [pid for pid, cmdline in process_cmdlines() if b"shim.containerd.main" in cmdline and _cwd(pid) == str(sock.parent)]
 
 
 def _cwd(pid: int) -> str | None:

@@ -31,18 +31,28 @@ def relative_path(cgroups_path: str) -> str:
         if len(parts) != 3 or not all(parts[1:]):
             raise errors.InvalidArgumentError(f"linux.cgroupsPath {cgroups_path!r}: not slice:prefix:name")
         slice_, prefix, name = parts
-        nested = []
-        if slice_ and slice_ != "-.slice":
-            if not slice_.endswith(".slice"):
-                raise errors.InvalidArgumentError(f"linux.cgroupsPath {cgroups_path!r}: {slice_!r} is not a slice")
-            words = slice_[: -len(".slice")].split("-")
-            nested = ["-".join(words[: n + 1]) + ".slice" for n in range(len(words))]
-        path = "/".join([*nested, f"{prefix}-{name}.scope"])
+        path = "/".join([*expand_slice(slice_ or "system.slice", cgroups_path), f"{prefix}-{name}.scope"])
     else:
         path = cgroups_path.strip("/")
     if not path or ".." in path.split("/") or not re.fullmatch(r"[A-Za-z0-9_.:@=+,/-]+", path):
         raise errors.InvalidArgumentError(f"linux.cgroupsPath {cgroups_path!r}: not a usable cgroup path")
     return path
+
+
+def expand_slice(slice_: str, cgroups_path: str) -> list[str]:
+    """A systemd slice as the directories it nests in, as runc's ExpandSlice reads it: a-b-c.slice is
+    a.slice/a-b.slice/a-b-c.slice; -.slice is the root. Raises InvalidArgumentError for a name systemd
+    refuses (no .slice suffix, a '/', an empty dash-separated component: test--a.slice, -test.slice)."""
+    name = slice_.removesuffix(".slice")
+    if name == slice_ or "/" in slice_:
+        raise errors.InvalidArgumentError(f"linux.cgroupsPath {cgroups_path!r}: {slice_!r} is not a slice name")
+    if name == "-":
+        return []
+    words = name.split("-")
+    if not all(words):
+        raise errors.InvalidArgumentError(f"linux.cgroupsPath {cgroups_path!r}: {slice_!r} is not a slice name "
+                                          "(an empty dash-separated part)")
+    return ["-".join(words[: n + 1]) + ".slice" for n in range(len(words))]
 
 
 def hierarchies() -> list[Path]:

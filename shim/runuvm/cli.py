@@ -2,10 +2,10 @@
 
 Container commands with runc's meaning (create, start, run, exec, kill, delete, list, state, ps,
 pause, resume, resize-tty): each container is owned by a shim daemon serving containerd's task
-service on a socket under --root (shim/runuvm.py is the client). ``runuvm boot [--cpus N]
+service on a socket under --root (shim/runuvm/commands.py is the client). ``runuvm boot [--cpus N]
 [--memory MiB] [--kernel-args S] [--accel A] [--exec CMD] [--ssh] [--console]`` boots a debug UVM,
 runs CMD in it through the agent and exits with CMD's exit code; --ssh gives it an SSH server that
-``runuvm ssh VMID [CMD]`` reaches, --console attaches its serial console (shim/debugvm.py).
+``runuvm ssh VMID [CMD]`` reaches, --console attaches its serial console (shim/runuvm/debugvm.py).
 ``create-scratch`` makes ext4 scratch disks.
 Bad input: exit 1 and one line on stderr naming the problem (JSON with --log-format json).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 USAGE_EPILOG = "Each container runs in its own utility VM; its shim daemon's files live in --root/<id>."
-ESCAPE_NAME = "Ctrl-]"  # shim.debugvm.ESCAPE (not imported here: `runuvm --help` stays quick)
+ESCAPE_NAME = "Ctrl-]"  # shim.runuvm.debugvm.ESCAPE (not imported here: `runuvm --help` stays quick)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,7 +137,7 @@ def _add_create_options(p: argparse.ArgumentParser) -> None:
 
 
 def _create_options(args: argparse.Namespace) -> Any:
-    from shim.runuvm import CreateOptions
+    from shim.runuvm.commands import CreateOptions
 
     return CreateOptions(shim_log=args.shim_log, vm_log=args.vm_log, vm_console=args.vm_console,
                          console_socket=args.console_socket)
@@ -197,8 +197,8 @@ async def _boot_one(args: argparse.Namespace, n: int, run: BootRun) -> tuple[int
     """Boot one UVM, mount what was asked, give SSH, run --exec or attach the console, or serve until
     stopped; (exit code, seconds to agent ready). Stopping (also by Ctrl-C or SIGTERM, which cancel
     this) removes the SSH access and shuts the UVM down gracefully."""
-    from shim import debugvm
-    from shim.runuvm import RunuvmError
+    from shim.runuvm import debugvm
+    from shim.runuvm.commands import RunuvmError
     from uvm.errors import UvmError
     from uvm.lifecycle import VmState
     from uvm.vm import UtilityVM
@@ -293,7 +293,7 @@ async def _force_off(vm: Any) -> None:
 
 
 def _default_root() -> Path:
-    from shim.runuvm import default_root
+    from shim.runuvm.commands import default_root
 
     return default_root()
 
@@ -373,7 +373,7 @@ def _template_config(args: argparse.Namespace) -> Any:
         return UvmConfig(cpus=args.cpus, memory_mib=args.memory, kernel_args=args.kernel_args, accel=args.accel)
     from schemas.shim_options import load_options
     from schemas.uvm_config import NEW_NETNS
-    from shim.pod import POD_TAG
+    from shim.containerd.pod import POD_TAG
 
     # The shape the shim gives a pod's UVM: its config plus the pod share and a NIC (a container's network).
     return load_options(args.config).uvm_config(shares=[Share(tag=POD_TAG, host_path=Path("/"))],
@@ -383,13 +383,13 @@ def _template_config(args: argparse.Namespace) -> Any:
 async def _template(args: argparse.Namespace) -> int:
     """`runuvm template build|list|rm`."""
     from schemas.uvm_config import UvmConfig
-    from uvm import template
+    from uvm import template, template_builder
     from uvm.errors import UvmError
 
     if args.template_command == "build":
         try:
             config = _template_config(args)
-            t = await template.build(config, force=args.force)
+            t = await template_builder.build(config, force=args.force)
         except (UvmError, ValueError) as e:
             print(f"runuvm template build: {e}", file=sys.stderr)
             return 1
@@ -458,7 +458,7 @@ def _exec_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 async def _container_command(args: argparse.Namespace) -> int:
-    from shim.runuvm import Runuvm, default_root, parse_signal
+    from shim.runuvm.commands import Runuvm, default_root, parse_signal
 
     rt = Runuvm(args.root or default_root(), debug=args.debug)
     cmd = args.command
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, filename=args.log,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in CONTAINER_COMMANDS:
-        from shim.runuvm import RunuvmError
+        from shim.runuvm.commands import RunuvmError
 
         try:
             return asyncio.run(_container_command(args))
@@ -546,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "template":
         return asyncio.run(_template(args))
     if args.command == "ssh":
-        from shim.debugvm import ssh_command
-        from shim.runuvm import RunuvmError, default_root
+        from shim.runuvm.commands import RunuvmError, default_root
+        from shim.runuvm.debugvm import ssh_command
 
         try:
             return ssh_command(args.root or default_root(), args.vm, _command(args.args))

@@ -1,6 +1,6 @@
 """One containerd task: a UVM booted for it, the container inside, and the container's exec processes.
 
-This is the logic behind the task service (shim/service.py is only its ttrpc edge). It speaks uvm/'s
+This is the logic behind the task service (shim/containerd/service.py is only its ttrpc edge). It speaks uvm/'s
 types and raises uvm's errors; events go out through the publish callback as containerd's messages.
 Each process has an exit future, resolved by a watcher once the process exited AND its output reached
 containerd's FIFOs, so Wait never returns before the output (ctr closes its FIFOs right after).
@@ -14,6 +14,7 @@ import enum
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +29,11 @@ from schemas.containerd import mount_pb2
 from schemas.shim_options import ShimOptions
 from schemas.uvm_config import NEW_NETNS, Share, UvmConfig
 from schemas.validation import first_problem
-from shim import cgroups, leftovers
-from shim import rootfs as host_rootfs
-from shim.events import timestamp
-from shim.pod import POD_TAG, Pod, Role, make_mount_targets, rewrite_namespaces, role_of
-from shim.stdio import ProcessIO
+from shim.containerd import cgroups, leftovers
+from shim.containerd import rootfs as host_rootfs
+from shim.containerd.events import timestamp
+from shim.containerd.pod import POD_TAG, Pod, Role, make_mount_targets, rewrite_namespaces, role_of
+from shim.containerd.stdio import ProcessIO
 from uvm import errors
 from uvm.builder import host_memory_mib
 from uvm.container import Container, ContainerState, ContainerStatistics, Rootfs, SharedSource
@@ -74,11 +75,16 @@ class ProcState:
     exited: Exited | None
 
 
+MAX_VM_ID = 48  # the UVM's sockets live in <run_dir>/<vm id>/: a unix socket path has 107 bytes at most
+
+
 def vm_id_for(namespace: str, task_id: str) -> str:
-    """A UVM id naming namespace and task, unique and deterministic (the `delete` action derives it)."""
+    """A UVM id naming namespace and task, unique and deterministic (the `delete` action derives it). A
+    long one (CRI's 64-hex ids) is cut and suffixed with a hash of the whole, so that a run directory of
+    up to ~40 characters still leaves room for the sockets' names."""
     vid = f"{namespace}.{task_id}"
-    if len(vid) > 64 or not vid[0].isalnum():
-        vid = f"{vid[:55].lstrip('._-') or 'task'}-{hashlib.sha256(vid.encode()).hexdigest()[:8]}"
+    if len(vid) > MAX_VM_ID or not vid[0].isalnum():
+        vid = f"{vid[:MAX_VM_ID - 9].lstrip('._-') or 'task'}-{hashlib.sha256(vid.encode()).hexdigest()[:8]}"
     return vid
 
 
@@ -133,12 +139,8 @@ def uvm_shape(spec: oci.Spec, options: ShimOptions) -> dict[str, int]:
         shape["cpus"] += -(-res.cpu.quota // (res.cpu.period or DEFAULT_CPU_PERIOD))
     # A pod's sandbox: CRI's sizing of the whole pod (the sum of its containers' limits), as Kata reads it.
     ann = spec.annotations or {}
-    try:
-        pod_memory = int(ann.get(SANDBOX_MEMORY, "0"))
-        pod_quota, pod_period = int(ann.get(SANDBOX_CPU_QUOTA, "0")), int(ann.get(SANDBOX_CPU_PERIOD, "0"))
-    except ValueError:
-        raise errors.InvalidArgumentError(f"annotations {SANDBOX_MEMORY}, {SANDBOX_CPU_QUOTA}, {SANDBOX_CPU_PERIOD}: "
-                                          "not whole numbers") from None
+    pod_memory, pod_quota = annotation_int(ann, SANDBOX_MEMORY), annotation_int(ann, SANDBOX_CPU_QUOTA)
+    pod_period = annotation_int(ann, SANDBOX_CPU_PERIOD, low=0)  # 0: the default period; -1 means nothing here
     if pod_memory > 0:
         shape["memory_mib"] += -(-pod_memory // MIB)
     if pod_quota > 0:
@@ -157,6 +159,15 @@ def uvm_shape(spec: oci.Spec, options: ShimOptions) -> dict[str, int]:
         host_mib = MAX_MEMORY_MIB
     shape["memory_mib"] = min(shape["memory_mib"], host_mib, MAX_MEMORY_MIB)
     return shape
+
+
+def annotation_int(annotations: dict[str, str], key: str, low: int = -1) -> int:
+    """A whole-number annotation (0 if absent): decimal digits only, at least low (-1: CRI's "no limit").
+    Raises InvalidArgumentError naming the annotation and its value."""
+    value = annotations.get(key, "0")
+    if re.fullmatch(r"-?[0-9]{1,19}", value) is None or int(value) < low:
+        raise errors.InvalidArgumentError(f"annotation {key}={value!r}: not a whole number of at least {low}")
+    return int(value)
 
 
 def parse_spec_json(data: bytes | str, what: str) -> oci.Spec:
@@ -192,7 +203,7 @@ class Task:
     def __init__(self, task_id: str, bundle: Path, namespace: str, options: ShimOptions,
                  publish: Callable[[str, Message], None], state_dir: Path | None = None,
                  vm_factory: Callable[[UvmConfig], UtilityVM] = UtilityVM, console_log: Path | None = None,
-                 pod: Pod | None = None) -> None:
+                 pod: Pod[Task] | None = None) -> None:
         self.id = task_id
         self.bundle = bundle
         # Where the shim keeps its own files (uvmshim.json, the UVM's console log): containerd's bundle,
@@ -203,7 +214,7 @@ class Task:
         self.options = options
         self.publish = publish
         self._vm_factory = vm_factory  # tests: a UtilityVM over a fake backend
-        self.pod = pod or Pod(self.state_dir)  # shared with the other tasks of this shim
+        self.pod: Pod[Task] = pod or Pod(self.state_dir)  # shared with the other tasks of this shim
         self.pod.tasks[task_id] = self
         self.role = Role("standalone", task_id)
         self.container: Container | None = None
@@ -343,7 +354,7 @@ class Task:
             host_rootfs.run_mount(["mount", "--rbind", str(source), str(target)], f"rootfs {source}")
             host_rootfs.run_mount(["mount", "--make-rprivate", str(target)], f"rootfs {source}: private")
         if spec.root is not None and spec.root.readonly:
-            make_mount_targets(target, spec.mounts)
+            make_mount_targets(target, spec.mounts, self.bundle)
             host_rootfs.run_mount(["mount", "-o", "remount,bind,ro", str(target)], f"rootfs {target}: read-only")
         return target
 

@@ -149,7 +149,7 @@ def clean(bundle: Path) -> list[str]:
     network = state.get("network")
     if isinstance(network, dict) and isinstance(network.get("netns"), str):
         done += _clean_network(network)
-    from shim import pod, rootfs
+    from shim.containerd import pod, rootfs
 
     # A task's rootfs and binds (a pod's container), or the whole pod directory (the task whose UVM it was).
     for key, release in (("task_dir", pod.release_task_dir), ("pod_dir", lambda p: pod.PodDir(p).remove())):

@@ -27,15 +27,14 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
-from shim import rootfs as host_rootfs
+from shim.containerd import rootfs as host_rootfs
 from uvm import errors
 
 if TYPE_CHECKING:  # (shim start imports this module: nothing heavy at import time)
     from schemas import oci
-    from shim.cgroups import Placement
-    from shim.task import Task
+    from shim.containerd.cgroups import Placement
     from uvm.vm import UtilityVM
 
 log = logging.getLogger("uvmshim.pod")
@@ -65,7 +64,7 @@ def role_of(annotations: Mapping[str, str] | None, task_id: str) -> Role:
     ann = annotations or {}
     kind = ann.get(CONTAINER_TYPE)
     if kind == "container":
-        return Role("container", ann.get(SANDBOX_ID) or ann.get(RUNC_GROUP) or "")
+        return Role("container", ann.get(RUNC_GROUP) or ann.get(SANDBOX_ID) or "")  # group_of's order
     if kind == "sandbox":
         return Role("sandbox", task_id)
     group = ann.get(RUNC_GROUP)
@@ -166,17 +165,19 @@ def release_task_dir(task_dir: Path) -> bool:
     return True
 
 
-def make_mount_targets(root: Path, mounts: list[oci.Mount]) -> None:
+def make_mount_targets(root: Path, mounts: list[oci.Mount], bundle: Path) -> None:
     """What runc does before it makes a root read-only: the spec's mount points that the rootfs lacks are
     created (a file for a bind of a file, else a directory; CRI binds /etc/resolv.conf, /etc/hosts and
     /etc/hostname into images that may have none), so that crun can mount on them. Every path is walked
     one component at a time without following a symlink: an image's symlink never makes the shim create
-    anything outside the rootfs (such a target is left for crun to refuse). Raises InvalidArgumentError."""
+    anything outside the rootfs (such a target is left for crun to refuse). A relative bind source is the
+    bundle's, as the OCI spec reads it. Raises InvalidArgumentError."""
     for m in mounts:
         parts = [p for p in m.destination.split("/") if p and p != "."]
         if not parts or ".." in parts:
             continue
-        is_file = host_rootfs.is_bind(m.type, m.options) and m.source is not None and os.path.isfile(m.source)
+        is_file = (host_rootfs.is_bind(m.type, m.options) and m.source is not None
+                   and os.path.isfile(bundle / m.source))  # (an absolute source stays itself)
         try:
             _make_target(root, parts, is_file)
         except OSError as e:
@@ -208,9 +209,20 @@ def _make_target(root: Path, parts: list[str], is_file: bool) -> None:
         os.close(fd)
 
 
-class Pod:
+class Member(Protocol):
+    """What the pod needs of its tasks (shim/containerd/task.py's Task): whether each is deleted."""
+
+    @property
+    def deleted(self) -> bool: ...
+
+
+T = TypeVar("T", bound=Member)
+
+
+class Pod(Generic[T]):
     """What the tasks of one shim share: the pod directory, the UVM (brought by the sandbox or standalone
-    task, its owner) and one another (Kill(all) of the sandbox reaches every container)."""
+    task, its owner) and one another (Kill(all) of the sandbox reaches every container). Generic in its
+    tasks' type, so this module never imports shim/containerd/task.py (which imports it)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = PodDir(state_dir / POD_DIR)
@@ -218,13 +230,13 @@ class Pod:
         self.owner: str | None = None  # the task that brought the UVM
         self.owner_host_pid: int | None = None  # QEMU's: the sandbox task's pid, in the specs of its containers
         self.owner_guest_pid: int | None = None  # the pause process, in the guest
-        self.tasks: dict[str, Task] = {}
+        self.tasks: dict[str, T] = {}
         self.cgroup: Placement | None = None  # the sandbox's cgroup, which this shim and its QEMU joined
 
     def __repr__(self) -> str:
         return f"<Pod owner={self.owner} tasks={sorted(self.tasks)} vm={self.vm!r}>"
 
-    def others(self, task_id: str) -> list[Task]:
+    def others(self, task_id: str) -> list[T]:
         """The pod's other tasks that are not deleted."""
         return [t for tid, t in self.tasks.items() if tid != task_id and not t.deleted]
 

@@ -1,6 +1,6 @@
 """`containerd.task.v2.Task` over ttrpc: each method parses its request, calls one Task method, and
 translates uvm's errors into the status codes containerd maps (not found, already exists, failed
-precondition, invalid argument, unimplemented). No lifecycle logic lives here: see shim/task.py.
+precondition, invalid argument, unimplemented). No lifecycle logic lives here: see shim/containerd/task.py.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from schemas.containerd import shim_pb2 as pb
 from schemas.containerd.runtime_options import config_path
 from schemas.shim_options import OptionsError, ShimOptions, find_config, load_options
 from schemas.uvm_config import UvmConfig
-from shim.events import Publisher, timestamp
-from shim.pod import Pod
-from shim.task import INIT, Exited, Task
-from shim.ttrpc import Code, Server, TtrpcError
+from shim.containerd.events import Publisher, timestamp
+from shim.containerd.pod import Pod
+from shim.containerd.task import INIT, Exited, Task
+from shim.containerd.ttrpc import Code, Server, TtrpcError
 from uvm import errors
 from uvm.container import ContainerStatistics
 from uvm.vm import UtilityVM
@@ -103,7 +103,7 @@ class TaskService:
         self.shim_id = shim_id
         self.publisher = publisher
         self.config_path = config_path
-        self.pod = Pod(state_dir or Path.cwd())
+        self.pod: Pod[Task] = Pod(state_dir or Path.cwd())
         self.shutdown_requested = asyncio.Event()
 
     @property

@@ -2,10 +2,10 @@
 
 Claim. Every `runuvm boot` VM, before it starts, gets --root/.boot/<vm id>/ (mode 0700), which
 appears whole (renamed into place): ``owner.json`` (the boot process, with its start time so a
-reused pid is not it) and ``uvmshim.json`` (the VM's run directory and backend, as shim.leftovers
+reused pid is not it) and ``uvmshim.json`` (the VM's run directory and backend, as shim.containerd.leftovers
 records a shim's). It goes when the VM stops, on every path the boot process controls (the end of
 --exec, Ctrl-C, SIGTERM, a failure); when the boot process was killed outright, even mid-start, the
-next `runuvm boot` or `runuvm ssh` removes it, and with shim.leftovers what the VM left (a QEMU
+next `runuvm boot` or `runuvm ssh` removes it, and with shim.containerd.leftovers what the VM left (a QEMU
 still running, its run directory, a libvirt domain). `.boot` cannot clash with a container's
 directory: ids start with a letter or digit.
 
@@ -44,9 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas import oci
 from schemas.uvm_config import ID_RE
-from shim import leftovers
-from shim.runuvm import RunuvmError, read_input
-from shim.stdio import write_all
+from shim.containerd import leftovers
+from shim.containerd.stdio import write_all
+from shim.runuvm.commands import RunuvmError, read_input
 from uvm.backends.qemu import CONSOLE_SOCKET
 from uvm.errors import UvmError
 from uvm.ssh import ClientKey, SshError, connect, enable_ssh, known_hosts_line, run_command
@@ -188,7 +188,7 @@ def running_ssh_vms(root: Path) -> list[str]:
 def claim_boot(root: Path, vm: UtilityVM) -> BootClaim:
     """Before the VM starts: write --root/.boot/<vm id>/ whole (built under a hidden name, then
     renamed) naming this process as its owner and the VM's run directory (and libvirt domain) as a
-    dead shim's would be recorded (shim.leftovers), so that a boot killed outright, even mid-start,
+    dead shim's would be recorded (shim.containerd.leftovers), so that a boot killed outright, even mid-start,
     leaves nothing the next `runuvm boot` or `runuvm ssh` does not remove. Raises RunuvmError."""
     sweep_stale(root)
     base = boot_dir(root)

@@ -1,0 +1,53 @@
+"""What the agent's parts use of the agent: the container runtime (runtime.py, with net.py), the stdio
+streams (streams.py). A narrow interface that uvm/guest/agent.py's Agent implements, so that none of
+them imports the agent (which imports them) and none reaches past it.
+
+Only type checkers import this module: the guest never does (typing costs start-up time there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+Callback = Callable[[int, int], None]  # (fd, epoll events)
+
+
+class Poller(Protocol):
+    def register(self, fd: int, events: int, callback: Callback) -> None: ...
+    def modify(self, fd: int, events: int, callback: Callback) -> None: ...
+    def unregister(self, fd: int) -> None: ...
+
+
+class AgentServices(Protocol):
+    @property
+    def poller(self) -> Poller:  # the agent's one event loop
+        ...
+
+    @property
+    def log(self) -> Callable[[str], None]:  # to the console
+        ...
+
+    # Stream plumbing: the output path (splice, or copies through scratch) and the stream table.
+    @property
+    def splice(self) -> bool: ...
+    @property
+    def scratch(self) -> memoryview: ...
+    @property
+    def streams(self) -> dict[int, Any]:  # stream id -> the stream (streams.py's OutStream | InStream)
+        ...
+
+    @property
+    def stalled(self) -> set[Any]:  # input streams waiting for a pty master to drain
+        ...
+
+    def send_frame(self, ftype: int, fid: int, payload: bytes | memoryview, flags: int = 0) -> None: ...
+    def send_from_pipe(self, ftype: int, fid: int, src: int, limit: int) -> int: ...
+
+    # Requests: answers and notifications to the host, and helper programs run off the loop.
+    def reply(self, req_id: int, obj: object) -> None: ...
+    def reply_error(self, req_id: int, code: str, message: str) -> None: ...
+    def notify(self, obj: object) -> None: ...
+    def run_blocking(self, argv: list[str], timeout: float = 30.0) -> tuple[int, str]: ...
+    def run_helper(self, argv: list[str], done: Callable[[int, str], None],
+                   stdio: tuple[int, int, int] | None = None) -> None: ...
