@@ -9,7 +9,7 @@ Runs are interleaved (F0, F1, UVM, F0, ...) so drift hits all three alike. Then 
 N more UVM boots, counting hangs (a boot that misses its deadline).
 
 The containerd shim's figures (``--only shim`` runs just these, with their own F0 runs; ``--only link``,
-``--only libvirt``, ``--only template``, ``--only net``, ``--only confine`` and ``--only pod`` likewise for
+``--only libvirt``, ``--only template``, ``--only net``, ``--only confine``, ``--only pod`` and ``--only rootfs`` likewise for
 theirs; pod_figures.py: Kubernetes pods through containerd's CRI, the uvm handler against runc's):
 * ``ctr run --rm ... date`` through a private containerd, from spawning ctr to the first byte on its
   stdout, interleaved with F0 boots;
@@ -657,7 +657,8 @@ def main() -> int:
     ap.add_argument("--no-net", dest="net", action="store_false", help="skip the network figures")
     ap.add_argument("--no-confine", dest="confine", action="store_false", help="skip the confinement figures")
     ap.add_argument("--no-pod", dest="pod", action="store_false", help="skip the CRI pod figures")
-    ap.add_argument("--only", choices=("link", "libvirt", "shim", "template", "net", "confine", "pod"),
+    ap.add_argument("--no-rootfs", dest="rootfs", action="store_false", help="skip the container rootfs I/O figures")
+    ap.add_argument("--only", choices=("link", "libvirt", "shim", "template", "net", "confine", "pod", "rootfs"),
                     help="run only this section (with the floors it compares against)")
     args = ap.parse_args()
     if args.only:
@@ -670,6 +671,7 @@ def main() -> int:
         args.net = args.only == "net"
         args.confine = args.only == "confine"
         args.pod = args.only == "pod"
+        args.rootfs = args.only == "rootfs"
     with tempfile.TemporaryDirectory(prefix="uvm-bench-", dir="/tmp") as t:
         tmp = Path(t)
         run_dir, state_dir = tmp / "run", tmp / "state"
@@ -780,6 +782,14 @@ def main() -> int:
                   f"({cf['cold_ratio']:.3f}x, target <= 1.05x); clone {cf['clone_confined']:.3f}s, unconfined "
                   f"{cf['clone_unconfined']:.3f}s ({cf['clone_ratio']:.3f}x, target <= 1.1x)")
             summary["confine"] = cf
+        if args.rootfs:
+            import rootfs_figures  # bench/ (this script's directory) is on sys.path
+
+            print("container rootfs I/O: block rootfs, ext4 on virtio-scsi and 9p in one UVM, runc's host overlayfs",
+                  flush=True)
+            rf = asyncio.run(rootfs_figures.figures(run_dir, state_dir))
+            rootfs_figures.print_figures(rf)
+            summary["rootfs"] = rf
         pod_left: dict[str, list[str]] = {}
         if args.pod:
             import pod_figures  # bench/ (this script's directory) is on sys.path

@@ -63,6 +63,7 @@ AGENT_FILES = [
     "uvm/guest/__init__.py",
     "uvm/guest/agent.py",
     "uvm/guest/errors.py",
+    "uvm/guest/export.py",
     "uvm/guest/net.py",
     "uvm/guest/procs.py",
     "uvm/guest/runtime.py",

@@ -15,6 +15,9 @@ start = "cold"              # cold | template | auto: clone each task's UVM from
 template_autobuild = false  # with auto: build a missing template in the background
 ```
 
+and, at the top level, `rootfs = "block"` (or "9p"), `scratch_size_gb = 20`, `layer_cache_dir`,
+`layer_cache_max_gb = 20` for an image-based container's root filesystem (shim/containerd/blockroot.py).
+
 Found through containerd's runtime options (`ConfigPath`, i.e. `ctr run --runtime-config-path`), else
 $UVMSHIM_CONFIG, else /etc/uvmshim/config.toml when it exists, else the defaults. Unknown keys and bad
 values are rejected with the key named: `load_options` raises ``OptionsError``.
@@ -49,6 +52,16 @@ class ShimOptions(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     stop_grace_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     uvm: dict[str, Any] = Field(default_factory=dict)
+    # An image-based container's root filesystem (shim/containerd/blockroot.py): "block" gives the UVM its
+    # layers as read-only erofs disks (built once per layer, kept in layer_cache_dir, default
+    # <uvm.state_dir>/layers, pruned beyond layer_cache_max_gb) and a sparse ext4 scratch of scratch_size_gb
+    # for what it writes, which goes back to containerd's snapshot when the task ends; "9p" shares the host's
+    # overlay mount instead (15-50x slower for metadata-heavy work). A plain host directory (`ctr run
+    # --rootfs DIR`) is always shared over 9p.
+    rootfs: Literal["block", "9p"] = "block"
+    scratch_size_gb: Annotated[int, Field(ge=1, le=4096)] = 20
+    layer_cache_dir: Path | None = None
+    layer_cache_max_gb: Annotated[float, Field(gt=0, le=65536)] = 20.0
 
     @field_validator("uvm")
     @classmethod

@@ -30,7 +30,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -412,27 +412,37 @@ FIXED_MTIME = 0
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
-def build_busybox_image_tar(dest: Path, ref: str = DEFAULT_IMAGE_REF) -> Path:
-    """Write an OCI image layout tar of one busybox image named ``ref`` to ``dest`` and return ``dest``.
+def build_busybox_image_tar(dest: Path, ref: str = DEFAULT_IMAGE_REF,
+                            extra_layers: Sequence[Mapping[str, bytes]] = ()) -> Path:
+    """Write an OCI image layout tar of one busybox image named ``ref`` to ``dest`` and return ``dest``;
+    each of extra_layers (relative path -> content, directories made as needed) is a layer above busybox's.
 
     Deterministic: the same /bin/busybox always gives the same bytes. index.json names the image in
     both io.containerd.image.name (which `ctr image import` uses as is) and
     org.opencontainers.image.ref.name. Raises OSError or CalledProcessError if busybox is missing.
     """
+    layers = []
     with tempfile.TemporaryDirectory(prefix="uvmimg-") as tmp:
-        layer = _deterministic_tar(busybox_rootfs(Path(tmp)))
-    layer_gz = gzip.compress(layer, compresslevel=6, mtime=FIXED_MTIME)
+        layers.append(_deterministic_tar(busybox_rootfs(Path(tmp))))
+    for files in extra_layers:
+        with tempfile.TemporaryDirectory(prefix="uvmimg-") as tmp:
+            for name, content in files.items():
+                path = Path(tmp) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content)
+            layers.append(_deterministic_tar(Path(tmp)))
+    blobs = [gzip.compress(layer, compresslevel=6, mtime=FIXED_MTIME) for layer in layers]
     config = _json_bytes({
         "architecture": _GOARCH.get(platform.machine(), platform.machine()),
         "os": "linux",
         "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [_digest(layer)]},
+        "rootfs": {"type": "layers", "diff_ids": [_digest(layer) for layer in layers]},
     })
     manifest = _json_bytes({
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
         "config": _descriptor(MEDIA_CONFIG, config),
-        "layers": [_descriptor(MEDIA_LAYER_GZIP, layer_gz)],
+        "layers": [_descriptor(MEDIA_LAYER_GZIP, blob) for blob in blobs],
     })
     index = _json_bytes({
         "schemaVersion": 2,
@@ -444,7 +454,7 @@ def build_busybox_image_tar(dest: Path, ref: str = DEFAULT_IMAGE_REF) -> Path:
     files = {
         "oci-layout": _json_bytes({"imageLayoutVersion": "1.0.0"}),
         "index.json": index,
-        **{f"blobs/sha256/{_digest(blob).removeprefix('sha256:')}": blob for blob in (layer_gz, config, manifest)},
+        **{f"blobs/sha256/{_digest(blob).removeprefix('sha256:')}": blob for blob in (*blobs, config, manifest)},
     }
     with tarfile.open(dest, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in files.items():

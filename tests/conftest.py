@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -143,11 +144,12 @@ def libvirtd() -> Iterator[list[str]]:
 
 
 def private_config(directory: Path) -> Path:
-    """An empty shim config file in directory (the defaults), for $UVMSHIM_CONFIG: the shims the suite
-    starts must never read the host's /etc/uvmshim/config.toml."""
+    """A shim config file in directory (the defaults, with the layer cache in directory/layers), for
+    $UVMSHIM_CONFIG: the shims the suite starts must never read the host's /etc/uvmshim/config.toml, nor
+    fill the host's own layer cache."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "uvmshim.toml"
-    path.write_text("")
+    path.write_text(f"layer_cache_dir = {json.dumps(str(directory / 'layers'))}\n")
     return path
 
 

@@ -1,9 +1,11 @@
 """`make soak`: the containerd shim under sustained use, bounded in count and time; not part of `make test`.
 
 Through a private containerd (its own root, state and socket) and `ctr`, as a user would:
-1. SOAK_CYCLES (default 200) `ctr run --rm` cycles, alternating cold and template starts; each init reads a
-   line piped into ctr's stdin and echoes it (the init's stdin path, containerd#4489's race) and the
-   output is checked; each cycle has a deadline.
+1. SOAK_CYCLES (default 200) `ctr run --rm` cycles, alternating cold and template starts, and in turn a
+   rootfs directory (9p) and an imported image (the block rootfs: cached layers, a scratch, the writable
+   layer back into the snapshot); each init reads a line piped into ctr's stdin and echoes it (the init's
+   stdin path, containerd#4489's race), an image's also writes a file, and the output is checked; each
+   cycle has a deadline.
 2. SOAK_EXECS (default 1000) `ctr task exec ... /bin/cat` into one running task, a short line piped in
    then end of file (the `ctr exec` stdin hang): each must echo its line and exit 0 within its deadline.
 3. Then nothing may be left: no QEMU process, shim, socket under /run/containerd/s of ours, mount, run
@@ -29,12 +31,14 @@ sys.path.insert(0, str(REPO))
 
 from shim.containerd.leftovers import processes_using  # noqa: E402
 from shim.containerd.rootfs import mount_points_under  # noqa: E402
-from shim.containerd_env import PrivateContainerd, busybox_rootfs, shim_daemons  # noqa: E402
+from shim.containerd_env import PrivateContainerd, build_busybox_image_tar, busybox_rootfs, shim_daemons  # noqa: E402
 
 RUNTIME = ["--runtime", "io.containerd.uvm.v1"]
 CYCLE_DEADLINE_S = 180.0
 EXEC_DEADLINE_S = 60.0
 MEMORY_DRIFT = 0.05
+IMAGE_REF = "docker.io/library/uvmsoak:latest"
+KINDS = ("cold", "template", "cold-image", "template-image")
 
 
 def env_int(name: str, default: int) -> int:
@@ -98,7 +102,7 @@ class Soak:
         self.execs = execs
         self.deadline = time.monotonic() + max_minutes * 60
         self.failures: list[str] = []
-        self.latency: dict[str, list[float]] = {"cold": [], "template": [], "exec": []}
+        self.latency: dict[str, list[float]] = {k: [] for k in (*KINDS, "exec")}
 
     def out_of_time(self) -> bool:
         if time.monotonic() > self.deadline:
@@ -113,26 +117,30 @@ class Soak:
         for n in range(self.cycles):
             if self.out_of_time():
                 return
-            kind = "template" if n % 2 else "cold"
+            start = "template" if n % 2 else "cold"
+            image = (n // 2) % 2 == 1
+            kind = f"{start}-image" if image else start
             tid = f"soak{n}"
             line = f"cycle {n} {kind}\n".encode()
+            source = [IMAGE_REF, tid] if image else ["--rootfs", str(rootfs), tid]
+            script = "read line; echo \"got $line\"" + ("; echo $line > /written; cat /written" if image else "")
+            want = b"got " + line + (line if image else b"")
             t0 = time.monotonic()
             try:
-                res = self.ctr(ctd, "run", "--rm", *RUNTIME, "--runtime-config-path", str(configs[kind]), "--rootfs",
-                               str(rootfs), tid, "/bin/sh", "-c", "read line; echo \"got $line\"", data=line,
-                               deadline=CYCLE_DEADLINE_S)
+                res = self.ctr(ctd, "run", "--rm", *RUNTIME, "--runtime-config-path", str(configs[start]), *source,
+                               "/bin/sh", "-c", script, data=line, deadline=CYCLE_DEADLINE_S)
             except subprocess.TimeoutExpired:
                 self.failures.append(f"cycle {n} ({kind}): no answer within {CYCLE_DEADLINE_S:g}s (a hang)")
                 return
             took = time.monotonic() - t0
-            if res.returncode != 0 or res.stdout != b"got " + line:
+            if res.returncode != 0 or res.stdout != want:
                 self.failures.append(f"cycle {n} ({kind}): exit {res.returncode}, stdout {res.stdout!r}, "
                                      f"stderr {res.stderr.decode(errors='replace').strip()[:300]}")
                 return
             self.latency[kind].append(took)
             if (n + 1) % 20 == 0:
-                print(f"[soak] {n + 1}/{self.cycles} cycles; cold {percentiles(self.latency['cold'])}; "
-                      f"template {percentiles(self.latency['template'])}", flush=True)
+                print(f"[soak] {n + 1}/{self.cycles} cycles; " +
+                      "; ".join(f"{k} {percentiles(self.latency[k])}" for k in KINDS), flush=True)
 
     def run_execs(self, ctd: PrivateContainerd, rootfs: Path, config: Path) -> None:
         if not self.execs:
@@ -201,12 +209,13 @@ def main() -> int:
     os.environ["UVMSHIM_RUN_DIR"] = str(run_dir)  # containerd passes its environment on to the shims
     os.environ["UVMSHIM_STATE_DIR"] = str(base / "state")
     configs = {"cold": base / "cold.toml", "template": base / "template.toml"}
-    configs["cold"].write_text('[uvm]\nstart = "cold"\n')
-    configs["template"].write_text(f'[uvm]\nstart = "template"\ntemplate_dir = "{base / "templates"}"\n'
+    layers = f'layer_cache_dir = "{base / "layers"}"\n'
+    configs["cold"].write_text(f'{layers}[uvm]\nstart = "cold"\n')
+    configs["template"].write_text(f'{layers}[uvm]\nstart = "template"\ntemplate_dir = "{base / "templates"}"\n'
                                    f'template_memory_dir = "/dev/shm/{base.name}"\n')
     os.environ["UVMSHIM_CONFIG"] = str(configs["cold"])
-    print(f"[soak] {cycles} ctr run --rm cycles (cold and template alternating), then {execs} piped execs; "
-          f"at most {max_minutes:g} minutes; in {base}", flush=True)
+    print(f"[soak] {cycles} ctr run --rm cycles (cold and template alternating, a directory or an image in turn), "
+          f"then {execs} piped execs; at most {max_minutes:g} minutes; in {base}", flush=True)
     soak = Soak(base, run_dir, cycles, execs, max_minutes)
     memory_before = used_memory_kib()
     sockets_before = set(os.listdir("/run/containerd/s")) if os.path.isdir("/run/containerd/s") else set()
@@ -215,6 +224,7 @@ def main() -> int:
     try:
         rootfs = busybox_rootfs(base)
         with PrivateContainerd(base / "c", extra_path=[Path(sys.executable).parent], namespace="soak") as ctd:
+            ctd.import_image(build_busybox_image_tar(base / "image.tar", IMAGE_REF))
             fds_before = fds_of(containerd_pid(ctd))
             soak.run_cycles(ctd, rootfs, configs)
             if not soak.failures:
@@ -232,10 +242,10 @@ def main() -> int:
     time.sleep(2)  # the page cache of the last VMs' files settles
     drift = (used_memory_kib() - memory_before) / max(memory_before, 1)
     minutes = (time.monotonic() - started) / 60
-    print(f"[soak] done in {minutes:.1f} min: {len(soak.latency['cold']) + len(soak.latency['template'])} cycles, "
+    print(f"[soak] done in {minutes:.1f} min: {sum(len(soak.latency[k]) for k in KINDS)} cycles, "
           f"{len(soak.latency['exec'])} execs, {len(soak.failures)} failures, {len(leaks)} leaks")
-    for kind in ("cold", "template", "exec"):
-        print(f"[soak]   {kind:8} {percentiles(soak.latency[kind])}")
+    for kind in (*KINDS, "exec"):
+        print(f"[soak]   {kind:14} {percentiles(soak.latency[kind])}")
     print(f"[soak]   used memory {memory_before // 1024} MiB before, drift {drift:+.1%} (limit {MEMORY_DRIFT:.0%})")
     for problem in soak.failures + [f"leak: {leak}" for leak in leaks]:
         print(f"[soak] FAILED: {problem}")

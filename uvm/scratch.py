@@ -82,10 +82,12 @@ def _check_size(size_gb: int, where: Path) -> int:
     return size
 
 
-def _format(tmp: Path, size: int) -> None:
+def _format(tmp: Path, size: int, seed: Path | None = None) -> None:
     with tmp.open("wb") as f:
         f.truncate(size)
-    res = subprocess.run(["mkfs.ext4", *MKFS_OPTIONS, str(tmp)], capture_output=True, text=True, check=False)
+    populate = ["-d", str(seed)] if seed is not None else []  # the directory's tree copied in, xattrs included
+    res = subprocess.run(["mkfs.ext4", *MKFS_OPTIONS, *populate, str(tmp)], capture_output=True, text=True,
+                         check=False)
     if res.returncode != 0:
         raise ScratchError(f"create-scratch: mkfs.ext4 failed: {res.stderr.strip() or res.returncode}")
 
@@ -111,8 +113,10 @@ def _build(dest: Path, make: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def create_scratch(dest: Path | str, size_gb: int = DEFAULT_SIZE_GB, cache_path: Path | str | None = None) -> Scratch:
-    """Create a sparse ext4 scratch image at dest.
+def create_scratch(dest: Path | str, size_gb: int = DEFAULT_SIZE_GB, cache_path: Path | str | None = None,
+                   seed: Path | None = None) -> Scratch:
+    """Create a sparse ext4 scratch image at dest (holding a copy of the seed directory's tree, if given:
+    never from the cache then).
 
     Raises ConfigError (bad size) or ScratchError (dest exists, its directory is missing, not enough
     free space, a corrupt cache file, mkfs failure); nothing is left behind on failure.
@@ -120,8 +124,8 @@ def create_scratch(dest: Path | str, size_gb: int = DEFAULT_SIZE_GB, cache_path:
     dest = _check_dest(Path(dest))
     size = _check_size(size_gb, dest.parent)
     cache = Path(cache_path).absolute() if cache_path is not None else None
-    if cache is None or size_gb != DEFAULT_SIZE_GB:
-        _build(dest, lambda tmp: _format(tmp, size))
+    if cache is None or size_gb != DEFAULT_SIZE_GB or seed is not None:
+        _build(dest, lambda tmp: _format(tmp, size, seed))
         return Scratch(dest, size, _allocated(dest), from_cache=False)
     from_cache = cache.exists()
     if from_cache:

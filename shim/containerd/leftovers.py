@@ -131,16 +131,18 @@ def clean(bundle: Path) -> list[str]:
     if not isinstance(state, dict):
         state = {}
     done: list[str] = []
-    run_dir = state.get("run_dir")
-    if _is_vm_run_dir(run_dir, state.get("vm_id")):
-        assert isinstance(run_dir, str)
-        pids = processes_using(run_dir)
-        if pids:
-            kill_and_wait(pids)
-            done.append(f"killed VM processes {pids}")
-        if os.path.isdir(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            done.append(f"removed {run_dir}")
+    helper = state.get("helper")  # a helper UVM the task was using (blockroot.py)
+    for vm in (state, helper if isinstance(helper, dict) else {}):
+        run_dir = vm.get("run_dir")
+        if _is_vm_run_dir(run_dir, vm.get("vm_id")):
+            assert isinstance(run_dir, str)
+            pids = processes_using(run_dir)
+            if pids:
+                kill_and_wait(pids)
+                done.append(f"killed VM processes {pids}")
+            if os.path.isdir(run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)
+                done.append(f"removed {run_dir}")
     if state.get("backend") == "libvirt" and isinstance(state.get("vm_id"), str):
         from uvm.backends.libvirt import destroy_leftover  # only libvirt users pay for the import
 

@@ -33,7 +33,10 @@ from shim.containerd import rootfs as host_rootfs
 from uvm import errors
 
 if TYPE_CHECKING:  # (shim start imports this module: nothing heavy at import time)
+    import asyncio
+
     from schemas import oci
+    from shim.containerd.blockroot import PodLayers
     from shim.containerd.cgroups import Placement
     from uvm.vm import UtilityVM
 
@@ -231,6 +234,10 @@ class Pod(Generic[T]):
         self.owner_host_pid: int | None = None  # QEMU's: the sandbox task's pid, in the specs of its containers
         self.owner_guest_pid: int | None = None  # the pause process, in the guest
         self.tasks: dict[str, T] = {}
+        self.helper: UtilityVM | None = None  # a helper UVM, while tasks use it (their UVM died: blockroot.py)
+        self.helper_users = 0
+        self.helper_lock: asyncio.Lock | None = None
+        self.layers: PodLayers | None = None  # image layer disks in the UVM, shared by the tasks' block root filesystems
         self.cgroup: Placement | None = None  # the sandbox's cgroup, which this shim and its QEMU joined
 
     def __repr__(self) -> str:

@@ -265,5 +265,8 @@ class TaskService:
         flush the events."""
         tasks = list(self.pod.tasks.values())
         for task in sorted(tasks, key=lambda t: t.owns_the_uvm):
-            await task.teardown()
+            try:
+                await task.teardown()
+            except errors.UvmError as e:  # (logged by the task; the rest must still go)
+                log.warning("closing: task %s: %s", task.id, e.message)
         await self.publisher.close()

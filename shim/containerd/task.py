@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +31,14 @@ from schemas.uvm_config import NEW_NETNS, Share, UvmConfig
 from schemas.validation import first_problem
 from shim.containerd import cgroups, leftovers
 from shim.containerd import rootfs as host_rootfs
+from shim.containerd.blockroot import BlockRootfs, PodLayers, snapshot_of
 from shim.containerd.events import timestamp
 from shim.containerd.pod import POD_TAG, Pod, Role, make_mount_targets, rewrite_namespaces, role_of
 from shim.containerd.stdio import ProcessIO
 from uvm import errors
 from uvm.builder import host_memory_mib
 from uvm.container import Container, ContainerState, ContainerStatistics, Rootfs, SharedSource
+from uvm.layers import LayerCache
 from uvm.lifecycle import VmState, stop_escalating
 from uvm.process import Process, ProcessExit
 from uvm.vm import UtilityVM
@@ -220,6 +222,7 @@ class Task:
         self.container: Container | None = None
         self.procs: dict[str, TaskProcess] = {}
         self.task_dir: Path | None = None  # <pod>/<id>: its rootfs and binds, once made
+        self.block: BlockRootfs | None = None  # an image-based rootfs on block devices (blockroot.py)
         self.started = False
         self.deleted = False
         self._starting: asyncio.Future[None] | None = None  # the init's Start, until it answered
@@ -267,17 +270,19 @@ class Task:
             else:
                 vm = self._joined_uvm()
             vm.oom_listeners.append(self.on_oom)
-            root = self._prepare_rootfs(rootfs, spec)
+            root = await self._prepare_rootfs(rootfs, spec, vm)
             if binds:
                 host_rootfs.stage_binds(binds, self.pod.dir.binds(self.id))
             rewrite_namespaces(spec, self.pod.owner_host_pid, self.pod.owner_guest_pid)
             want_in, want_out, want_err = io.wants
             self.container = await vm.create_container(
-                self.id, spec, Rootfs(share=POD_TAG, path=str(root.relative_to(self.pod.dir.path))),
+                self.id, spec, root,
                 stdin=want_in, stdout=want_out, stderr=want_err,
                 mount_sources={b.index: SharedSource(POD_TAG, f"{self.id}/{host_rootfs.BINDS_DIR}/{b.index}")
                                for b in binds})
         except BaseException:
+            if self.block is not None and self.container is None:
+                self.block.unused()  # no container ever wrote to it: the snapshot is as it was
             await io.close()
             await self.teardown()
             raise
@@ -335,18 +340,29 @@ class Task:
                                     container=self.id)
         return vm
 
-    def _prepare_rootfs(self, mounts: list[mount_pb2.Mount], spec: oci.Spec) -> Path:
-        """The task's root filesystem at <pod>/<id>/rootfs: the snapshotter's mounts, or a bind of root.path
-        (a host directory). A read-only root gets its missing mount points first (as runc makes them before
-        it makes the root read-only), then is made read-only on the host too: a guest cannot write through.
-        Raises InvalidArgumentError (all undone by teardown)."""
+    async def _prepare_rootfs(self, mounts: list[mount_pb2.Mount], spec: oci.Spec, vm: UtilityVM) -> Rootfs:
+        """The task's root filesystem: an image's overlay snapshot on block devices (blockroot.py, unless the
+        options say rootfs = "9p"), else at <pod>/<id>/rootfs over the pod's 9p share: the snapshotter's
+        mounts, or a bind of root.path (a host directory). A read-only root on 9p gets its missing mount
+        points first (as runc makes them before it makes the root read-only), then is made read-only on the
+        host too: a guest cannot write through. Raises InvalidArgumentError, LayerError, ScratchError,
+        DiskError (all undone by teardown)."""
         self.task_dir = self.pod.dir.task_dir(self.id)
         self.task_dir.mkdir(mode=0o700)
+        host_mounts = [host_rootfs.HostMount(m.type, m.source, tuple(m.options)) for m in mounts]
+        snapshot = snapshot_of(host_mounts) if self.options.rootfs == "block" else None
+        if snapshot is not None:
+            if self.pod.layers is None:
+                self.pod.layers = PodLayers()
+            self.block = BlockRootfs(self.id, snapshot, self._layer_cache(), self.pod.layers,
+                                     self.options.scratch_size_gb, self.task_dir, self._helper_vm)
+            self._write_state()
+            return await self.block.prepare(vm)
         target = self.pod.dir.rootfs(self.id)
         target.mkdir()
         self._write_state()
         if mounts:
-            host_rootfs.mount_all([host_rootfs.HostMount(m.type, m.source, tuple(m.options)) for m in mounts], target)
+            host_rootfs.mount_all(host_mounts, target)
         elif spec.root is None:
             raise errors.InvalidArgumentError(f"bundle {self.bundle}: config.json has no root and no rootfs mounts came")
         else:
@@ -356,13 +372,58 @@ class Task:
         if spec.root is not None and spec.root.readonly:
             make_mount_targets(target, spec.mounts, self.bundle)
             host_rootfs.run_mount(["mount", "-o", "remount,bind,ro", str(target)], f"rootfs {target}: read-only")
-        return target
+        return Rootfs(share=POD_TAG, path=str(target.relative_to(self.pod.dir.path)))
+
+    def _layer_cache(self) -> LayerCache:
+        root = self.options.layer_cache_dir or self.options.uvm_config(id="cache").state_dir / "layers"
+        return LayerCache(root.absolute(), int(self.options.layer_cache_max_gb * (1 << 30)))
+
+    @contextlib.asynccontextmanager
+    async def _helper_vm(self) -> AsyncIterator[UtilityVM]:
+        """A plain UVM of the configured image (no network, no shares) for work the pod's own UVM can no longer
+        do (a writable layer brought back after QEMU died): one for the pod's tasks that need it at once,
+        recorded in their state (the `delete` action kills it if this shim dies), stopped after the last."""
+        pod = self.pod
+        async with self._helper_lock():
+            if pod.helper is None:
+                owner = pod.owner or self.id
+                vm = self._vm_factory(self.options.uvm_config(
+                    id=vm_id_for(self.namespace, f"{owner}-helper"),
+                    console_log=self.state_dir / "uvm-helper-console.log"))
+                pod.helper = vm
+                self._write_state()
+                try:
+                    await vm.start()
+                except BaseException:
+                    pod.helper = None
+                    await vm.close()
+                    self._write_state()
+                    raise
+            pod.helper_users += 1
+            vm = pod.helper
+            self._write_state()
+        try:
+            yield vm
+        finally:
+            pod.helper_users -= 1
+            if pod.helper_users == 0 and pod.helper is vm:
+                pod.helper = None
+                with contextlib.suppress(errors.UvmError):
+                    await stop_escalating(vm, self.options.stop_grace_s)
+                await vm.close()
+
+    def _helper_lock(self) -> asyncio.Lock:
+        if self.pod.helper_lock is None:
+            self.pod.helper_lock = asyncio.Lock()
+        return self.pod.helper_lock
 
     def _write_state(self) -> None:
         """Record what a later `delete` must clean up if this shim dies: the task's directory in the pod (its
         rootfs and binds) and, for the task that brought the UVM, the VM, its QEMU pid, its network, the
         pod directory."""
         state: dict[str, object] = {"task_dir": str(self.task_dir) if self.task_dir else None}
+        if (helper := self.pod.helper) is not None:
+            state["helper"] = {"vm_id": helper.id, "run_dir": str(helper.config.run_dir / helper.id)}
         vm = self.pod.vm
         if self.owns_the_uvm and vm is not None:
             pid = vm.backend.pid if vm.backend is not None else None
@@ -594,6 +655,7 @@ class Task:
 
     async def _teardown(self) -> None:
         owner = self.owns_the_uvm
+        save_error: errors.UvmError | None = None
         log.info("task %s: tearing down its container%s and mounts", self.id, ", the pod's UVM" if owner else "")
         released = False
         try:
@@ -602,6 +664,9 @@ class Task:
             if self.container is not None:
                 with contextlib.suppress(errors.UvmError):
                     await self.container.close()
+            if self.block is not None:
+                save_error = await self._save_rootfs()
+                await self.block.release(self.vm)
             if owner:
                 await self._stop_the_uvm()
             released = True
@@ -627,6 +692,20 @@ class Task:
                     from None
             if released:  # else `delete` must still find the VM by this record
                 leftovers.forget(self.state_dir)
+        if save_error is not None:
+            raise save_error
+
+    async def _save_rootfs(self) -> errors.UvmError | None:
+        """A block rootfs's writable layer back in containerd's snapshot (blockroot.py): the error, if that
+        failed (the scratch is kept, and the error names it)."""
+        if self.block is None:
+            return None
+        try:
+            await self.block.save(self.vm)
+        except errors.UvmError as e:
+            log.error("task %s: %s", self.id, e.message)
+            return e
+        return None
 
     async def _stop_the_uvm(self) -> None:
         """The pod's UVM stopped (shutdown, then terminate) and closed; its other tasks' processes are
@@ -656,4 +735,7 @@ class Task:
         exits = [t.procs[INIT].exit for t in self.pod.others(self.id) if INIT in t.procs]
         if exits:  # (asyncio.wait, not a timed gather: that would cancel the futures Wait hands out)
             await asyncio.wait(exits, timeout=self.options.stop_grace_s)
+        # What they and the sandbox wrote, while the UVM can still send it; all at once, so that a helper UVM
+        # (the UVM died) is booted once for all: CRI gives each task's Delete 10 s.
+        await asyncio.gather(*(task._save_rootfs() for task in [self, *self.pod.others(self.id)]))
         await self._stop_the_uvm()

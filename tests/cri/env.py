@@ -109,7 +109,8 @@ class CriContainerd(PrivateContainerd):
         self.image_dir = self.base_dir / "images"
         self._pod_netns: dict[str, Path] = {}  # pod id -> its netns, recorded when stop() takes pods down
         self._write_cni_config(f"uvmcri-{suffix}")
-        self.shim_config.write_text("")  # the shim's defaults: never the host's /etc/uvmshim/config.toml
+        # The shim's defaults (never the host's /etc/uvmshim/config.toml), the layer cache in the base directory.
+        self.shim_config.write_text(f"layer_cache_dir = {json.dumps(str(self.base_dir / 'layers'))}\n")
         self.config_path.write_text(self._config_toml(log_level))
 
     def __repr__(self) -> str:

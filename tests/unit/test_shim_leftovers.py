@@ -86,6 +86,21 @@ def test_clean_kills_the_vm_processes_and_removes_the_run_dir(tmp_path: Path, ru
     assert clean(tmp_path) == []
 
 
+def test_clean_kills_a_helper_vm_the_task_was_using(tmp_path: Path, run_dir: Path,
+                                                    fake_qemu: subprocess.Popen[bytes]) -> None:
+    """A task whose UVM died was bringing its writable layer back through a helper UVM when its shim died."""
+    record(tmp_path, {"task_dir": None, "helper": {"vm_id": run_dir.name, "run_dir": str(run_dir)}})
+    assert clean(tmp_path) == [f"killed VM processes [{fake_qemu.pid}]", f"removed {run_dir}"]
+    assert fake_qemu.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_a_helper_record_that_names_no_vm_run_dir_is_ignored(tmp_path: Path) -> None:
+    record(tmp_path, {"helper": {"vm_id": "x", "run_dir": "/"}})
+    assert clean(tmp_path) == []
+    record(tmp_path, {"helper": "not a record"})
+    assert clean(tmp_path) == []
+
+
 def test_clean_waits_no_longer_than_needed_for_a_child_that_became_a_zombie(
         tmp_path: Path, run_dir: Path, fake_qemu: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     """Our own child stays a zombie until reaped: clean() must not wait KILL_WAIT_S for it to vanish."""
