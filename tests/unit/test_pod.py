@@ -44,7 +44,8 @@ from shim.containerd.pod import (
 )
 from shim.containerd.service import SERVICE, TaskService, to_status
 from shim.containerd.task import INIT, SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_MEMORY, Status, Task, uvm_shape
-from shim.containerd.ttrpc import Client, Code, Server, TtrpcError
+from shim.containerd.ttrpc import Client, Code, TtrpcError
+from tests.unit.ttrpc_harness import served
 from uvm import errors
 from uvm.lifecycle import VmState
 from uvm.testing import ErrorReply, FakeBackendFactory, FakeGuest, Request, make_test_config
@@ -780,16 +781,10 @@ async def shim(sock_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     service = TaskService("ns", "sb", Publisher("", "ns"), config_path=str(config), state_dir=harness.state_dir,
                           vm_factory=harness.vm)
     harness.pod = service.pod
-    server = Server()
-    service.register(server)
-    path = str(sock_dir / "shim.sock")
-    await server.serve_unix(path)
-    client = await Client.connect_unix(path)
     try:
-        yield PodShim(harness, service, client)
+        async with served(service, sock_dir) as client:
+            yield PodShim(harness, service, client)
     finally:
-        await client.close()
-        await server.close()
         await within(service.close())
         assert all(b.closed for b in harness.factory.backends)
         assert mounts_under(tmp_path) == []

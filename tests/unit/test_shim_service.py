@@ -18,7 +18,8 @@ from schemas.containerd import shim_pb2 as pb
 from schemas.shim_options import OptionsError
 from shim.containerd.events import Publisher
 from shim.containerd.service import SERVICE, TaskService, config_path_from, to_status
-from shim.containerd.ttrpc import Client, Code, Server, TtrpcError
+from shim.containerd.ttrpc import Client, Code, TtrpcError
+from tests.unit.ttrpc_harness import served
 from uvm import errors
 
 pytestmark = pytest.mark.timeout(10)
@@ -102,16 +103,10 @@ async def shim(sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
     monkeypatch.setattr(shim_options, "DEFAULT_PATH", sock_dir / "no-such-config.toml")
     publisher = Publisher(f"unix://{sock_dir / 'no-containerd.sock'}", "ns")
     service = TaskService("ns", "shim-1", publisher)
-    server = Server()
-    service.register(server)
-    path = str(sock_dir / "shim.sock")
-    await server.serve_unix(path)
-    client = await Client.connect_unix(path)
     try:
-        yield Shim(service, client, sock_dir)
+        async with served(service, sock_dir) as client:
+            yield Shim(service, client, sock_dir)
     finally:
-        await client.close()
-        await server.close()
         await service.close()
 
 
