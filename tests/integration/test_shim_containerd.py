@@ -362,11 +362,14 @@ def test_runs_from_a_template(env: tuple[PrivateContainerd, Path], tmp_path: Pat
     ctd, rootfs = env
     cfg = tmp_path / "uvm.toml"
     tdir = tmp_path / "templates"
-    cfg.write_text(f'[uvm]\nstart = "template"\ntemplate_dir = "{tdir}"\n'
+    cfg.write_text(f'layer_cache_dir = "{tmp_path / "layers"}"\n[uvm]\nstart = "template"\ntemplate_dir = "{tdir}"\n'
                    f'template_memory_dir = "{template_memory_dir(suite_dir)}"\n')
+    ctd.import_image(build_busybox_image_tar(tmp_path / "busybox.tar", IMAGE_REF))
     ids = ["tmpl1", "tmpl2"]
     for tid in ids:
-        res = run(ctd, "run", "--rm", *RUNTIME, "--runtime-config-path", str(cfg), "--rootfs", str(rootfs), tid,
+        # A rootfs directory (9p), then an image (its layers hot-plugged as disks into the clone).
+        source = ["--rootfs", str(rootfs), tid] if tid == "tmpl1" else [IMAGE_REF, tid]
+        res = run(ctd, "run", "--rm", *RUNTIME, "--runtime-config-path", str(cfg), *source,
                   "/bin/sh", "-c", f"echo {tid} from $(hostname)")
         # No hostname in the spec: the container sees its UVM's, which a clone takes at resume.
         assert (res.returncode, res.stdout) == (0, f"{tid} from {vm_id_for(ctd.namespace, tid)}\n".encode()), res.stderr
