@@ -71,10 +71,12 @@ def _check_dest(dest: Path) -> Path:
     return dest
 
 
-def _check_size(size_gb: int, where: Path) -> int:
+def _check_size(size_gb: int, where: Path, check_space: bool = True) -> int:
     if isinstance(size_gb, bool) or not isinstance(size_gb, int) or size_gb <= 0:
         raise ConfigError(f"create-scratch: size {size_gb!r} GB must be a positive whole number")
     size = size_gb * GB
+    if not check_space:
+        return size
     st = os.statvfs(where)
     free = st.f_bavail * st.f_frsize
     if size > free:
@@ -114,15 +116,16 @@ def _build(dest: Path, make: Callable[[Path], None]) -> None:
 
 
 def create_scratch(dest: Path | str, size_gb: int = DEFAULT_SIZE_GB, cache_path: Path | str | None = None,
-                   seed: Path | None = None) -> Scratch:
+                   seed: Path | None = None, check_space: bool = True) -> Scratch:
     """Create a sparse ext4 scratch image at dest (holding a copy of the seed directory's tree, if given:
-    never from the cache then).
+    never from the cache then). check_space=False provisions thinly: the size may exceed the free space
+    (a container's scratch, whose disk reports ENOSPC to the guest when the host's fills up).
 
     Raises ConfigError (bad size) or ScratchError (dest exists, its directory is missing, not enough
     free space, a corrupt cache file, mkfs failure); nothing is left behind on failure.
     """
     dest = _check_dest(Path(dest))
-    size = _check_size(size_gb, dest.parent)
+    size = _check_size(size_gb, dest.parent, check_space)
     cache = Path(cache_path).absolute() if cache_path is not None else None
     if cache is None or size_gb != DEFAULT_SIZE_GB or seed is not None:
         _build(dest, lambda tmp: _format(tmp, size, seed))

@@ -177,7 +177,7 @@ class BlockRootfs:
             return
         upper = self.snapshot.upper
         if upper is None or not any(os.scandir(upper)):
-            create_scratch(self.scratch, self.scratch_gb, cache_path=self.cache.root / "scratch.ext4")
+            create_scratch(self.scratch, self.scratch_gb, cache_path=self.cache.root / "scratch.ext4", check_space=False)
             return
         stage = upper.parent / SEED_NAME
         shutil.rmtree(stage, ignore_errors=True)
@@ -188,7 +188,7 @@ class BlockRootfs:
             if res.returncode != 0:
                 raise ScratchError(f"task {self.task_id}: staging the writable layer {upper}: {res.stderr.strip()}",
                                    path=str(upper))
-            create_scratch(self.scratch, self.scratch_gb, seed=stage)
+            create_scratch(self.scratch, self.scratch_gb, seed=stage, check_space=False)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,25 @@ def test_size_over_the_free_space(tmp_path: Path) -> None:
     with pytest.raises(errors.UvmError, match="free"):
         create_scratch(tmp_path / "s.img", size_gb=too_big)
     assert leftovers(tmp_path) == []
+
+
+def test_thin_provisioning_may_exceed_the_free_space(tmp_path: Path) -> None:
+    """A container's scratch (check_space=False): sparse, so its size is a ceiling, not a reservation."""
+    st = os.statvfs(tmp_path)
+    size_gb = st.f_bavail * st.f_frsize // GB + 2
+    s = create_scratch(tmp_path / "thin.img", size_gb=size_gb, check_space=False)
+    assert s.size_bytes == size_gb * GB and s.allocated_bytes < 64 << 20
+    assert fsck(s.path)[0]
+
+
+def test_a_seed_directory_is_copied_in(tmp_path: Path) -> None:
+    seed = tmp_path / "seed"
+    (seed / "c1" / "upper").mkdir(parents=True)
+    (seed / "c1" / "upper" / "f").write_text("kept\n")
+    s = create_scratch(tmp_path / "seeded.img", size_gb=1, seed=seed)
+    assert fsck(s.path)[0]
+    out = subprocess.run(["debugfs", "-R", "cat /c1/upper/f", str(s.path)], capture_output=True, check=True)
+    assert out.stdout == b"kept\n"
 
 
 def test_existing_dest_and_missing_directory(tmp_path: Path) -> None:

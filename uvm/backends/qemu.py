@@ -469,7 +469,10 @@ class QemuBackend:
         try:
             await self._qmp_call(what, "device_add", {
                 "driver": "scsi-hd", "id": dev, "bus": f"scsi{controller}.0", "drive": node,
-                "channel": 0, "scsi-id": 0, "lun": lun})
+                "channel": 0, "scsi-id": 0, "lun": lun,
+                # A host disk that fills up is an I/O error in the guest (the container's write fails), not
+                # QEMU's default of pausing the whole VM until someone frees space (a hang for every task).
+                "werror": "report", "rerror": "report"})
         except BaseException:  # a failed or cancelled device_add: the node must not stay behind
             with contextlib.suppress(DiskError):
                 await asyncio.shield(self._qmp_call(what, "blockdev-del", {"node-name": node}))
