@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -168,3 +169,22 @@ async def test_disk_exposed_as_a_block_device(vm: UtilityVM, disk_dir: Path) -> 
     assert await inventory(vm) == {"nodes": [], "devices": []} and vm.mapped_disks()[0] == []
     with pytest.raises(errors.DiskError, match="not mapped"):
         await vm.remove_scsi_disk(disk)  # detaching something no longer attached
+
+
+async def test_a_host_disk_that_fills_up_is_an_error_in_the_guest_not_a_paused_vm(vm: UtilityVM, disk_dir: Path
+                                                                                  ) -> None:
+    """A thinly provisioned scratch on a 48 MiB filesystem: writing 96 MiB fails in the guest (QEMU reports the
+    host's ENOSPC to it instead of pausing the whole VM), and the VM keeps answering."""
+    small = disk_dir / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(small)], check=True)
+    try:
+        scratch = create_scratch(small / "thin.img", size_gb=1, check_space=False).path
+        disk = await vm.add_scsi_disk(scratch, "/mnt/thin")
+        res = await vm.run(["sh", "-c", "dd if=/dev/zero of=/mnt/thin/big bs=1M count=96 conv=fsync"], timeout=120)
+        assert res.exit_status != 0, res.stderr
+        assert await sh(vm, "echo alive") == "alive\n"
+        with contextlib.suppress(errors.DiskError):  # (the guest's ext4 may refuse a clean unmount now)
+            await vm.remove_scsi_disk(disk)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
