@@ -29,6 +29,7 @@ M = TypeVar("M", bound=BaseModel)
 
 MAX_FORGOTTEN_STREAMS = 4096
 MAX_ABANDONED_CALLS = 4096
+RUN_HOST_GRACE_S = 15.0  # past a run's own timeout, for the guest to kill the command and answer
 
 _ERROR_TYPES: dict[str, type[errors.AgentError]] = {
     proto.E_NOT_FOUND: errors.AgentNotFoundError,
@@ -346,6 +347,15 @@ class AgentClient:
             params["cwd"] = cwd
         if stdin:
             params["stdin"] = base64.b64encode(stdin).decode()
-        if timeout is not None:
-            params["timeout"] = timeout
-        return await self.request(proto.RUN, params, models.RunResult)
+        if timeout is None:
+            return await self.request(proto.RUN, params, models.RunResult)
+        params["timeout"] = timeout
+        # The guest enforces the timeout; the host bounds the answer too, so that a paused or stuck guest
+        # cannot hold the caller for ever (its late answer is dropped).
+        try:
+            return await asyncio.wait_for(self.request(proto.RUN, params, models.RunResult), timeout + RUN_HOST_GRACE_S)
+        except TimeoutError:
+            raise errors.WaitTimeoutError(
+                f"agent link {self.conn.name}: run {list(argv)[:1]!r}: no answer within "
+                f"{timeout + RUN_HOST_GRACE_S:g}s (its own timeout was {timeout:g}s): the guest is stuck or paused",
+                method=proto.RUN) from None

@@ -20,7 +20,7 @@ import pytest
 from schemas import agent as proto
 from schemas import agent_models as models
 from schemas import framing
-from uvm import errors
+from uvm import errors, link
 from uvm.link import AgentClient, AgentConnection
 from uvm.testing import (
     ErrorReply,
@@ -381,6 +381,21 @@ async def test_slow_answers_from_their_own_tasks_arrive_out_of_order(agent: Agen
     guest.handlers["ping"] = slow_ping
     results = await asyncio.wait_for(asyncio.gather(*(client.ping(s) for s in range(5))), CALL_TIMEOUT)
     assert [r.seq for r in results] == list(range(5))
+
+
+async def test_a_run_whose_guest_never_answers_ends_past_its_timeout(agent: Agent,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest enforces a run's timeout; a paused or stuck guest that never answers must not hold the host
+    for ever: the call ends (WaitTimeoutError) and the late answer is dropped quietly."""
+    guest, conn, client = agent
+    monkeypatch.setattr(link, "RUN_HOST_GRACE_S", 0.2)
+    guest.handlers["run"] = lambda req: None
+    with pytest.raises(errors.WaitTimeoutError, match=r"run \['sleep'\]: no answer within 0.3s"):
+        await asyncio.wait_for(client.run(["sleep", "100"], timeout=0.1), CALL_TIMEOUT)
+    [req] = await guest.wait_for_requests(1)
+    await guest.respond(req.id, run_result())
+    guest.handlers["ping"] = lambda r: {"seq": r.params["seq"]}
+    assert (await client.ping(1)).seq == 1 and conn.closed is None
 
 
 async def test_cancelled_call_does_not_disturb_the_link(agent: Agent) -> None:
