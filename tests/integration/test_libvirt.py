@@ -159,7 +159,8 @@ async def test_libvirt_bad_input(libvirtd: list[str], make_config: Callable[...,
         with pytest.raises(errors.AlreadyExistsError, match="already exists"):
             await UtilityVM(other).start()
         hidden = create_scratch(tmp_path / "hidden.img", size_gb=1).path  # in a 0700 directory
-        tmp_path.chmod(0o700)
+        open_to_qemu(tmp_path)  # its parents let QEMU through (never rely on an earlier test having opened them:
+        tmp_path.chmod(0o700)  # any pytest run resets /tmp/pytest-of-<user> to 0700), tmp_path itself does not
         with pytest.raises(errors.DiskError, match=f"libvirt runs QEMU as libvirt-qemu \\(uid \\d+\\), which cannot "
                                                    f"reach it: {tmp_path} \\(mode 0700"):
             await first.add_scsi_disk(hidden, "/mnt/hidden")
