@@ -121,7 +121,16 @@ def http_get(address: str) -> bytes:
 def send_to(address: str) -> float:
     """MB/s of TRANSFER bytes sent to address's nc listener (until it has read them all and closed)."""
     chunk = b"\0" * MIB
-    with socket.create_connection((address, NC_PORT), timeout=120) as s:
+    deadline = time.monotonic() + 30
+    while True:  # the listener's loop starts a new `nc -l` after each transfer: wait for it to listen
+        try:
+            s = socket.create_connection((address, NC_PORT), timeout=120)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with s:
         t0 = time.monotonic()
         for _ in range(TRANSFER // MIB):
             s.sendall(chunk)

@@ -48,6 +48,32 @@ def env_int(name: str, default: int) -> int:
         sys.exit(f"soak: ${name} must be a whole number")
 
 
+def memory_cgroups() -> int:
+    """Memory cgroups the kernel still has, dying ones included (cgroup v1's /proc/cgroups counts them)."""
+    with open("/proc/cgroups") as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[0] == "memory":
+                return int(fields[2])
+    return 0
+
+
+def settled_memory_kib(patience: float = 60.0) -> int:
+    """Used memory once caches are dropped and the kernel has freed what it frees lazily: a removed memory
+    cgroup lives on ("dying") while page cache is charged to it, so a run that made hundreds of cgroups (a
+    task's, as under runc) leaves memory behind that is not a leak. Waits until the count of memory cgroups
+    stops falling (at most `patience` seconds)."""
+    deadline = time.monotonic() + patience
+    last = -1
+    while True:
+        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+        time.sleep(2)
+        now = memory_cgroups()
+        if now == last or time.monotonic() > deadline:
+            return used_memory_kib()
+        last = now
+
+
 def used_memory_kib() -> int:
     info = {}
     with open("/proc/meminfo") as f:
@@ -217,7 +243,7 @@ def main() -> int:
     print(f"[soak] {cycles} ctr run --rm cycles (cold and template alternating, a directory or an image in turn), "
           f"then {execs} piped execs; at most {max_minutes:g} minutes; in {base}", flush=True)
     soak = Soak(base, run_dir, cycles, execs, max_minutes)
-    memory_before = used_memory_kib()
+    memory_before, cgroups_before = settled_memory_kib(), memory_cgroups()
     sockets_before = set(os.listdir("/run/containerd/s")) if os.path.isdir("/run/containerd/s") else set()
     started = time.monotonic()
     leaks: list[str] = []
@@ -239,14 +265,16 @@ def main() -> int:
                 template.remove(entry)
         shutil.rmtree(Path(f"/dev/shm/{base.name}"), ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
-    time.sleep(2)  # the page cache of the last VMs' files settles
-    drift = (used_memory_kib() - memory_before) / max(memory_before, 1)
+    memory_after = settled_memory_kib()
+    drift = (memory_after - memory_before) / max(memory_before, 1)
     minutes = (time.monotonic() - started) / 60
     print(f"[soak] done in {minutes:.1f} min: {sum(len(soak.latency[k]) for k in KINDS)} cycles, "
           f"{len(soak.latency['exec'])} execs, {len(soak.failures)} failures, {len(leaks)} leaks")
     for kind in (*KINDS, "exec"):
         print(f"[soak]   {kind:14} {percentiles(soak.latency[kind])}")
-    print(f"[soak]   used memory {memory_before // 1024} MiB before, drift {drift:+.1%} (limit {MEMORY_DRIFT:.0%})")
+    print(f"[soak]   used memory (caches dropped) {memory_before // 1024} MiB before, {memory_after // 1024} MiB after, "
+          f"drift {drift:+.1%} (limit {MEMORY_DRIFT:.0%}); memory cgroups {cgroups_before} before, "
+          f"{memory_cgroups()} after")
     for problem in soak.failures + [f"leak: {leak}" for leak in leaks]:
         print(f"[soak] FAILED: {problem}")
     if drift > MEMORY_DRIFT:
