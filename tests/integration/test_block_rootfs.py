@@ -98,6 +98,7 @@ def test_writes_whiteouts_and_opaque_directories_reach_the_snapshot(env: tuple[P
     finally:
         run(ctd, "task", "rm", "-f", "blk1")
         run(ctd, "container", "rm", "blk1")
+    assert_clean(ctd, "blk1")
 
 
 def test_a_second_container_reuses_the_cached_layers(env: tuple[PrivateContainerd, Path]) -> None:
@@ -110,6 +111,7 @@ def test_a_second_container_reuses_the_cached_layers(env: tuple[PrivateContainer
     assert (res.returncode, res.stdout) == (0, b"lower\n"), res.stderr
     assert cache_entries(ctd) == before, "a layer was converted again"
     assert shim_log_count(ctd, "erofs image") == built
+    assert_clean(ctd, "blk2", "blk3")  # (a shim ends after containerd's Shutdown, which ctr does not wait for)
 
 
 def test_two_first_uses_at_once_build_a_layer_once(env: tuple[PrivateContainerd, Path], tmp_path: Path) -> None:
@@ -132,6 +134,7 @@ def test_two_first_uses_at_once_build_a_layer_once(env: tuple[PrivateContainerd,
     after = cache_entries(ctd)
     assert set(before) < set(after) and len(after) - len(before) == 1, (before, after)
     assert {k: after[k] for k in before} == before
+    assert_clean(ctd, "blk4", "blk5")
 
 
 def test_fsynced_data_survives_qemu_killed(env: tuple[PrivateContainerd, Path]) -> None:
@@ -154,6 +157,7 @@ def test_fsynced_data_survives_qemu_killed(env: tuple[PrivateContainerd, Path]) 
     finally:
         run(ctd, "task", "rm", "-f", "blk6")
         run(ctd, "container", "rm", "blk6")
+    assert_clean(ctd, "blk6")
 
 
 def test_read_only_root(env: tuple[PrivateContainerd, Path]) -> None:
@@ -161,6 +165,7 @@ def test_read_only_root(env: tuple[PrivateContainerd, Path]) -> None:
     res = run(ctd, "run", "--rm", "--read-only", *RUNTIME, IMAGE, "blk7", "sh", "-c",
               "cat /data/lower.txt; touch /data/x && echo wrote")
     assert res.stdout == b"lower\n" and res.returncode != 0, (res.stdout, res.stderr)
+    assert_clean(ctd, "blk7")
 
 
 def test_a_full_layer_cache_names_the_layer_and_keeps_no_entry(env: tuple[PrivateContainerd, Path],
@@ -205,3 +210,4 @@ def test_a_huge_sparse_file_in_a_layer_is_refused_by_name(env: tuple[PrivateCont
         run(ctd, "task", "rm", "-f", "blk9")
         run(ctd, "container", "rm", "blk9")
         run(ctd, "image", "rm", ref)
+    assert_clean(ctd, "blk9")
