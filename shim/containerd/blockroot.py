@@ -38,6 +38,7 @@ from uvm.layers import LayerCache, LayerError
 from uvm.lifecycle import VmState
 from uvm.scratch import ScratchError, create_scratch
 from uvm.scsi import MappedDisk
+from uvm.ssh import write_all
 from uvm.streams import InboundStream
 from uvm.upper import Received, UpperError, receive
 from uvm.vm import UtilityVM
@@ -137,7 +138,6 @@ class BlockRootfs:
         # the task's own directory.
         self.scratch = snapshot.scratch or work_dir / SCRATCH_NAME
         self.helper_vm = helper_vm
-        self.images: list[Path] = []
         self.acquired: list[Path] = []
         self.scratch_disk: MappedDisk | None = None
         self.saved = snapshot.upper is None  # a view has nothing to bring back
@@ -155,10 +155,9 @@ class BlockRootfs:
     async def prepare(self, vm: UtilityVM) -> Rootfs:
         """The layers' images (built when new), attached; the scratch made and attached. Raises LayerError,
         ScratchError, DiskError (what was done is undone by release())."""
-        for lower in self.snapshot.lowers:
-            self.images.append(await asyncio.to_thread(self.cache.image_for, lower))
+        images = [await asyncio.to_thread(self.cache.image_for, lower) for lower in self.snapshot.lowers]
         guest_layers = []
-        for image in self.images:
+        for image in images:
             guest_layers.append(await self.layers.acquire(vm, image))
             self.acquired.append(image)
         await asyncio.to_thread(self._make_scratch)
@@ -281,7 +280,7 @@ async def export_layer(vm: UtilityVM, guest_dir: str, upper: Path, max_bytes: in
     try:
         try:
             while chunk := await asyncio.wait_for(proc.stdout.read(EXPORT_CHUNK), EXPORT_IDLE_S):
-                await asyncio.to_thread(_write_all, w, chunk)
+                await asyncio.to_thread(write_all, w, chunk)
         except BrokenPipeError:
             pass  # the receiver refused the stream: its error says why
         except TimeoutError:
@@ -330,12 +329,6 @@ async def _tail(stream: InboundStream, cap: int) -> bytes:
 def _receive_fd(fd: int, upper: Path, max_bytes: int) -> Received:
     with os.fdopen(fd, "rb") as stream:
         return receive(stream, upper, max_bytes)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 __all__ = ["BlockRootfs", "LayerError", "PodLayers", "Snapshot", "UpperError", "export_layer", "snapshot_of"]

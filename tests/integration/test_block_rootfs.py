@@ -60,6 +60,13 @@ def snapshot_dirs(ctd: PrivateContainerd, key: str) -> tuple[Path, list[Path]]:
     return Path(upper.group(1)), [Path(p) for p in lower.group(1).split(":")]
 
 
+def remove(ctd: PrivateContainerd, cid: str) -> None:
+    """The task (killed) and the container gone, and nothing of them left (its shim waited for)."""
+    run(ctd, "task", "rm", "-f", cid)
+    run(ctd, "container", "rm", cid)
+    assert_clean(ctd, cid)
+
+
 def shim_log_count(ctd: PrivateContainerd, text: str) -> int:
     return ctd.log_path.read_text(errors="replace").count(text)
 
@@ -96,9 +103,7 @@ def test_writes_whiteouts_and_opaque_directories_reach_the_snapshot(env: tuple[P
         res = run(ctd, "task", "start", "blk1")
         assert res.stdout.startswith(b"new\n"), (res.stdout, res.stderr)
     finally:
-        run(ctd, "task", "rm", "-f", "blk1")
-        run(ctd, "container", "rm", "blk1")
-    assert_clean(ctd, "blk1")
+        remove(ctd, "blk1")
 
 
 def test_a_second_container_reuses_the_cached_layers(env: tuple[PrivateContainerd, Path]) -> None:
@@ -155,9 +160,7 @@ def test_fsynced_data_survives_qemu_killed(env: tuple[PrivateContainerd, Path]) 
         assert stat.S_ISCHR(os.lstat(upper / "data/lower.txt").st_mode)
         assert not (upper.parent / "uvmshim-scratch.ext4").exists()
     finally:
-        run(ctd, "task", "rm", "-f", "blk6")
-        run(ctd, "container", "rm", "blk6")
-    assert_clean(ctd, "blk6")
+        remove(ctd, "blk6")
 
 
 def test_read_only_root(env: tuple[PrivateContainerd, Path]) -> None:
